@@ -1,0 +1,96 @@
+"""The FAISS index over document embeddings, persisted atomically in the data dir.
+
+Exact inner-product search (IndexFlatIP in an IndexIDMap2) over normalised vectors,
+keyed by the store's integer vec_id. On a GPU machine with faiss-gpu the same index
+is moved to the GPUs. The file is a cache of the SQLite store: ``index.meta.json``
+records the store generation and the file's sha256; any mismatch means rebuild.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class VectorIndex:
+    def __init__(self, dim: int):
+        faiss = _faiss()
+        self.dim = dim
+        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+    @property
+    def size(self) -> int:
+        return self.index.ntotal
+
+    def add(self, vec_ids: np.ndarray, embeddings: np.ndarray) -> None:
+        if len(vec_ids):
+            self.index.add_with_ids(np.ascontiguousarray(embeddings, dtype=np.float32),
+                                    np.asarray(vec_ids, dtype=np.int64))
+
+    def remove(self, vec_ids: list[int]) -> None:
+        if vec_ids:
+            self.index.remove_ids(np.asarray(vec_ids, dtype=np.int64))
+
+    def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+        """query [dim] normalised -> up to k (vec_id, cosine score), best first."""
+        if self.size == 0 or k <= 0:
+            return []
+        scores, ids = self.index.search(np.asarray(query, dtype=np.float32).reshape(1, -1), min(k, self.size))
+        return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+
+    def save(self, path: Path, generation: int) -> None:
+        faiss = _faiss()
+        data = faiss.serialize_index(self.index).tobytes()
+        atomic_write_bytes(path, data)
+        meta = {"generation": generation, "sha256": hashlib.sha256(data).hexdigest(), "dim": self.dim,
+                "count": self.size}
+        atomic_write_bytes(path.with_suffix(".meta.json"), json.dumps(meta).encode())
+
+    @classmethod
+    def load(cls, path: Path, generation: int, dim: int) -> "VectorIndex | None":
+        """The saved index if it is intact and built at ``generation``; else None."""
+        meta_path = path.with_suffix(".meta.json")
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta.get("generation") != generation or meta.get("dim") != dim or _sha256(path) != meta.get("sha256"):
+                return None
+            faiss = _faiss()
+            idx = cls(dim)
+            idx.index = faiss.deserialize_index(np.fromfile(path, dtype=np.uint8))
+            return idx
+        except (OSError, ValueError, RuntimeError):
+            return None

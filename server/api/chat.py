@@ -1,0 +1,148 @@
+"""POST /v1/chat/completions: OpenAI's shapes, streaming as server-sent events."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import AsyncIterator
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..errors import EngineError, InvalidRequest, KnowmuxError, ModelNotFound
+from ..pipeline import ChatInput, Prepared
+from .deps import get_runtime
+from .errors import error_body, status_of
+from .protocol import KNOWN_IGNORED, ChatCompletionRequest
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+
+def to_input(body: ChatCompletionRequest, request: Request, served: str) -> ChatInput:
+    if body.model != served:
+        raise ModelNotFound(f"The model {body.model!r} does not exist; this server serves {served!r}", param="model")
+    if body.n != 1:
+        raise InvalidRequest("only n=1 is supported", param="n")
+    if body.logprobs:
+        raise InvalidRequest("logprobs are not supported", param="logprobs")
+    extras = set(body.model_extra or {}) - KNOWN_IGNORED
+    if extras:
+        log.info("ignoring unknown request fields: %s", ", ".join(sorted(extras)))
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    return ChatInput(
+        request_id=f"chatcmpl-{uuid.uuid4().hex}",
+        messages=messages,
+        strategy=request.headers.get("x-strategy") or body.strategy,
+        top_k=body.top_k,
+        max_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
+        temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop)
+
+
+def knowmux_field(p: Prepared, timings, total_ms: float) -> dict:
+    t = dict(p.plan.timings_ms)
+    if timings is not None:
+        t.update(queue=timings.queued_ms, prefill=timings.prefill_ms, decode=timings.decode_ms,
+                 ttft=(p.plan.timings_ms.get("retrieve", 0.0) + timings.ttft_ms))
+    t["total"] = total_ms
+    return {"strategy": p.strategy,
+            "retrieved": [{"id": r.doc_id, "score": round(r.score, 6), "title": r.title} for r in p.plan.retrieved],
+            "timings_ms": {k: round(v, 2) for k, v in t.items()}, **p.plan.info}
+
+
+def response_headers(p: Prepared) -> dict:
+    # Header values must be latin-1 and the list is comma-separated: percent-escape
+    # each id (RFC 3986 unreserved characters pass as they are).
+    ids = ",".join(quote(r.doc_id, safe="") for r in p.plan.retrieved)
+    return {"X-Strategy": p.strategy, "X-Retrieved-Docs": ids}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request, rt=Depends(get_runtime)):
+    inp = to_input(body, request, rt.settings.served_model_name)
+    strategy = inp.strategy or "default"
+    try:
+        prepared = await rt.pipeline.prepare(inp)
+        strategy = prepared.strategy
+        events = rt.pipeline.start(prepared)
+    except KnowmuxError as exc:
+        rt.metrics.requests.labels(strategy, str(status_of(exc))).inc()
+        raise
+    headers = response_headers(prepared)
+    created = int(time.time())
+    model = rt.settings.served_model_name
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_sse(rt, prepared, events, created, model, include_usage),
+                                 media_type="text/event-stream", headers=headers)
+    parts, last = [], None
+    try:
+        async for ev in events:
+            parts.append(ev.text)
+            last = ev
+    finally:
+        events.cancel()
+    if last.finish_reason == "error":
+        rt.metrics.requests.labels(strategy, "500").inc()
+        raise EngineError(last.error or "engine error")
+    total_ms = (time.perf_counter() - prepared.t_start) * 1e3
+    _record(rt, prepared, last, total_ms)
+    kx = knowmux_field(prepared, last.timings, total_ms)
+    tm = kx["timings_ms"]
+    headers["Server-Timing"] = ", ".join(f"{k};dur={tm.get(k, 0.0):.1f}" for k in ("retrieve", "prefill", "decode"))
+    return JSONResponse({
+        "id": inp.request_id, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
+                     "logprobs": None, "finish_reason": last.finish_reason}],
+        "usage": _usage(last), "knowmux": kx}, headers=headers)
+
+
+def _usage(ev) -> dict:
+    return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
+            "total_tokens": ev.prompt_tokens + ev.completion_tokens}
+
+
+def _record(rt, p: Prepared, last, total_ms: float) -> None:
+    m, s = rt.metrics, p.strategy
+    m.requests.labels(s, "200").inc()
+    m.latency.labels(s).observe(total_ms / 1e3)
+    if last.timings is not None:
+        m.ttft.labels(s).observe((last.timings.ttft_ms + p.plan.timings_ms.get("retrieve", 0.0)) / 1e3)
+    m.tokens.labels(s, "prompt").inc(last.prompt_tokens)
+    m.tokens.labels(s, "completion").inc(last.completion_tokens)
+
+
+async def _sse(rt, p: Prepared, events, created: int, model: str, include_usage: bool) -> AsyncIterator[str]:
+    def chunk(delta: dict, finish=None, **extra) -> str:
+        body = {"id": p.input.request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(body)}\n\n"
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        async for ev in events:
+            if ev.finish_reason == "error":
+                rt.metrics.requests.labels(p.strategy, "500").inc()
+                yield f"data: {json.dumps(error_body(ev.error or 'engine error', 'server_error', None, 'engine_error'))}\n\n"
+                break
+            if ev.finish_reason is None:
+                if ev.text:
+                    yield chunk({"content": ev.text})
+                continue
+            total_ms = (time.perf_counter() - p.t_start) * 1e3
+            _record(rt, p, ev, total_ms)
+            kx = knowmux_field(p, ev.timings, total_ms)
+            if ev.text:
+                yield chunk({"content": ev.text})
+            if include_usage:
+                yield chunk({}, ev.finish_reason)
+                yield (f"data: {json.dumps({'id': p.input.request_id, 'object': 'chat.completion.chunk', 'created': created, 'model': model, 'choices': [], 'usage': _usage(ev), 'knowmux': kx})}\n\n")
+            else:
+                yield chunk({}, ev.finish_reason, usage=_usage(ev), knowmux=kx)
+        yield "data: [DONE]\n\n"
+    finally:
+        events.cancel()  # the client went away or we are done: free the batch slot

@@ -1,0 +1,67 @@
+"""OpenAI wire shapes (pydantic only here, at the edge). Unknown fields are kept in
+``model_extra`` and logged, as vLLM does; knowmux's own fields are extras too."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Optional[Union[StrictStr, list[TextPart]]] = None
+    name: Optional[StrictStr] = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: StrictStr
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = None
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = 1
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Optional[Union[StrictStr, list[StrictStr]]] = None
+    seed: Optional[int] = None
+    user: Optional[StrictStr] = None
+    logprobs: Optional[bool] = None
+    # knowmux extensions (OpenAI extra_body)
+    strategy: Optional[StrictStr] = None
+    top_k: Optional[int] = None
+
+
+KNOWN_IGNORED = {"frequency_penalty", "presence_penalty", "logit_bias", "response_format", "tools", "tool_choice",
+                 "parallel_tool_calls", "metadata", "store", "service_tier", "top_logprobs"}
+
+
+class DocumentIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: Union[StrictStr, int]
+    text: Optional[StrictStr] = None
+    title: Optional[StrictStr] = None
+
+
+class DocumentsRequest(BaseModel):
+    documents: list[DocumentIn] = Field(min_length=1)

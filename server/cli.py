@@ -1,0 +1,107 @@
+"""The ``knowmux`` command: setup, serve, ingest."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .config import Settings
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="where everything the server builds lives (env KNOWMUX_DATA_DIR; default ./data)")
+    p.add_argument("--model", help="a local transformers causal-LM folder (env KNOWMUX_MODEL; default: the converted "
+                                   "SmolLM2-135M-Instruct)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ap = argparse.ArgumentParser(prog="knowmux", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("setup", help="convert the embedded default model once and cache it")
+    s.set_defaults(func=cmd_setup)
+
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible API")
+    _common(s)
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--engine", choices=["torch"], help="inference engine (default torch)")
+    s.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    s.add_argument("--max-batch-size", type=int)
+    s.add_argument("--max-queue", type=int)
+    s.add_argument("--max-tokens-in-flight", type=int)
+    s.add_argument("--log-level", default=None)
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("ingest", help="add or update documents from a JSON-lines corpus file")
+    _common(s)
+    s.add_argument("file", type=Path, help='JSON lines: {"id": str, "title": str (optional), "text": str}')
+    s.add_argument("--batch-size", type=int, default=64)
+    s.set_defaults(func=cmd_ingest)
+
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, (getattr(args, "log_level", None) or "INFO").upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except (FileNotFoundError, ValueError) as e:
+        print(f"knowmux: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("knowmux: interrupted", file=sys.stderr)
+        return 130
+
+
+def _settings(args) -> Settings:
+    keys = ("data_dir", "model", "host", "port", "engine", "threads", "max_batch_size", "max_queue",
+            "max_tokens_in_flight", "log_level")
+    return Settings.from_env(**{k: getattr(args, k, None) for k in keys})
+
+
+def cmd_setup(args) -> int:
+    from .modelfiles import ensure_default_model
+
+    print(ensure_default_model())
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from .api.app import create_app
+
+    settings = _settings(args)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    from indexes import KnowledgeBase
+    from indexes.embedder import Embedder
+    from indexes.ingest import DocumentError, ingest, read_corpus
+
+    settings = _settings(args)
+    try:
+        docs = read_corpus(args.file, settings.max_document_chars)
+    except DocumentError as e:
+        print(f"knowmux ingest: {e}", file=sys.stderr)
+        return 2
+    kb = KnowledgeBase(settings.data_dir, Embedder())
+    try:
+        rep = ingest(kb, docs, batch_size=args.batch_size)
+        total = kb.count()
+    finally:
+        kb.close()
+    print(f"{args.file}: {rep.created} created, {rep.updated} updated, {rep.unchanged} unchanged; "
+          f"{total} documents in {settings.data_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

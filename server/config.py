@@ -1,0 +1,58 @@
+"""Settings: one frozen dataclass, from defaults, then KNOWMUX_* environment, then CLI flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: Optional[str] = None  # a local causal-LM folder; None = the converted SmolLM2-135M-Instruct
+    data_dir: Path = Path("data")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str = "knowmux"
+    engine: str = "torch"
+    threads: Optional[int] = None  # torch intra-op threads; None = all cores
+    # continuous batching limits
+    max_batch_size: int = 16
+    max_tokens_in_flight: int = 65536  # KV slots (prompt + max_tokens per row); 46 KB each on SmolLM2 fp32
+    max_queue: int = 64
+    step_token_budget: int = 512
+    # request limits
+    default_max_tokens: int = 256
+    max_tokens_limit: int = 4096
+    max_context: Optional[int] = None  # None = the model's max_position_embeddings
+    default_top_k: int = 3
+    max_top_k: int = 20
+    max_document_chars: int = 100_000
+    max_documents_per_call: int = 1000
+    max_body_bytes: int = 16 * 1024 * 1024
+    log_level: str = "info"
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: Optional[dict] = None, **overrides) -> "Settings":
+        env = os.environ if env is None else env
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f"KNOWMUX_{f.name.upper()}")
+            if raw is not None and f.name != "extra":
+                values[f.name] = _coerce(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if "data_dir" in values:
+            values["data_dir"] = Path(values["data_dir"])
+        return cls(**values)
+
+
+def _coerce(f: dataclasses.Field, raw: str):
+    kind = str(f.type)
+    if "int" in kind:
+        return int(raw)
+    if "Path" in kind:
+        return Path(raw)
+    return raw

@@ -1,0 +1,24 @@
+"""Choosing the next token from a logits vector. Kept tiny on purpose."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .types import SamplingParams
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]) -> int:
+    """logits: [vocab] float32 (masked entries may be -inf). Greedy when temperature == 0;
+    otherwise temperature, then nucleus (top-p) filtering, then a draw from ``generator``."""
+    if params.temperature <= 0.0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        drop = torch.cumsum(sorted_p, dim=-1) - sorted_p >= params.top_p
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,69 @@
+"""The PyTorch engine: a transformers causal LM driven by our own step loop."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .model import LlamaRunner
+from .types import GenRequest
+from .worker import EngineWorker, Handle, Sink, WorkerLimits
+
+log = logging.getLogger(__name__)
+
+
+class TorchEngine:
+    name = "torch"
+
+    def __init__(self, hf_model, tokenizer, model_id: str, limits: WorkerLimits = WorkerLimits(),
+                 on_step: Optional[Callable[[int, int, float], None]] = None):
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.hf_model = hf_model.eval()
+        self.runner = LlamaRunner(self.hf_model)
+        self.max_context = self.runner.max_positions
+        eos = set()
+        for src in (tokenizer.eos_token_id, getattr(hf_model.generation_config, "eos_token_id", None)):
+            if isinstance(src, int):
+                eos.add(src)
+            elif src:
+                eos.update(src)
+        self.eos_ids = eos
+        self.worker = EngineWorker(self.runner, tokenizer, eos, limits, on_step)
+
+    @classmethod
+    def from_folder(cls, path: Path, limits: WorkerLimits = WorkerLimits(), threads: Optional[int] = None,
+                    on_step=None) -> "TorchEngine":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return cls(model, tok, model_id=Path(path).name, limits=limits, on_step=on_step)
+
+    def observe_steps(self, callback: Callable[[int, int, float], None]) -> None:
+        """callback(tokens, rows, seconds) after every forward step (for metrics)."""
+        self.worker.on_step = callback
+
+    def start(self) -> None:
+        self.worker.start()
+
+    def shutdown(self) -> None:
+        self.worker.shutdown()
+
+    def submit(self, req: GenRequest, sink: Sink) -> Handle:
+        return self.worker.submit(req, sink)
+
+    def stats(self) -> dict:
+        return self.worker.stats()
+
+    def health(self) -> tuple[bool, str]:
+        alive = self.worker._thread is not None and self.worker._thread.is_alive()
+        if not alive:
+            return False, "engine thread is not running"
+        return self.worker.healthy, self.worker.last_error or "ok"

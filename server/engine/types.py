@@ -1,0 +1,80 @@
+"""The small typed objects the engine takes and gives.
+
+A strategy turns a chat request into a ``GenRequest``: one or more rows (token ids,
+optionally an injected KV prefix and a low-rank adapter set) and sampling settings.
+Row 0 is the row whose text is returned; extra rows (CK-PLUG's without-context
+stream) exist only to feed ``logits_hook``. The engine answers with ``TokenEvent``s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Optional
+
+if TYPE_CHECKING:  # torch stays out of modules that only need the types
+    import torch
+
+    from .kvcache import KVPrefix
+    from .lora import AdapterSet
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass
+class RowSpec:
+    """One row of the running batch: the tokens to prefill and what is injected."""
+
+    prompt_ids: list[int]
+    prefix: Optional["KVPrefix"] = None  # KV imported before prompt_ids (positions 0..len-1)
+    adapters: Optional["AdapterSet"] = None  # low-rank deltas applied to this row only
+
+
+# logits_hook(logits) -> logits: logits is [n_rows, vocab] float32 (one line per row of
+# the request, same order as GenRequest.rows), the result is [vocab]. It must be a
+# pure function: it is called on the engine thread once per generated token.
+LogitsHook = Callable[["torch.Tensor"], "torch.Tensor"]
+
+
+@dataclass
+class GenRequest:
+    request_id: str
+    rows: list[RowSpec]
+    sampling: SamplingParams
+    logits_hook: Optional[LogitsHook] = None
+
+    @property
+    def kv_tokens_needed(self) -> int:
+        """KV slots the request can occupy at most: every row's prefix + prompt + output."""
+        return sum(
+            (r.prefix.length if r.prefix is not None else 0) + len(r.prompt_ids) + self.sampling.max_tokens
+            for r in self.rows
+        )
+
+
+@dataclass
+class Timings:
+    queued_ms: float = 0.0  # submit -> admitted into the running batch
+    prefill_ms: float = 0.0  # admitted -> first token sampled
+    decode_ms: float = 0.0  # first token -> finish
+    ttft_ms: float = 0.0  # submit -> first token
+
+
+@dataclass
+class TokenEvent:
+    """A piece of output. ``finish_reason`` is set on the last event of a request."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None  # "stop" | "length" | "cancelled" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    timings: Optional[Timings] = None
+    error: Optional[str] = None

@@ -1,0 +1,261 @@
+"""The engine worker: one thread that owns the model and steps the running batch.
+
+Requests are submitted from any thread (the HTTP event loop, a build job) with a
+``sink`` callback that receives ``TokenEvent``s on the engine thread. Between steps
+the worker drops cancelled sequences, admits waiting ones while the batch-size and
+KV-token limits allow, plans a step (scheduler.plan_step), runs one packed forward,
+samples one token for every sequence whose rows all produced logits, and emits.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from ..errors import EngineUnavailable, InvalidRequest, QueueFull
+from .detok import IncrementalDetokenizer
+from .kvcache import RowCache
+from .model import LlamaRunner, Segment
+from .sampling import sample
+from .scheduler import plan_step
+from .types import GenRequest, RowSpec, Timings, TokenEvent
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[TokenEvent], None]
+
+
+@dataclass(frozen=True)
+class WorkerLimits:
+    max_batch_size: int = 16  # sequences in the running batch
+    max_tokens_in_flight: int = 32768  # KV slots reserved by running rows (46 KB each on SmolLM2 fp32)
+    max_queue: int = 64  # sequences waiting for admission; more get QueueFull (429)
+    step_token_budget: int = 512  # tokens per forward pass (prefill chunk size)
+
+
+@dataclass
+class _Row:
+    spec: RowSpec
+    cache: RowCache
+    pending: list[int]
+
+
+@dataclass
+class _Seq:
+    req: GenRequest
+    sink: Sink
+    detok: IncrementalDetokenizer
+    generator: Optional[torch.Generator]
+    t_submit: float
+    rows: list[_Row] = field(default_factory=list)
+    output: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    done: bool = False
+    t_admit: float = 0.0
+    t_first: float = 0.0
+
+    @property
+    def prompt_tokens(self) -> int:
+        r = self.req.rows[0]
+        return len(r.prompt_ids) + (r.prefix.length if r.prefix is not None else 0)
+
+
+class Handle:
+    """What ``submit`` returns: lets the caller cancel (thread-safe, idempotent)."""
+
+    def __init__(self, worker: "EngineWorker", seq: _Seq):
+        self._worker, self._seq = worker, seq
+
+    def cancel(self) -> None:
+        if not self._seq.done:
+            self._seq.cancelled = True
+            self._worker._wake()
+
+
+class EngineWorker:
+    def __init__(self, runner: LlamaRunner, tokenizer, eos_ids: set[int], limits: WorkerLimits,
+                 on_step: Optional[Callable[[int, int, float], None]] = None):
+        self.runner, self.tokenizer, self.eos_ids, self.limits = runner, tokenizer, eos_ids, limits
+        self.on_step = on_step  # (tokens, rows, seconds) after every forward; for metrics
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[_Seq] = collections.deque()
+        self._running: list[_Seq] = []
+        self._kv_in_flight = 0
+        self._stop = False
+        self._thread: Optional[threading.Thread] = None
+        self.healthy = True
+        self.last_error: Optional[str] = None
+        self.steps = 0
+        self.last_step_tokens = 0
+
+    # ---- any thread -------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="knowmux-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def submit(self, req: GenRequest, sink: Sink) -> Handle:
+        """Queue a request. Raises InvalidRequest (cannot ever fit), QueueFull, EngineUnavailable."""
+        if not req.rows or any(not r.prompt_ids for r in req.rows):
+            raise InvalidRequest("every row needs at least one prompt token")
+        if req.kv_tokens_needed > self.limits.max_tokens_in_flight:
+            raise InvalidRequest(
+                f"request needs {req.kv_tokens_needed} KV slots, more than this server's "
+                f"max_tokens_in_flight ({self.limits.max_tokens_in_flight}); lower max_tokens or top_k")
+        gen = None
+        if req.sampling.temperature > 0:
+            gen = torch.Generator()
+            gen.manual_seed(req.sampling.seed if req.sampling.seed is not None else
+                            int.from_bytes(os.urandom(8), "little") >> 1)
+        seq = _Seq(req, sink, IncrementalDetokenizer(self.tokenizer, req.sampling.stop), gen, time.perf_counter())
+        with self._cv:
+            if not self.healthy or self._stop:
+                raise EngineUnavailable(self.last_error or "engine is stopping")
+            if len(self._waiting) >= self.limits.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting (max_queue)", retry_after=1)
+            self._waiting.append(seq)
+            self._cv.notify()
+        return Handle(self, seq)
+
+    def stats(self) -> dict:
+        return {"queue": len(self._waiting), "running": len(self._running), "kv_in_flight": self._kv_in_flight,
+                "steps": self.steps, "last_step_tokens": self.last_step_tokens}
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    # ---- engine thread ----------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self._waiting and not self._running:
+                    self._cv.wait()
+                if self._stop:
+                    break
+            self._drop_cancelled()
+            self._admit()
+            if not self._running:
+                continue
+            try:
+                self._step()
+            except Exception as exc:  # a failed step fails its requests, not the server
+                log.exception("engine step failed")
+                self.last_error = f"engine step failed: {type(exc).__name__}: {exc}"
+                for seq in list(self._running):
+                    self._finish(seq, "error", error=self.last_error)
+        for seq in list(self._running) + list(self._waiting):
+            self._finish(seq, "error", error="engine shut down")
+
+    def _drop_cancelled(self) -> None:
+        with self._cv:
+            for seq in [s for s in self._waiting if s.cancelled]:
+                self._waiting.remove(seq)
+                seq.done = True
+        for seq in [s for s in self._running if s.cancelled]:
+            self._finish(seq, "cancelled")
+
+    def _admit(self) -> None:
+        with self._cv:
+            while self._waiting and len(self._running) < self.limits.max_batch_size:
+                need = self._waiting[0].req.kv_tokens_needed
+                if self._kv_in_flight + need > self.limits.max_tokens_in_flight:
+                    break
+                seq = self._waiting.popleft()
+                self._kv_in_flight += need
+                self._running.append(seq)
+                seq.t_admit = time.perf_counter()
+        for seq in self._running:
+            if not seq.rows:
+                self._allocate(seq)
+
+    def _allocate(self, seq: _Seq) -> None:
+        for spec in seq.req.rows:
+            pre = spec.prefix.length if spec.prefix is not None else 0
+            cache = self.runner.new_cache(pre + len(spec.prompt_ids) + seq.req.sampling.max_tokens)
+            if spec.prefix is not None:
+                cache.import_prefix(spec.prefix)
+            seq.rows.append(_Row(spec, cache, list(spec.prompt_ids)))
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        plans = plan_step(self._running, self.limits.step_token_budget)
+        ids: list[int] = []
+        segments: list[Segment] = []
+        for p in plans:
+            segments.append(Segment(p.row.cache, len(ids), p.n, p.row.spec.adapters, p.want_logits))
+            ids.extend(p.row.pending[:p.n])
+            p.row.pending = p.row.pending[p.n:]
+        logits = self.runner.forward(torch.tensor(ids, dtype=torch.long), segments)
+        # logits lines follow the plans that want them; group them per sequence
+        per_seq: dict[int, list] = {}
+        line = 0
+        for p in plans:
+            if p.want_logits:
+                per_seq.setdefault(id(p.seq), [p.seq]).append(logits[line])
+                line += 1
+        for seq, *rows in per_seq.values():
+            self._emit_token(seq, torch.stack(rows))
+        self.steps += 1
+        self.last_step_tokens = len(ids)
+        if self.on_step is not None:
+            self.on_step(len(ids), len(segments), time.perf_counter() - t0)
+
+    def _emit_token(self, seq: _Seq, logits: torch.Tensor) -> None:
+        final = seq.req.logits_hook(logits) if seq.req.logits_hook is not None else logits[0]
+        tok = sample(final, seq.req.sampling, seq.generator)
+        now = time.perf_counter()
+        if not seq.output:
+            seq.t_first = now
+        seq.output.append(tok)
+        if tok in self.eos_ids and not seq.req.sampling.ignore_eos:
+            self._finish(seq, "stop")
+            return
+        text = seq.detok.add(tok)
+        if seq.detok.stopped:
+            self._finish(seq, "stop", text)
+        elif len(seq.output) >= seq.req.sampling.max_tokens:
+            self._finish(seq, "length", text + seq.detok.flush())
+        else:
+            try:
+                seq.sink(TokenEvent(text, [tok]))
+            except Exception:  # the consumer is gone (closed loop): stop generating for it
+                log.warning("sink failed for %s; cancelling", seq.req.request_id)
+                self._finish(seq, "cancelled")
+                return
+            for row in seq.rows:
+                row.pending = [tok]
+
+    def _finish(self, seq: _Seq, reason: str, text: str = "", error: Optional[str] = None) -> None:
+        if seq.done:
+            return
+        seq.done = True
+        if seq in self._running:
+            self._running.remove(seq)
+            self._kv_in_flight -= seq.req.kv_tokens_needed
+        seq.rows = []  # frees the KV cache at once
+        now = time.perf_counter()
+        first = seq.t_first or now
+        admit = seq.t_admit or now
+        timings = Timings(queued_ms=(admit - seq.t_submit) * 1e3, prefill_ms=(first - admit) * 1e3,
+                          decode_ms=(now - first) * 1e3, ttft_ms=(first - seq.t_submit) * 1e3)
+        if reason != "error" and not text:
+            text = seq.detok.flush()
+        try:
+            seq.sink(TokenEvent(text, [], finish_reason=reason, prompt_tokens=seq.prompt_tokens,
+                                completion_tokens=len(seq.output), timings=timings, error=error))
+        except Exception:
+            log.exception("sink failed for %s", seq.req.request_id)

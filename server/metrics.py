@@ -1,0 +1,35 @@
+"""Prometheus metrics, one registry per app (so tests can build many apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("knowmux_requests", "Chat requests by strategy and outcome",
+                                ["strategy", "status"], registry=r)
+        self.latency = Histogram("knowmux_request_latency_seconds", "End-to-end chat latency",
+                                 ["strategy"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("knowmux_time_to_first_token_seconds", "Time to first token",
+                              ["strategy"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("knowmux_tokens", "Tokens by strategy and kind (prompt, completion)",
+                              ["strategy", "kind"], registry=r)
+        self.queue = Gauge("knowmux_queue_length", "Requests waiting for a place in the batch", registry=r)
+        self.running = Gauge("knowmux_running_batch_size", "Requests in the running batch", registry=r)
+        self.step_tokens = Histogram("knowmux_step_tokens", "Tokens per engine forward step",
+                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r)
+        self.step_seconds = Histogram("knowmux_step_seconds", "Duration of one engine step",
+                                      buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2, 5), registry=r)
+        self.documents = Gauge("knowmux_documents", "Documents in the store", registry=r)
+
+    def on_step(self, tokens: int, rows: int, seconds: float) -> None:
+        self.step_tokens.observe(tokens)
+        self.step_seconds.observe(seconds)
+
+    def bind_engine(self, engine) -> None:
+        self.queue.set_function(lambda: engine.stats()["queue"])
+        self.running.set_function(lambda: engine.stats()["running"])

@@ -1,0 +1,71 @@
+"""The one prompt layout shared by every strategy that shows passages.
+
+    [chat-template head + SYSTEM_PROMPT] [passage 1 wrapper] ... [passage k wrapper] [rest + question]
+
+Each part is tokenised on its own, so a passage's tokens do not depend on its
+neighbours: ``rag`` prefills exactly these tokens, and ``kv`` (later) injects each
+passage's stored cache in place of its segment and prefills only the tail. The
+passages sit at the end of the system turn, before the user's own system text (if any)
+and the conversation, so everything before them is a fixed prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SYSTEM_PROMPT = (
+    "You are a helpful assistant. Answer the question using the documents below. "
+    "If they do not contain the answer, answer from your own knowledge. Answer briefly."
+)
+# No rank number in the wrapper: a passage's tokens (and so its stored KV) must not
+# depend on where retrieval placed it.
+PASSAGE_WRAPPER = "\n\nDocument: {title}\n{text}"
+_SENTINEL = "\x00KNOWMUX_PASSAGES\x00"
+
+
+@dataclass(frozen=True)
+class Passage:
+    doc_id: str
+    title: str
+    text: str
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """Token ids split by part: ``head`` (fixed), one list per passage, ``tail`` (the question)."""
+
+    head: list[int]
+    passages: list[list[int]]
+    tail: list[int]
+
+    @property
+    def ids(self) -> list[int]:
+        out = list(self.head)
+        for p in self.passages:
+            out.extend(p)
+        out.extend(self.tail)
+        return out
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+
+    def _render(self, messages: list[dict]) -> str:
+        return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def plain(self, messages: list[dict]) -> list[int]:
+        """The conversation as the model's chat template renders it, no passages."""
+        return self._encode(self._render(messages))
+
+    def with_passages(self, messages: list[dict], passages: list[Passage]) -> PromptLayout:
+        user_system = [m["content"] for m in messages if m["role"] == "system"]
+        rest = [m for m in messages if m["role"] != "system"]
+        system = SYSTEM_PROMPT + _SENTINEL + "".join("\n\n" + s for s in user_system)
+        text = self._render([{"role": "system", "content": system}] + rest)
+        head, tail = text.split(_SENTINEL, 1)
+        wrapped = [PASSAGE_WRAPPER.format(title=p.title, text=p.text) for p in passages]
+        return PromptLayout(self._encode(head), [self._encode(w) for w in wrapped], self._encode(tail))

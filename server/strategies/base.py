@@ -1,0 +1,55 @@
+"""The strategy interface: a request in, a plan for the engine out.
+
+A strategy retrieves what it needs and lays out the engine rows; it never runs the
+model itself. ``plan`` is synchronous (embedding and tokenising are CPU work) and the
+pipeline calls it off the event loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+from ..engine.types import LogitsHook, RowSpec, SamplingParams
+
+
+@dataclass(frozen=True)
+class Query:
+    request_id: str
+    messages: list[dict]  # [{"role", "content": str}], as sent
+    question: str  # the last user message: what retrieval searches for
+    top_k: int
+    sampling: SamplingParams
+
+
+@dataclass
+class Retrieved:
+    doc_id: str
+    score: float
+    title: str = ""
+
+
+@dataclass
+class Plan:
+    strategy: str
+    rows: list[RowSpec]
+    retrieved: list[Retrieved] = field(default_factory=list)
+    logits_hook: Optional[LogitsHook] = None
+    timings_ms: dict[str, float] = field(default_factory=dict)  # e.g. {"retrieve": 12.3}
+    info: dict[str, Any] = field(default_factory=dict)  # extra fields for the response's knowmux object
+
+
+@dataclass(frozen=True)
+class StrategyContext:
+    """What strategies may use. ``kb`` is an indexes.KnowledgeBase (or None when not configured)."""
+
+    kb: Any
+    prompts: Any  # server.prompt.PromptBuilder
+
+
+class Strategy:
+    name: ClassVar[str]
+    needs_documents: ClassVar[bool] = False
+
+    def plan(self, query: Query, ctx: StrategyContext) -> Plan:  # pragma: no cover - interface
+        raise NotImplementedError
