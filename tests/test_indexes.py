@@ -1,0 +1,73 @@
+"""Document store, FAISS index and ingest, with the real MiniLM embedder."""
+
+import json
+
+import pytest
+
+from indexes import Document, KnowledgeBase
+from indexes.ingest import DocumentError, ingest, read_corpus
+
+DOCS = [
+    Document("cats", "The cat sat on the mat and purred all afternoon.", "Cats"),
+    Document("paris", "Paris is the capital and largest city of France.", "Paris"),
+    Document("qcd", "Quantum chromodynamics describes the strong interaction between quarks.", "QCD"),
+]
+
+
+def test_add_search_update_delete_and_reopen(tmp_path, embedder):
+    kb = KnowledgeBase(tmp_path, embedder)
+    assert [s for _, s in kb.upsert(DOCS)] == ["created"] * 3
+    hits = kb.search("What is the capital of France?", 2)
+    assert hits[0].doc_id == "paris" and hits[0].score > hits[1].score
+    assert [s for _, s in kb.upsert(DOCS[:1])] == ["unchanged"]
+    assert kb.upsert([Document("paris", "Berlin is the capital of Germany.", "Berlin")]) == [("paris", "updated")]
+    assert kb.store.get("paris").title == "Berlin"
+    assert kb.delete("cats") and not kb.delete("cats")
+    assert "cats" not in [h.doc_id for h in kb.search("cat on a mat", 3)]
+    before = kb.search("strong interaction of quarks", 3)
+    kb.close()
+    kb2 = KnowledgeBase(tmp_path, embedder)
+    assert kb2.count() == 2
+    assert kb2.search("strong interaction of quarks", 3) == before
+
+
+def test_stale_or_corrupt_index_file_is_rebuilt_from_the_store(tmp_path, embedder):
+    kb = KnowledgeBase(tmp_path, embedder)
+    kb.upsert(DOCS)
+    expected = kb.search("capital of France", 3)
+    kb.close()
+    index = tmp_path / "index.faiss"
+    index.write_bytes(index.read_bytes()[:50])  # truncated, as by a crash mid-write
+    kb = KnowledgeBase(tmp_path, embedder)
+    assert kb.search("capital of France", 3) == expected
+    kb.close()
+
+
+def test_a_second_process_ingesting_is_seen_by_search(tmp_path, embedder):
+    server_side = KnowledgeBase(tmp_path, embedder)
+    server_side.upsert(DOCS[:1])
+    cli_side = KnowledgeBase(tmp_path, embedder)
+    cli_side.upsert(DOCS[1:])
+    assert server_side.search("capital of France", 1)[0].doc_id == "paris"
+
+
+def test_read_corpus_validates_every_line_before_writing(tmp_path, embedder):
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(json.dumps({"id": d.id, "title": d.title, "text": d.text}) for d in DOCS) + "\n")
+    docs = read_corpus(good)
+    kb = KnowledgeBase(tmp_path / "kb", embedder)
+    rep = ingest(kb, docs, batch_size=2, progress=False)
+    assert (rep.created, rep.unchanged) == (3, 0)
+    assert ingest(kb, docs, progress=False).unchanged == 3
+    for bad, msg in [('{"id": "a"}', "text"), ('{"text": "x"}', "id"), ("not json", "not valid JSON"),
+                     ('{"id": "a", "text": "   "}', "text")]:
+        p = tmp_path / "bad.jsonl"
+        p.write_text(json.dumps({"id": "ok", "text": "fine"}) + "\n" + bad + "\n")
+        with pytest.raises(DocumentError, match=msg) as e:
+            read_corpus(p)
+        assert ":2" in str(e.value)
+    big = tmp_path / "big.jsonl"
+    big.write_text(json.dumps({"id": "big", "text": "x" * 101}) + "\n")
+    with pytest.raises(DocumentError) as e:
+        read_corpus(big, max_chars=100)
+    assert e.value.too_large
