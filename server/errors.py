@@ -63,7 +63,10 @@ class QueueFull(KnowmuxError):
 class EngineUnavailable(KnowmuxError):
     type = "server_error"
     code = "engine_unavailable"
-    retry_after = 5
+
+    def __init__(self, message: str, retry_after: int = 5):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class EngineError(KnowmuxError):

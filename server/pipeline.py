@@ -32,6 +32,8 @@ class ChatInput:
     top_p: float = 1.0
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    options: dict = field(default_factory=dict)  # strategy-specific fields, validated by the strategy
 
 
 @dataclass
@@ -74,8 +76,9 @@ class Pipeline:
         if not question or not question.strip():
             raise InvalidRequest("messages need at least one non-empty user message", param="messages")
         sampling = SamplingParams(max_tokens=inp.max_tokens or s.default_max_tokens, temperature=inp.temperature,
-                                  top_p=inp.top_p, seed=inp.seed, stop=inp.stop)
-        query = Query(inp.request_id, inp.messages, question, top_k, sampling)
+                                  top_p=inp.top_p, seed=inp.seed, stop=inp.stop,
+                                  ignore_eos=inp.ignore_eos)
+        query = Query(inp.request_id, inp.messages, question, top_k, sampling, inp.options)
         plan = await asyncio.to_thread(strategy.plan, query, self.ctx)
         prompt_len = max(len(r.prompt_ids) + (r.prefix.length if r.prefix is not None else 0) for r in plan.rows)
         if inp.max_tokens is None:  # as much as fits, up to the default

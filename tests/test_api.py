@@ -211,3 +211,28 @@ def test_client_disconnect_mid_stream_frees_the_slot(make_server):
     while time.time() < deadline and httpx.get(srv.url + "/health").json()["running"]:
         time.sleep(0.05)
     assert httpx.get(srv.url + "/health").json()["running"] == 0
+
+
+def test_a_dead_engine_thread_turns_into_503_with_retry_after(make_server):
+    import time
+
+    srv = make_server()
+    worker = srv.runtime.engine.worker
+
+    def broken_step():
+        raise RuntimeError("simulated engine crash")
+
+    worker.step = broken_step
+    worker._wake()  # no work queued: send one request so the loop calls step
+    c = srv.client()
+    with pytest.raises((openai.InternalServerError, openai.APIStatusError)) as first:
+        c.chat.completions.create(model="knowmux", messages=ASK, max_tokens=4)
+    assert first.value.status_code in (500, 503)
+    deadline = time.time() + 10
+    while worker.alive and time.time() < deadline:
+        time.sleep(0.05)
+    r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "knowmux", "messages": ASK, "max_tokens": 4})
+    assert r.status_code == 503 and r.headers["retry-after"] == "5"
+    assert "simulated engine crash" in error_of(r)["message"]
+    h = httpx.get(srv.url + "/health")
+    assert h.status_code == 503 and h.json()["status"] == "unhealthy"

@@ -40,7 +40,8 @@ def to_input(body: ChatCompletionRequest, request: Request, served: str) -> Chat
         strategy=request.headers.get("x-strategy") or body.strategy,
         top_k=body.top_k,
         max_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
-        temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop)
+        temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop,
+        ignore_eos=body.ignore_eos, options=body.strategy_options())
 
 
 def knowmux_field(p: Prepared, timings, total_ms: float) -> dict:
@@ -51,7 +52,8 @@ def knowmux_field(p: Prepared, timings, total_ms: float) -> dict:
     t["total"] = total_ms
     return {"strategy": p.strategy,
             "retrieved": [{"id": r.doc_id, "score": round(r.score, 6), "title": r.title} for r in p.plan.retrieved],
-            "timings_ms": {k: round(v, 2) for k, v in t.items()}, **p.plan.info}
+            "timings_ms": {k: round(v, 2) for k, v in t.items()}, **p.plan.info,
+            **(p.plan.report() if p.plan.report is not None else {})}
 
 
 def response_headers(p: Prepared) -> dict:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
@@ -50,6 +50,15 @@ class ChatCompletionRequest(BaseModel):
     # knowmux extensions (OpenAI extra_body)
     strategy: Optional[StrictStr] = None
     top_k: Optional[int] = None
+    ignore_eos: bool = False  # as in vLLM: for benchmarks that need fixed-length outputs
+    # CK-PLUG (rag+ckplug): validated by the strategy, so that errors name the field
+    ckplug_alpha: Any = None  # a number in [0, 1] or "adaptive" (default)
+    ckplug_condition: Optional[StrictStr] = None  # "paper" (CG < 0, default) or "code" (CG < H_c)
+    ckplug_trace: bool = False
+
+    def strategy_options(self) -> dict:
+        return {k: getattr(self, k) for k in ("ckplug_alpha", "ckplug_condition", "ckplug_trace")
+                if getattr(self, k) not in (None, False)}
 
 
 KNOWN_IGNORED = {"frequency_penalty", "presence_penalty", "logit_bias", "response_format", "tools", "tool_choice",

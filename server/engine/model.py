@@ -58,10 +58,14 @@ class _Proj:
 
     ``t`` is the weight transposed, [in, out] contiguous: for one token, x @ t runs
     GEMV at about 1.6x the speed of F.linear (5.3 vs 9.2 ms for SmolLM2's lm_head).
-    For several tokens MKL's packed GEMM is faster again (lm_head at 8 tokens: 9.1 ms
-    packed, 20.7 ms plain), so where MKL is present a packed copy serves T > 1.
-    Both figures were measured side by side in one run on the 2-core dev machine.
+    For a few tokens (decode batches) MKL's packed GEMM is faster again (lm_head at 8
+    tokens: 9.1 ms packed, 20.7 ms plain), so where MKL is present a packed copy serves
+    2 <= T <= PACKED_MAX_ROWS. For prefill-sized T the plain product wins (gate/up at
+    512 tokens: 11.5 ms plain, 15.2 ms packed). Each pair measured side by side in one
+    run on the 2-core dev machine.
     """
+
+    PACKED_MAX_ROWS = 64
 
     _mkl = torch._C.has_mkl and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
 
@@ -77,7 +81,7 @@ class _Proj:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] -> [T, out]."""
-        if self.packed is not None and x.shape[0] > 1:
+        if self.packed is not None and 1 < x.shape[0] <= self.PACKED_MAX_ROWS:
             return torch.ops.mkl._mkl_linear(x, self.packed, self.t.t(), self.bias, x.shape[0])
         return torch.addmm(self.bias, x, self.t) if self.bias is not None else x @ self.t
 

@@ -63,7 +63,8 @@ class TorchEngine:
         return self.worker.stats()
 
     def health(self) -> tuple[bool, str]:
-        alive = self.worker._thread is not None and self.worker._thread.is_alive()
-        if not alive:
-            return False, "engine thread is not running"
-        return self.worker.healthy, self.worker.last_error or "ok"
+        """(ok, reason). A failed step leaves the engine serving (ok, with the last error
+        as the reason); a dead engine thread is not ok."""
+        if not self.worker.alive:
+            return False, self.worker.last_error or "the engine is not running"
+        return True, f"ok (last error: {self.worker.last_error})" if self.worker.last_error else "ok"

@@ -90,7 +90,6 @@ class EngineWorker:
         self._kv_in_flight = 0
         self._stop = False
         self._thread: Optional[threading.Thread] = None
-        self.healthy = True
         self.last_error: Optional[str] = None
         self.steps = 0
         self.last_step_tokens = 0
@@ -122,13 +121,21 @@ class EngineWorker:
                             int.from_bytes(os.urandom(8), "little") >> 1)
         seq = _Seq(req, sink, IncrementalDetokenizer(self.tokenizer, req.sampling.stop), gen, time.perf_counter())
         with self._cv:
-            if not self.healthy or self._stop:
-                raise EngineUnavailable(self.last_error or "engine is stopping")
+            if not self.alive:
+                raise EngineUnavailable(self.last_error or "the engine is not running", retry_after=5)
             if len(self._waiting) >= self.limits.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (max_queue)", retry_after=1)
             self._waiting.append(seq)
             self._cv.notify()
         return Handle(self, seq)
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine thread has stopped or died (never started counts as alive:
+        tests step a worker by hand)."""
+        if self._stop:
+            return False
+        return self._thread is None or self._thread.is_alive()
 
     def stats(self) -> dict:
         return {"queue": len(self._waiting), "running": len(self._running), "kv_in_flight": self._kv_in_flight,
@@ -140,6 +147,21 @@ class EngineWorker:
 
     # ---- engine thread ----------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # the thread is dying: say so, and answer everyone still waiting
+            self.last_error = f"engine thread died: {type(exc).__name__}: {exc}"
+            log.critical(self.last_error, exc_info=True)
+            raise
+        finally:
+            with self._cv:
+                self._stop = True
+                stranded = list(self._running) + list(self._waiting)
+                self._waiting.clear()
+            for seq in stranded:
+                self._finish(seq, "error", error=self.last_error or "engine shut down")
+
+    def _serve(self) -> None:
         while True:
             with self._cv:
                 while not self._stop and not self._waiting and not self._running:
@@ -147,8 +169,6 @@ class EngineWorker:
                 if self._stop:
                     break
             self.step()
-        for seq in list(self._running) + list(self._waiting):
-            self._finish(seq, "error", error="engine shut down")
 
     def step(self) -> bool:
         """Drop cancelled sequences, admit waiting ones, run one forward and sample.

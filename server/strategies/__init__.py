@@ -10,12 +10,20 @@ from .base import Plan, Query, Retrieved, Strategy, StrategyContext  # noqa: F40
 STRATEGIES = {
     "direct": "server.strategies.direct:Direct",
     "rag": "server.strategies.rag:Rag",
+    "rag+ckplug": "server.strategies.ckplug:RagCKPlug",
 }
+# what "+ckplug" can modify: strategies that put retrieved context in the prompt
+_CKPLUG_BASES = ("rag", "kv")
 
 _instances: dict[str, Strategy] = {}
 
 
 def get_strategy(name: str) -> Strategy:
+    base, _, modifier = name.partition("+")
+    if name not in STRATEGIES and modifier == "ckplug" and base not in _CKPLUG_BASES:
+        raise UnknownStrategy(
+            f"{name!r}: +ckplug reweights between decoding with and without retrieved context in the prompt, "
+            f"and {base!r} has no such context to weigh; use it with rag", param="strategy")
     if name not in STRATEGIES:
         raise UnknownStrategy(f"unknown strategy {name!r}; known strategies: {', '.join(STRATEGIES)}",
                               param="strategy")

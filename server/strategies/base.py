@@ -8,7 +8,7 @@ pipeline calls it off the event loop.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 from ..engine.types import LogitsHook, RowSpec, SamplingParams
 
@@ -20,6 +20,7 @@ class Query:
     question: str  # the last user message: what retrieval searches for
     top_k: int
     sampling: SamplingParams
+    options: dict = field(default_factory=dict)  # strategy-specific request fields (ckplug_alpha, ...)
 
 
 @dataclass
@@ -37,6 +38,8 @@ class Plan:
     logits_hook: Optional[LogitsHook] = None
     timings_ms: dict[str, float] = field(default_factory=dict)  # e.g. {"retrieve": 12.3}
     info: dict[str, Any] = field(default_factory=dict)  # extra fields for the response's knowmux object
+    # called once the request has finished; its fields join the knowmux object (e.g. a decoding trace)
+    report: Optional[Callable[[], dict]] = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Decoding interventions: pure functions of logits (the LogitsProcessor shape)."""
