@@ -80,7 +80,7 @@ def main() -> None:
         proc = subprocess.Popen([a.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                                  "--served-model-name", "knowmux", "--dtype", "float32", "--enforce-eager",
                                  "--max-model-len", "2048", "--port", str(port), "--host", "127.0.0.1",
-                                 "--disable-log-requests"], env=venv)
+                                 ], env=venv)
         try:
             wait_ready(url, proc)
             for strategy in ("direct", "rag"):

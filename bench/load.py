@@ -21,18 +21,9 @@ import statistics
 import time
 from pathlib import Path
 
+from bench.metrics import percentile
+
 QUESTIONS = Path(__file__).parent / "data" / "nq_open_sample" / "questions.jsonl"
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile, q in [0, 100] (numpy's default method)."""
-    if not values:
-        return float("nan")
-    v = sorted(values)
-    pos = (len(v) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
 def load_questions(n: int) -> list[str]:

@@ -42,8 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     _common(s)
     s.add_argument("file", type=Path, help='JSON lines: {"id": str, "title": str (optional), "text": str}')
     s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--build", default="", help="artefacts to build after ingest, comma-separated: kv")
     s.set_defaults(func=cmd_ingest)
 
+    s = sub.add_parser("bench", help="latency/accuracy benchmark of the strategies (see knowmux bench --help)",
+                       add_help=False)
+    s.set_defaults(func=None)
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # the benchmark has its own parser
+        from bench.run import main as bench_main
+
+        return bench_main(argv[1:])
     args = ap.parse_args(argv)
     logging.basicConfig(level=getattr(logging, (getattr(args, "log_level", None) or "INFO").upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -92,15 +102,52 @@ def cmd_ingest(args) -> int:
     except DocumentError as e:
         print(f"knowmux ingest: {e}", file=sys.stderr)
         return 2
+    builds = [b for b in args.build.split(",") if b]
+    unknown = set(builds) - {"kv"}
+    if unknown:
+        print(f"knowmux ingest: unknown --build {', '.join(sorted(unknown))}; known: kv", file=sys.stderr)
+        return 2
     kb = KnowledgeBase(settings.data_dir, Embedder())
     try:
         rep = ingest(kb, docs, batch_size=args.batch_size)
         total = kb.count()
+        print(f"{args.file}: {rep.created} created, {rep.updated} updated, {rep.unchanged} unchanged; "
+              f"{total} documents in {settings.data_dir}")
+        if "kv" in builds:
+            build_kv(settings, kb, [d.id for d in docs])
     finally:
         kb.close()
-    print(f"{args.file}: {rep.created} created, {rep.updated} updated, {rep.unchanged} unchanged; "
-          f"{total} documents in {settings.data_dir}")
     return 0
+
+
+def build_kv(settings: Settings, kb, doc_ids: list[str]) -> None:
+    """Compute and store each document's KV cache; what is stored already is skipped, so
+    an interrupted build resumes where it stopped."""
+    import time
+
+    from tqdm import tqdm
+
+    from .engine import engine_class
+    from .modelfiles import resolve_model
+    from .pipeline import Pipeline
+
+    engine = engine_class(settings.engine).from_folder(resolve_model(settings.model), threads=settings.threads)
+    engine.start()
+    try:
+        kv = Pipeline(engine, kb, settings, kv_root=settings.data_dir / "kv").kv
+        built = skipped = 0
+        t0 = time.perf_counter()
+        for doc_id in tqdm(dict.fromkeys(doc_ids), desc="kv", unit="doc"):
+            doc = kb.store.get(doc_id)
+            if kv.build_document(doc):
+                built += 1
+            else:
+                skipped += 1
+        dt = time.perf_counter() - t0
+        print(f"kv: {built} built, {skipped} already stored" +
+              (f"; {dt / built * 1e3:.0f} ms per built document" if built else ""))
+    finally:
+        engine.shutdown()
 
 
 if __name__ == "__main__":

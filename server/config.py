@@ -32,6 +32,7 @@ class Settings:
     max_document_chars: int = 100_000
     max_documents_per_call: int = 1000
     max_body_bytes: int = 16 * 1024 * 1024
+    kv_memory_bytes: int = 512 * 1024 * 1024  # memory LRU in front of the on-disk KV store
     log_level: str = "info"
     extra: dict = field(default_factory=dict)
 

@@ -50,10 +50,17 @@ class Prepared:
 
 
 class Pipeline:
-    def __init__(self, engine, kb, settings: Settings):
+    def __init__(self, engine, kb, settings: Settings, kv_root=None):
         self.engine, self.kb, self.settings = engine, kb, settings
         self.prompts = PromptBuilder(engine.tokenizer)
-        self.ctx = StrategyContext(kb=kb, prompts=self.prompts)
+        kv = None
+        if kv_root is not None and hasattr(engine, "runner"):  # KV injection needs our own forward
+            from .kv.service import KVService
+            from .kv.store import KVStore
+
+            kv = KVService(engine, self.prompts, KVStore(kv_root, settings.kv_memory_bytes))
+        self.kv = kv
+        self.ctx = StrategyContext(kb=kb, prompts=self.prompts, kv=kv)
         self.max_context = min(settings.max_context or engine.max_context, engine.max_context)
 
     def default_strategy(self) -> str:

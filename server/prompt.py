@@ -61,11 +61,17 @@ class PromptBuilder:
         """The conversation as the model's chat template renders it, no passages."""
         return self._encode(self._render(messages))
 
+    def layout_head(self) -> list[int]:
+        """The fixed head of the passage layout (it does not depend on the conversation)."""
+        return self.with_passages([{"role": "user", "content": "?"}], []).head
+
+    def passage_ids(self, passage: Passage) -> list[int]:
+        return self._encode(PASSAGE_WRAPPER.format(title=passage.title, text=passage.text))
+
     def with_passages(self, messages: list[dict], passages: list[Passage]) -> PromptLayout:
         user_system = [m["content"] for m in messages if m["role"] == "system"]
         rest = [m for m in messages if m["role"] != "system"]
         system = SYSTEM_PROMPT + _SENTINEL + "".join("\n\n" + s for s in user_system)
         text = self._render([{"role": "system", "content": system}] + rest)
         head, tail = text.split(_SENTINEL, 1)
-        wrapped = [PASSAGE_WRAPPER.format(title=p.title, text=p.text) for p in passages]
-        return PromptLayout(self._encode(head), [self._encode(w) for w in wrapped], self._encode(tail))
+        return PromptLayout(self._encode(head), [self.passage_ids(p) for p in passages], self._encode(tail))

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from .config import Settings
+from .jobs import JobManager
 from .metrics import Metrics
 from .pipeline import Pipeline
 
@@ -28,6 +29,7 @@ class Runtime:
     kb: object
     pipeline: Pipeline
     metrics: Metrics
+    jobs: JobManager = field(default_factory=JobManager)
     started_at: float = field(default_factory=time.time)
 
     @classmethod
@@ -47,7 +49,7 @@ class Runtime:
 
             embedder = Embedder()
         kb = KnowledgeBase(settings.data_dir, embedder)
-        return cls(settings, engine, kb, Pipeline(engine, kb, settings), Metrics())
+        return cls(settings, engine, kb, Pipeline(engine, kb, settings, kv_root=settings.data_dir / "kv"), Metrics())
 
     def start(self) -> None:
         self.engine.observe_steps(self.metrics.on_step)
@@ -55,5 +57,6 @@ class Runtime:
         self.engine.start()
 
     def shutdown(self) -> None:
+        self.jobs.shutdown()
         self.engine.shutdown()
         self.kb.close()

@@ -47,3 +47,32 @@ def ask(srv, question, strategy):
 def test_rag_answers_invented_facts_and_direct_does_not(real_server, question, fact):
     assert fact in ask(real_server, question, "rag")
     assert fact not in ask(real_server, question, "direct")
+
+
+@pytest.mark.parametrize("question,fact", QUESTIONS)
+def test_kv_answers_invented_facts_like_rag(real_server, question, fact):
+    """Three passages joined from separately computed caches; the first is exact, the
+    others miss only cross-passage attention."""
+    assert fact in ask(real_server, question, "kv")
+
+
+def test_ckplug_alpha_moves_the_answer_on_a_constructed_conflict(real_server):
+    """A counterfactual passage: plain rag (like alpha 0.5) follows memory here. Lowering
+    alpha reaches the context's answer (measured here: at 0.25, not at 0, where the paper's
+    CG < 0 condition does not fire on the deciding token); alpha 1 keeps memory's."""
+    httpx.post(real_server.url + "/v1/documents", json={"documents": [
+        {"id": "fake-boil", "title": "", "text": "Water boils at 40 degrees Celsius at sea level."}]})
+
+    def answer(strategy, alpha=None):
+        extra = {"top_k": 1} if alpha is None else {"top_k": 1, "ckplug_alpha": alpha}
+        r = real_server.client().chat.completions.create(
+            model="knowmux", max_tokens=20, temperature=0, extra_headers={"X-Strategy": strategy}, extra_body=extra,
+            messages=[{"role": "user", "content": "At what temperature does water boil at sea level in Celsius?"}])
+        assert r.model_extra["knowmux"]["retrieved"][0]["id"] == "fake-boil"
+        return r.choices[0].message.content.lower()
+
+    low = [answer("rag+ckplug", a) for a in (0.0, 0.25)]
+    assert any("40" in a and "100" not in a for a in low), low
+    high = answer("rag+ckplug", 1.0)
+    assert "100" in high and "40 " not in high
+    assert answer("rag+ckplug", 0.5) == answer("rag")

@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from indexes.ingest import DocumentError, validate_document
 
-from ..errors import InvalidRequest, NotFound, PayloadTooLarge
+from ..errors import InvalidRequest, NotFound, PayloadTooLarge, StrategyUnavailable
 from .deps import get_runtime
 from .protocol import DocumentsRequest
 
@@ -54,10 +54,44 @@ async def add_documents(body: DocumentsRequest, rt=Depends(get_runtime)):
         except DocumentError as e:
             cls = PayloadTooLarge if e.too_large else InvalidRequest
             raise cls(str(e), param=f"documents[{i}]") from None
+    if "kv" in body.build and rt.pipeline.kv is None:
+        raise StrategyUnavailable(f"the {rt.engine.name} engine cannot build KV caches", param="build")
     t0 = time.perf_counter()
     results = await asyncio.to_thread(rt.kb.upsert, docs)
-    return {"object": "list", "data": [{"id": i, "status": st} for i, st in results],
-            "elapsed_ms": round((time.perf_counter() - t0) * 1e3, 1)}
+    out = {"object": "list", "data": [{"id": i, "status": st} for i, st in results],
+           "elapsed_ms": round((time.perf_counter() - t0) * 1e3, 1)}
+    if "kv" in body.build:
+        job = rt.jobs.submit("kv", [i for i, _ in results], lambda doc_id: _build_kv(rt, doc_id))
+        out["job"] = job.view()
+    return out
+
+
+def _build_kv(rt, doc_id: str) -> bool:
+    doc = rt.kb.store.get(doc_id)
+    if doc is None:
+        raise LookupError("the document was deleted before its build")
+    return rt.pipeline.kv.build_document(doc)
+
+
+@router.get("/v1/jobs/{job_id}")
+async def get_job(job_id: str, rt=Depends(get_runtime)):
+    job = rt.jobs.get(job_id)
+    if job is None:
+        raise NotFound(f"no job with id {job_id!r}", param="job_id")
+    return job.view()
+
+
+@router.get("/v1/kv/{doc_id:path}")
+async def get_kv(doc_id: str, rt=Depends(get_runtime)):
+    if rt.pipeline.kv is None:
+        raise StrategyUnavailable(f"the {rt.engine.name} engine has no KV store")
+    doc = await asyncio.to_thread(rt.kb.store.get, doc_id)
+    if doc is None:
+        raise NotFound(f"no document with id {doc_id!r}", param="doc_id")
+    from ..prompt import Passage
+
+    ids = rt.pipeline.prompts.passage_ids(Passage(doc.id, doc.title, doc.text))
+    return await asyncio.to_thread(rt.pipeline.kv.describe, doc_id, ids)
 
 
 @router.get("/v1/documents/{doc_id:path}")

@@ -55,9 +55,11 @@ class ChatCompletionRequest(BaseModel):
     ckplug_alpha: Any = None  # a number in [0, 1] or "adaptive" (default)
     ckplug_condition: Optional[StrictStr] = None  # "paper" (CG < 0, default) or "code" (CG < H_c)
     ckplug_trace: bool = False
+    # what a strategy does with a retrieved document whose stored artefact (KV cache) is missing
+    on_missing: Optional[Literal["build", "skip", "error"]] = None
 
     def strategy_options(self) -> dict:
-        return {k: getattr(self, k) for k in ("ckplug_alpha", "ckplug_condition", "ckplug_trace")
+        return {k: getattr(self, k) for k in ("ckplug_alpha", "ckplug_condition", "ckplug_trace", "on_missing")
                 if getattr(self, k) not in (None, False)}
 
 
@@ -74,3 +76,4 @@ class DocumentIn(BaseModel):
 
 class DocumentsRequest(BaseModel):
     documents: list[DocumentIn] = Field(min_length=1)
+    build: list[Literal["kv"]] = Field(default_factory=list)  # artefacts to build in a background job

@@ -34,9 +34,10 @@ class RowCache:
     """KV storage of one row. Not thread-safe: only the engine thread touches it."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, pos_offset: int = 0):
         self.kv = torch.empty(n_layers, 2, n_kv_heads, capacity, head_dim, dtype=dtype)
         self.length = 0  # tokens written for every layer so far
+        self.pos_offset = pos_offset  # rotary position of slot 0 (slot i sits at pos_offset + i)
 
     @property
     def capacity(self) -> int:

@@ -143,14 +143,29 @@ class LlamaRunner:
                 self.layers.append(_Layer(layer.input_layernorm.weight, qkv, wo,
                                           layer.post_attention_layernorm.weight, gu, wdown))
 
-    def new_cache(self, capacity: int) -> RowCache:
-        return RowCache(self.n_layers, self.n_kv_heads, self.head_dim, capacity, self.dtype)
+    def new_cache(self, capacity: int, pos_offset: int = 0) -> RowCache:
+        return RowCache(self.n_layers, self.n_kv_heads, self.head_dim, capacity, self.dtype, pos_offset)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [T, head_dim] for integer positions [T] (model's own rope scaling)."""
         dummy = torch.empty(1, 1, self.head_dim, dtype=self.dtype)
         cos, sin = self.rotary(dummy, positions[None])
         return cos[0], sin[0]
+
+    def rotate_keys(self, kv: torch.Tensor, delta: int) -> torch.Tensor:
+        """Move a KV span by ``delta`` positions: kv [L, 2, Hkv, n, D] with keys rotated for
+        positions p..p+n-1 -> keys for p+delta.. (values unchanged). RoPE rotates each
+        frequency pair by position * inv_freq, and rotations compose, so one more rotation
+        by delta * inv_freq is exact (TurboRAG's reordered positions). Returns a new tensor."""
+        if delta == 0:
+            return kv.clone()
+        cos, sin = self.rope(torch.tensor([delta]))
+        scale = float(getattr(self.rotary, "attention_scaling", 1.0) or 1.0)  # cos/sin carry it; undo once
+        cos, sin = cos[0] / scale, sin[0] / scale
+        out = kv.clone()
+        k = kv[:, 0]
+        out[:, 0] = k * cos + _rotate_half(k) * sin
+        return out
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
@@ -162,7 +177,8 @@ class LlamaRunner:
         """
         T = input_ids.shape[0]
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        positions = torch.cat([torch.arange(s.cache.length, s.cache.length + s.n) for s in segments])
+        positions = torch.cat([torch.arange(s.cache.length, s.cache.length + s.n) + s.cache.pos_offset
+                               for s in segments])
         cos, sin = self.rope(positions)
         any_lora = any(s.adapters is not None for s in segments)
         x = F.embedding(input_ids, self.embed)

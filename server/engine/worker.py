@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -86,6 +87,7 @@ class EngineWorker:
         self.on_step = on_step  # (tokens, rows, seconds) after every forward; for metrics
         self._cv = threading.Condition()
         self._waiting: collections.deque[_Seq] = collections.deque()
+        self._calls: collections.deque[tuple[Callable, Future]] = collections.deque()
         self._running: list[_Seq] = []
         self._kv_in_flight = 0
         self._stop = False
@@ -129,6 +131,30 @@ class EngineWorker:
             self._cv.notify()
         return Handle(self, seq)
 
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run ``fn()`` on the engine thread at the next step boundary (one call per step,
+        so live requests keep decoding between calls); its result or exception lands in
+        the returned Future. On a worker that was never started, runs it at once."""
+        fut: Future = Future()
+        if self._thread is None:
+            self._run_call(fn, fut)
+            return fut
+        with self._cv:
+            if not self.alive:
+                raise EngineUnavailable(self.last_error or "the engine is not running", retry_after=5)
+            self._calls.append((fn, fut))
+            self._cv.notify()
+        return fut
+
+    @staticmethod
+    def _run_call(fn, fut: Future) -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn())
+        except BaseException as exc:  # handed to the caller, never kills the engine
+            fut.set_exception(exc)
+
     @property
     def alive(self) -> bool:
         """False once the engine thread has stopped or died (never started counts as alive:
@@ -158,16 +184,24 @@ class EngineWorker:
                 self._stop = True
                 stranded = list(self._running) + list(self._waiting)
                 self._waiting.clear()
+                calls = list(self._calls)
+                self._calls.clear()
+            for _, fut in calls:
+                if fut.set_running_or_notify_cancel():
+                    fut.set_exception(EngineUnavailable(self.last_error or "engine shut down"))
             for seq in stranded:
                 self._finish(seq, "error", error=self.last_error or "engine shut down")
 
     def _serve(self) -> None:
         while True:
             with self._cv:
-                while not self._stop and not self._waiting and not self._running:
+                while not self._stop and not self._waiting and not self._running and not self._calls:
                     self._cv.wait()
                 if self._stop:
                     break
+                call = self._calls.popleft() if self._calls else None
+            if call is not None:
+                self._run_call(*call)
             self.step()
 
     def step(self) -> bool:

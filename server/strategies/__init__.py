@@ -11,6 +11,7 @@ STRATEGIES = {
     "direct": "server.strategies.direct:Direct",
     "rag": "server.strategies.rag:Rag",
     "rag+ckplug": "server.strategies.ckplug:RagCKPlug",
+    "kv": "server.strategies.kv:KV",
 }
 # what "+ckplug" can modify: strategies that put retrieved context in the prompt
 _CKPLUG_BASES = ("rag", "kv")

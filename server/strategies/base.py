@@ -48,6 +48,7 @@ class StrategyContext:
 
     kb: Any
     prompts: Any  # server.prompt.PromptBuilder
+    kv: Any = None  # server.kv.service.KVService, when the engine supports KV injection
 
 
 class Strategy:

@@ -1,0 +1,429 @@
+"""knowmux bench: latency and accuracy of every strategy, through the HTTP API.
+
+    knowmux bench --dataset nq_open_oracle --n 200 --strategies direct,rag,rag+ckplug --out runs/nq
+    knowmux bench --corpus c.jsonl --questions q.jsonl --conflicts k.jsonl --strategies direct,rag --out runs/mine
+
+Every request goes through the official openai client with the strategy in the
+X-Strategy header, streaming (for time to first token), greedy. Without --url a server
+is started on loopback (``knowmux serve``) with a fresh data dir, or with --data-dir
+to reuse one. Writes OUT/results.json, results.jsonl, report.md and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import platform
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from bench import metrics as M
+from bench.datasets import DISTRACTORS, Conflict, Dataset, DatasetError, Question, load, load_generic
+
+DEFAULT_ALPHAS = "0,0.25,0.5,0.75,1,adaptive"
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# ---- the server ----------------------------------------------------------------------
+class Server:
+    """A knowmux server this run started (or None for --url)."""
+
+    def __init__(self, data_dir: Path, model: Optional[str], log_path: Path):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        cmd = [str(Path(sys.executable).with_name("knowmux")), "serve", "--data-dir", str(data_dir), "--port",
+               str(port), "--log-level", "warning"] + (["--model", model] if model else [])
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+    def wait(self, timeout: float = 600) -> None:
+        import httpx
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"the server exited with code {self.proc.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise BenchError(f"the server did not start within {timeout:.0f} s; see {self.log.name}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def server_info(url: str) -> dict:
+    import httpx
+
+    try:
+        models = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]
+    except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
+        raise BenchError(f"cannot reach a knowmux server at {url} ({type(e).__name__})") from None
+    return models
+
+
+def ingest(url: str, docs: list[dict], batch: int = 100) -> float:
+    """POST the documents; returns the seconds it took."""
+    import httpx
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    with httpx.Client(timeout=600) as http, tqdm(total=len(docs), desc="ingest", unit="doc") as bar:
+        for i in range(0, len(docs), batch):
+            r = http.post(url + "/v1/documents", json={"documents": docs[i:i + batch]})
+            if r.status_code != 200:
+                raise BenchError(f"ingest failed: {r.status_code} {r.text[:200]}")
+            bar.update(len(docs[i:i + batch]))
+    return time.perf_counter() - t0
+
+
+# ---- asking ----------------------------------------------------------------------------
+def ask(client, strategy: str, question: str, max_tokens: int, top_k: int, extra: dict) -> dict:
+    """One streamed request; returns output, timings, usage and the knowmux field, or an error."""
+    import openai
+
+    t0 = time.perf_counter()
+    rec: dict = {"strategy": strategy, **{k: v for k, v in extra.items() if k.startswith("ckplug_")}}
+    try:
+        stream = client.chat.completions.create(
+            model="knowmux", messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0,
+            stream=True, extra_headers={"X-Strategy": strategy}, extra_body={"top_k": top_k, **extra})
+        parts, ttft, last = [], None, None
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                ttft = ttft if ttft is not None else time.perf_counter() - t0
+                parts.append(chunk.choices[0].delta.content)
+            if chunk.model_extra and "knowmux" in chunk.model_extra:
+                last = chunk
+        latency = time.perf_counter() - t0
+        kx = last.model_extra["knowmux"] if last is not None else {}
+        usage = last.usage if last is not None and last.usage else None
+        rec.update(output="".join(parts), ttft_s=ttft if ttft is not None else latency, latency_s=latency,
+                   prompt_tokens=usage.prompt_tokens if usage else None,
+                   completion_tokens=usage.completion_tokens if usage else None,
+                   retrieved=[d["id"] for d in kx.get("retrieved", [])], server_timings_ms=kx.get("timings_ms", {}),
+                   error=None)
+    except openai.APIError as e:
+        rec.update(output="", error=f"{type(e).__name__}: {getattr(e, 'message', str(e))}"[:500])
+    return rec
+
+
+def run_items(url: str, strategy: str, items: list, max_tokens: int, top_k: int, extra: dict,
+              concurrency: int = 1) -> tuple[list[dict], float]:
+    """Ask every item (Question or Conflict); returns records in item order and the wall time."""
+    import openai
+    from tqdm import tqdm
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    t0 = time.perf_counter()
+    label = strategy + (f" a={extra['ckplug_alpha']}" if "ckplug_alpha" in extra else "")
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        futs = [pool.submit(ask, client, strategy, it.question, max_tokens, top_k, extra) for it in items]
+        recs = [f.result() for f in tqdm(futs, desc=f"{label} (c={concurrency})", unit="q")]
+    wall = time.perf_counter() - t0
+    for it, rec in zip(items, recs):
+        rec["id"] = it.id
+        rec["question"] = it.question
+    return recs, wall
+
+
+# ---- scoring -----------------------------------------------------------------------------
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarise(recs: list[dict], wall: float, items: list, kind: str) -> dict:
+    ok = [r for r in recs if r["error"] is None]
+    lat = [r["latency_s"] for r in ok]
+    ttft = [r["ttft_s"] for r in ok]
+    decode = [(r["completion_tokens"] - 1) / (r["latency_s"] - r["ttft_s"]) for r in ok
+              if r.get("completion_tokens") and r["completion_tokens"] > 1 and r["latency_s"] > r["ttft_s"]]
+    s = {"n": len(recs), "failures": len(recs) - len(ok),
+         "latency_p50_s": M.percentile(lat, 50), "latency_p95_s": M.percentile(lat, 95),
+         "ttft_p50_s": M.percentile(ttft, 50), "ttft_p95_s": M.percentile(ttft, 95),
+         "decode_tokens_per_s_p50": M.percentile(decode, 50),
+         "aggregate_tokens_per_s": sum(r.get("completion_tokens") or 0 for r in ok) / wall if wall else None,
+         "prompt_tokens_mean": _mean([r.get("prompt_tokens") for r in ok]),
+         "completion_tokens_mean": _mean([r.get("completion_tokens") for r in ok]),
+         "server_ms_mean": {k: _mean([r["server_timings_ms"].get(k) for r in ok])
+                            for k in ("retrieve", "queue", "prefill", "decode", "ttft", "total")}}
+    by_id = {it.id: it for it in items}
+    if kind == "questions":
+        for r in recs:
+            q: Question = by_id[r["id"]]
+            r.update(em=M.exact_match(r["output"], q.answers), f1=M.f1(r["output"], q.answers),
+                     contains=M.contains(r["output"], q.answers), recall_at_k=M.recall_at_k(r.get("retrieved", []),
+                                                                                        q.gold_doc_ids))
+        # failures score zero: they are part of the answer quality a user would see
+        s.update(em=_mean([r["em"] for r in recs]), f1=_mean([r["f1"] for r in recs]),
+                 contains=_mean([r["contains"] for r in recs]), recall_at_k=_mean([r["recall_at_k"] for r in recs]))
+    else:
+        triples = []
+        for r in recs:
+            c: Conflict = by_id[r["id"]]
+            r.update(has_memory=M.contains(r["output"], c.memory_answers),
+                     has_context=M.contains(r["output"], c.context_answers),
+                     context_retrieved=(c.doc_id in r.get("retrieved", [])) if c.context else None)
+            triples.append((r["output"], c.memory_answers, c.context_answers))
+        s.update(M.conflict_scores(triples))
+        s["context_retrieved"] = _mean([float(r["context_retrieved"]) for r in recs
+                                        if r.get("context_retrieved") is not None])
+    return s
+
+
+# ---- report -------------------------------------------------------------------------------
+def _fmt(v, pct=False, digits=2):
+    if v is None:
+        return "n/a"
+    return f"{100 * v:.1f}%" if pct else f"{v:.{digits}f}"
+
+
+def report_md(result: dict) -> str:
+    lines = [f"# knowmux bench: {result['dataset']}", "", f"`{result['command']}`", "",
+             f"Model {result['model']}, commit {result['git_commit']}, {result['machine']}; "
+             f"build (ingest) {result['build']['ingest_s']:.1f} s for {result['build']['documents']} documents "
+             f"({result['build']['ingest_s_per_doc'] * 1e3:.0f} ms each).", ""]
+    q = [r for r in result["runs"] if r["kind"] == "questions"]
+    if q:
+        lines += ["| strategy | n | EM | F1 | contains | recall@k | TTFT p50 | latency p50 | p95 | decode tok/s | "
+                  "prompt tok | failures |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in q:
+            lines.append(f"| {r['label']} | {r['n']} | {_fmt(r['em'], True)} | {_fmt(r['f1'], True)} | "
+                         f"{_fmt(r['contains'], True)} | {_fmt(r['recall_at_k'], True)} | {_fmt(r['ttft_p50_s'])} s | "
+                         f"{_fmt(r['latency_p50_s'])} s | {_fmt(r['latency_p95_s'])} s | "
+                         f"{_fmt(r['decode_tokens_per_s_p50'], digits=1)} | {_fmt(r['prompt_tokens_mean'], digits=0)} | "
+                         f"{r['failures']} |")
+        lines.append("")
+    c = [r for r in result["runs"] if r["kind"] == "conflicts"]
+    if c:
+        lines += ["| strategy | n | memory recall MR | po/N | context recall ps/N | context retrieved | "
+                  "latency p50 | failures |", "|---|---|---|---|---|---|---|---|"]
+        for r in c:
+            lines.append(f"| {r['label']} | {r['n']} | {_fmt(r['memory_recall'], True)} | {_fmt(r['memory_rate'], True)} | "
+                         f"{_fmt(r['context_recall'], True)} | {_fmt(r['context_retrieved'], True)} | "
+                         f"{_fmt(r['latency_p50_s'])} s | {r['failures']} |")
+        lines.append("")
+    conc = [r for r in result["runs"] if r.get("concurrency", 1) > 1]
+    if conc:
+        lines += ["Concurrency (same run): aggregate completion tokens/s", "",
+                  "| strategy | clients | tokens/s | single-client tokens/s |", "|---|---|---|---|"]
+        for r in conc:
+            lines.append(f"| {r['label']} | {r['concurrency']} | {_fmt(r['aggregate_tokens_per_s'], digits=1)} | "
+                         f"{_fmt(r['single_client_tokens_per_s'], digits=1)} |")
+        lines.append("")
+    if result["unavailable"]:
+        lines += [f"Unavailable on this server (not run): {', '.join(result['unavailable'])}", ""]
+    return "\n".join(lines)
+
+
+def plots(result: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    q = [r for r in result["runs"] if r["kind"] == "questions" and r.get("concurrency", 1) == 1
+         and r["latency_p50_s"] is not None]
+    if q:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in q:
+            ax.scatter(r["latency_p50_s"], 100 * (r["contains"] or 0))
+            ax.annotate(r["label"], (r["latency_p50_s"], 100 * (r["contains"] or 0)), fontsize=8)
+        ax.set_xlabel("median latency (s)")
+        ax.set_ylabel("answer contained (%)")
+        ax.set_title(f"{result['dataset']}: accuracy vs latency")
+        fig.tight_layout()
+        fig.savefig(out / "accuracy_vs_latency.png", dpi=110)
+        plt.close(fig)
+        made.append("accuracy_vs_latency.png")
+    c = [r for r in result["runs"] if r["kind"] == "conflicts" and r.get("concurrency", 1) == 1]
+    sweeps: dict[str, list] = {}
+    for r in c:
+        if r.get("alpha") not in (None, "adaptive"):
+            sweeps.setdefault(r["strategy"], []).append(r)
+    if sweeps:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, rs in sweeps.items():
+            rs.sort(key=lambda r: r["alpha"])
+            mr = [(r["alpha"], 100 * r["memory_recall"]) for r in rs if r["memory_recall"] is not None]
+            if mr:
+                ax.plot([p[0] for p in mr], [p[1] for p in mr], marker="o", label=f"{name}: MR")
+            ax.plot([r["alpha"] for r in rs], [100 * (r["context_recall"] or 0) for r in rs], marker="x",
+                    linestyle=":", label=f"{name}: context recall ps/N")
+        for r in c:  # references: plain strategies and the adaptive setting
+            if r.get("alpha") in (None, "adaptive") and r["memory_recall"] is not None:
+                ax.axhline(100 * r["memory_recall"], linestyle="--", linewidth=1, label=f"{r['label']}: MR",
+                           color="gray" if r.get("alpha") is None else "tab:red")
+        ax.set_xlabel("ckplug_alpha (0 trusts context, 1 trusts memory)")
+        ax.set_ylabel("%")
+        ax.set_title(f"{result['dataset']}: memory recall vs alpha")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "memory_recall_vs_alpha.png", dpi=110)
+        plt.close(fig)
+        made.append("memory_recall_vs_alpha.png")
+    return made
+
+
+# ---- main ---------------------------------------------------------------------------------
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="knowmux bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", help="a data set under --data-root, or nq_open_sample (bundled)")
+    ap.add_argument("--data-root", default=os.environ.get("KNOWMUX_DATA_ROOT", "../shared/data"))
+    ap.add_argument("--corpus", type=Path)
+    ap.add_argument("--questions", type=Path)
+    ap.add_argument("--conflicts", type=Path)
+    ap.add_argument("--distractors", choices=sorted(DISTRACTORS))
+    ap.add_argument("--n", type=int, help="first N questions/conflicts (default all)")
+    ap.add_argument("--strategies", default="direct,rag")
+    ap.add_argument("--alphas", default=DEFAULT_ALPHAS,
+                    help="ckplug_alpha values swept for +ckplug strategies on conflict sets")
+    ap.add_argument("--question-alphas", default="adaptive",
+                    help="ckplug_alpha values for +ckplug strategies on question sets (default: adaptive only)")
+    ap.add_argument("--ckplug-condition", choices=["paper", "code"], default="paper",
+                    help="when CK-PLUG reweights: the paper's CG < 0, or the released code's CG < H(with context)")
+    ap.add_argument("--top-k", type=int, default=3)
+    ap.add_argument("--conflict-top-k", type=int, default=1, help="top_k for conflict sets (their own passage)")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, default=1)
+    ap.add_argument("--url", help="a running knowmux server; default: start one on loopback")
+    ap.add_argument("--data-dir", type=Path, help="the started server's data dir, kept and reused between runs")
+    ap.add_argument("--model", help="model folder for the started server")
+    ap.add_argument("--out", type=Path, required=True)
+    return ap.parse_args(argv)
+
+
+def load_dataset(a) -> Dataset:
+    if a.dataset and (a.corpus or a.questions or a.conflicts):
+        raise BenchError("give --dataset or --corpus/--questions/--conflicts, not both")
+    if a.dataset:
+        ds = load(a.dataset, Path(a.data_root))
+    elif a.questions or a.conflicts:
+        ds = load_generic(a.corpus, a.questions, a.conflicts)
+    else:
+        raise BenchError("nothing to run: give --dataset, or --questions and/or --conflicts")
+    if a.n:
+        ds.questions, ds.conflicts = ds.questions[:a.n], ds.conflicts[:a.n]
+    if a.distractors:
+        ds.corpus += DISTRACTORS[a.distractors](Path(a.data_root))
+    return ds
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    try:
+        return _main(a, argv)
+    except (BenchError, DatasetError) as e:
+        print(f"knowmux bench: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(a, argv) -> int:
+    ds = load_dataset(a)
+    strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
+    alphas = {"conflicts": _alphas(a.alphas), "questions": _alphas(a.question_alphas)}
+    a.out.mkdir(parents=True, exist_ok=True)
+    server = None
+    if a.url:
+        url = a.url.rstrip("/")
+    else:
+        data_dir = a.data_dir or Path(tempfile.mkdtemp(prefix="knowmux-bench-"))
+        server = Server(data_dir, a.model, a.out / "server.log")
+        url = server.url
+    try:
+        if server:
+            server.wait()
+        info = server_info(url)
+        known = set(info.get("strategies", []))
+        unavailable = [s for s in strategies if s not in known]
+        runnable = [s for s in strategies if s in known]
+        docs = ds.corpus + [{"id": c.doc_id, "title": "", "text": c.context} for c in ds.conflicts if c.context]
+        ingest_s = ingest(url, docs) if docs else 0.0
+        runs, records = [], []
+        for strategy in runnable:
+            for kind, items, top_k in (("questions", ds.questions, a.top_k),
+                                       ("conflicts", ds.conflicts, a.conflict_top_k)):
+                if not items:
+                    continue
+                sweep = alphas[kind] if strategy.endswith("+ckplug") else [None]
+                for alpha in sweep:
+                    extra = ({"ckplug_alpha": alpha, "ckplug_condition": a.ckplug_condition}
+                             if alpha is not None else {})
+                    recs, wall = run_items(url, strategy, items, a.max_tokens, top_k, extra)
+                    s = summarise(recs, wall, items, kind)
+                    label = strategy + (f" (alpha={alpha})" if alpha is not None else "")
+                    runs.append({"strategy": strategy, "alpha": alpha, "label": label, "kind": kind,
+                                 "concurrency": 1, **s})
+                    records += [{**r, "kind": kind} for r in recs]
+                    if a.concurrency > 1 and kind == "questions" and alpha in (None, "adaptive"):
+                        crecs, cwall = run_items(url, strategy, items, a.max_tokens, top_k, extra, a.concurrency)
+                        cs = summarise(crecs, cwall, items, kind)
+                        runs.append({"strategy": strategy, "alpha": alpha, "label": label, "kind": kind,
+                                     "concurrency": a.concurrency, "single_client_tokens_per_s":
+                                     s["aggregate_tokens_per_s"], **cs})
+        result = {
+            "dataset": ds.name, "licence": ds.licence,
+            "command": "knowmux bench " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])),
+            "git_commit": _git_commit(), "model": info.get("root"), "engine": info.get("engine"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+            "when": time.strftime("%Y-%m-%d %H:%M:%S"), "url": url, "unavailable": unavailable,
+            "settings": {"top_k": a.top_k, "ckplug_condition": a.ckplug_condition, "conflict_top_k": a.conflict_top_k, "max_tokens": a.max_tokens,
+                         "n_questions": len(ds.questions), "n_conflicts": len(ds.conflicts)},
+            "build": {"documents": len(docs), "ingest_s": ingest_s,
+                      "ingest_s_per_doc": ingest_s / len(docs) if docs else 0.0},
+            "runs": runs}
+        (a.out / "results.json").write_text(json.dumps(result, indent=1, default=str))
+        with open(a.out / "results.jsonl", "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+        (a.out / "report.md").write_text(report_md(result))
+        result["plots"] = plots(result, a.out)
+        print(report_md(result))
+        return 0
+    finally:
+        if server:
+            server.stop()
+
+
+def _alphas(text: str) -> list:
+    try:
+        return [x if x == "adaptive" else float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise BenchError(f"alphas must be numbers in [0, 1] or 'adaptive': {text!r}") from None
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Building, loading and joining per-passage KV caches (the `kv` strategy's engine room).
+
+Layout (server.prompt): [head][passage 1]...[passage k][tail]. The head (template +
+system prompt) is the same for every request: its KV is computed once. Each passage's
+KV is computed once *after the head* (so it saw the shared prefix, as APE does) at
+positions len(head).., stored, and at query time re-rotated to its place in the joined
+sequence (TurboRAG's reordered positions). Only the tail (the question) is prefilled.
+What the joined cache lacks against a full prefill is attention between passages;
+the first passage after the head is exact.
+
+All model computation runs on the engine thread (``worker.call``), between steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..engine.kvcache import KVPrefix
+from ..engine.model import Segment
+from .store import KVEntry, KVStore, entry_key
+
+
+@dataclass(frozen=True)
+class PassageKV:
+    entry: KVEntry
+    source: str  # "memory" | "disk" | "built"
+
+
+def model_fingerprint(runner, model_id: str) -> str:
+    """Identifies the weights cheaply: config, and the first bytes of embeddings and lm_head."""
+    h = hashlib.sha256(model_id.encode())
+    h.update(runner.config.to_json_string(use_diff=False).encode())
+    h.update(runner.embed.detach().flatten()[:4096].numpy().tobytes())
+    h.update(runner.lm_head.t.flatten()[:4096].numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+class KVService:
+    def __init__(self, engine, prompts, store: KVStore):
+        self.engine, self.prompts, self.store = engine, prompts, store
+        self.runner = engine.runner
+        self.fingerprint = model_fingerprint(self.runner, engine.model_id)
+        self.dtype = str(self.runner.dtype).replace("torch.", "")
+        self._head: Optional[tuple[list[int], KVPrefix]] = None
+
+    # ---- computation (engine thread) ----------------------------------------------
+    def _prefill_span(self, prefix: Optional[KVPrefix], ids: list[int]) -> KVPrefix:
+        """KV of ``ids`` computed after ``prefix``: [L, 2, Hkv, len(ids), D] at positions len(prefix).."""
+        start = prefix.length if prefix is not None else 0
+        cache = self.runner.new_cache(start + len(ids))
+        if prefix is not None:
+            cache.import_prefix(prefix)
+        self.runner.forward(torch.tensor(ids, dtype=torch.long), [Segment(cache, 0, len(ids))])
+        return cache.export(start, start + len(ids))
+
+    def _on_engine(self, fn):
+        return self.engine.worker.call(fn).result()
+
+    # ---- public -------------------------------------------------------------------
+    def head(self) -> tuple[list[int], KVPrefix]:
+        ids = self.prompts.layout_head()
+        if self._head is None or self._head[0] != ids:
+            self._head = (ids, self._on_engine(lambda: self._prefill_span(None, ids)))
+        return self._head
+
+    def key(self, passage_ids: list[int]) -> str:
+        return entry_key(self.fingerprint, self.dtype, self.head()[0], passage_ids)
+
+    def passage(self, doc_id: str, passage_ids: list[int], build: bool = True) -> Optional[PassageKV]:
+        """The stored cache of one passage; computed and stored now if missing and ``build``."""
+        head_ids, head_kv = self.head()
+        key = self.key(passage_ids)
+        entry, where = self.store.get(key)
+        if entry is not None:
+            return PassageKV(entry, where)
+        if not build:
+            return None
+        kv = self._on_engine(lambda: self._prefill_span(head_kv, passage_ids))
+        entry = KVEntry(key, kv.kv, kv.start_pos, doc_id)
+        self.store.put(entry, {"model": self.fingerprint, "dtype": self.dtype, "n_tokens": len(passage_ids),
+                               "head_tokens": len(head_ids), "built_at": time.time()})
+        return PassageKV(entry, "built")
+
+    def join(self, entries: list[KVEntry]) -> KVPrefix:
+        """Head + passages in order, each passage's keys moved to its place: one prefix
+        [L, 2, Hkv, len(head) + sum(n_i), D] starting at position 0."""
+        _, head_kv = self.head()
+        parts, pos = [head_kv.kv], head_kv.length
+        for e in entries:
+            parts.append(self.runner.rotate_keys(e.kv, pos - e.start_pos))
+            pos += e.n_tokens
+        return KVPrefix(torch.cat(parts, dim=3), 0)
+
+    def build_document(self, doc) -> bool:
+        """Compute and store one document's cache unless stored; True if it was built now."""
+        from ..prompt import Passage
+
+        ids = self.prompts.passage_ids(Passage(doc.id, doc.title, doc.text))
+        return self.passage(doc.id, ids).source == "built"
+
+    def describe(self, doc_id: str, passage_ids: list[int]) -> dict:
+        key = self.key(passage_ids)
+        entry, where = self.store.get(key)
+        L, _, H, n, D = (self.runner.n_layers, 2, self.runner.n_kv_heads, len(passage_ids), self.runner.head_dim)
+        bytes_per_token = L * 2 * H * D * self.runner.embed.element_size()
+        return {"doc_id": doc_id, "key": key, "stored": entry is not None, "where": where,
+                "shape": [L, 2, H, n, D], "dtype": self.dtype, "tokens": n,
+                "bytes": n * bytes_per_token, "bytes_per_token": bytes_per_token,
+                "file": self.store.path(key).name}

@@ -1,0 +1,47 @@
+"""`kv`: KV-cache knowledge injection (CAG / TurboRAG style, with an APE-style shared prefix).
+
+Retrieve the top-k passages as `rag` does, lay them out identically (server.prompt),
+but instead of prefilling them, inject each passage's stored KV cache (computed once,
+after the fixed head, at positions len(head)..) with its keys re-rotated to its place
+in the joined sequence: for passage i at offset o_i, k' = R(o_i - len(head)) k, where
+R(d) is RoPE's rotation by d positions. Only the question (the layout's tail) is
+prefilled. A passage with no stored cache is computed now and stored (reported in
+``knowmux.kv.built_now``); with ``"on_missing": "skip"`` it is left out, with
+``"on_missing": "error"`` the request is refused (409).
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..engine.types import RowSpec
+from ..errors import StrategyUnavailable
+from .base import Plan, Query, Strategy, StrategyContext
+from .rag import retrieve
+
+
+class KV(Strategy):
+    name = "kv"
+    needs_documents = True
+
+    def plan(self, query: Query, ctx: StrategyContext) -> Plan:
+        if ctx.kv is None:
+            raise StrategyUnavailable("the kv strategy needs the torch engine's KV store")
+        retrieved, passages, ms = retrieve(query, ctx)
+        layout = ctx.prompts.with_passages(query.messages, passages)
+        t0 = time.perf_counter()
+        on_missing = query.options.get("on_missing") or "build"
+        found = [ctx.kv.passage(p.doc_id, ids, build=on_missing == "build") for p, ids in zip(passages, layout.passages)]
+        missing = [p.doc_id for p, f in zip(passages, found) if f is None]
+        if missing and on_missing == "error":
+            raise StrategyUnavailable(f"no stored KV cache for {', '.join(missing)} (on_missing: error); "
+                                      f"build them with knowmux ingest --build kv", param="on_missing")
+        kept = [(p, f) for p, f in zip(passages, found) if f is not None]
+        retrieved = [r for r in retrieved if r.doc_id not in missing]
+        prefix = ctx.kv.join([f.entry for _, f in kept])
+        load_ms = (time.perf_counter() - t0) * 1e3
+        info = {"kv": {"injected_tokens": prefix.length, "prefilled_tokens": len(layout.tail),
+                       "sources": {p.doc_id: f.source for p, f in kept},
+                       "built_now": [p.doc_id for p, f in kept if f.source == "built"], "missing": missing}}
+        return Plan(self.name, [RowSpec(layout.tail, prefix=prefix)], retrieved,
+                    timings_ms={"retrieve": ms, "kv_load": load_ms}, info=info)

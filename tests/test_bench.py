@@ -1,0 +1,118 @@
+"""The benchmark: metrics by hand, loaders on real records, one end-to-end run on a tiny model."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from bench import metrics as M
+from bench.datasets import DatasetError, load, load_generic
+
+DATA_ROOT = Path(os.environ.get("KNOWMUX_DATA_ROOT", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+def test_normalisation_em_f1_and_containment():
+    assert M.normalize("The  Eiffel-Tower!") == "eiffeltower"
+    assert M.normalize("An apple, a pear and THE plum.") == "apple pear and plum"
+    assert M.exact_match("the Paris.", ["Paris", "Lutetia"]) == 1.0
+    assert M.exact_match("Paris, France", ["Paris"]) == 0.0
+    # pred "wilhelm conrad rontgen won" vs gold "wilhelm conrad rontgen": p = 3/4, r = 1, F1 = 6/7
+    assert M.f1("Wilhelm Conrad Rontgen won", ["Wilhelm Conrad Rontgen"]) == pytest.approx(6 / 7)
+    assert M.f1("nothing", ["Paris", "nothing at all"]) == pytest.approx(2 * (1 * 1 / 3) / (1 + 1 / 3))
+    assert M.contains("It was won by Wilhelm Conrad Röntgen in 1901.", ["Wilhelm Conrad Röntgen"]) == 1.0
+    assert M.contains("Parisian cafes", ["Paris"]) == 0.0  # whole tokens only
+    assert M.contains("anything", [""]) == 0.0
+
+
+def test_memory_recall_and_percentiles():
+    s = M.conflict_scores([("Tampa, Florida", ["Tampa"], ["Glendale"]),
+                           ("Glendale it is", ["Tampa"], ["Glendale"]),
+                           ("Glendale, not Tampa", ["Tampa"], ["Glendale"]),
+                           ("no idea", ["Tampa"], ["Glendale"])])
+    assert (s["po"], s["ps"], s["n"]) == (2, 2, 4)
+    assert s["memory_recall"] == 0.5 and s["memory_rate"] == 0.5 and s["context_recall"] == 0.5
+    assert M.conflict_scores([("x", ["a"], ["b"])])["memory_recall"] is None
+    assert M.percentile([1, 2, 3, 4], 50) == 2.5 and M.percentile([1, 2, 3, 4], 95) == pytest.approx(3.85)
+    assert M.percentile([], 50) is None
+    assert M.recall_at_k(["a", "b", "c"], ["b", "z"]) == 0.5 and M.recall_at_k(["a"], []) is None
+
+
+needs_data = pytest.mark.skipif(not DATA_ROOT.is_dir(), reason=f"evaluation data not found at {DATA_ROOT}")
+
+
+@needs_data
+@pytest.mark.parametrize("name", ["nq_open_oracle", "hotpotqa_train100", "musique_train100", "rgb_en_fact",
+                                  "conflictqa_strategyqa", "memotrap"])
+def test_loaders_on_real_records(name):
+    ds = load(name, DATA_ROOT)
+    ids = {d["id"] for d in ds.corpus}
+    if ds.questions:
+        q = ds.questions[0]
+        assert q.question and q.answers and all(g in ids for g in q.gold_doc_ids)
+    if ds.conflicts:
+        c = ds.conflicts[0]
+        assert c.question and c.context_answers and c.memory_answers
+    if name == "rgb_en_fact":
+        c = ds.conflicts[0]
+        assert c.memory_answers == ["Tampa, Florida"] and c.context_answers == ["Glendale, Arizona"]
+        assert "Glendale, Arizona" in c.context
+    if name == "nq_open_oracle":
+        assert len(ds.questions) == 2000 and ds.questions[0].answers == ["Wilhelm Conrad Röntgen"]
+
+
+def test_bundled_sample_loads_without_shared_data(tmp_path):
+    ds = load("nq_open_sample", tmp_path / "nowhere")
+    assert len(ds.questions) == 200 and len(ds.corpus) == 199
+
+
+def test_bad_data_stops_with_a_reason(tmp_path):
+    with pytest.raises(DatasetError, match="unknown dataset"):
+        load("nope", tmp_path)
+    with pytest.raises(DatasetError, match="no such file"):
+        load("rgb_en_fact", tmp_path)
+    bad = tmp_path / "q.jsonl"
+    bad.write_text('{"id": "1", "question": "q?"}\n')
+    with pytest.raises(DatasetError, match="answers"):
+        load_generic(None, bad, None)
+
+
+def test_end_to_end_run_writes_all_outputs(make_server, tmp_path):
+    from bench.run import main
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(json.dumps(d) for d in [
+        {"id": "a", "title": "Zorbl", "text": "Zorbl is a purple cat."},
+        {"id": "b", "title": "Paris", "text": "Paris is the capital of France."}]) + "\n")
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"id": "q1", "question": "What colour is Zorbl?", "answers": ["purple"],
+                                     "gold_doc_ids": ["a"]}) + "\n")
+    conflicts = tmp_path / "k.jsonl"
+    conflicts.write_text(json.dumps({"id": "k1", "question": "Capital of France?", "context": "Lyon is the "
+                                     "capital of France.", "context_answers": ["Lyon"],
+                                     "memory_answers": ["Paris"]}) + "\n")
+    srv = make_server()
+    out = tmp_path / "out"
+    rc = main(["--url", srv.url, "--corpus", str(corpus), "--questions", str(questions), "--conflicts",
+               str(conflicts), "--strategies", "direct,rag,rag+ckplug,prag", "--alphas", "0,1", "--max-tokens", "4",
+               "--concurrency", "2", "--out", str(out)])
+    assert rc == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["unavailable"] == ["prag"]
+    labels = {(r["label"], r["kind"], r["concurrency"]) for r in result["runs"]}
+    assert ("rag", "questions", 1) in labels and ("rag+ckplug (alpha=0.0)", "conflicts", 1) in labels
+    assert ("rag", "questions", 2) in labels
+    rag = next(r for r in result["runs"] if r["label"] == "rag" and r["kind"] == "questions")
+    assert rag["recall_at_k"] == 1.0 and rag["failures"] == 0 and rag["ttft_p50_s"] > 0
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert all("output" in json.loads(line) for line in lines)
+    assert "| rag |" in (out / "report.md").read_text()
+    assert (out / "accuracy_vs_latency.png").stat().st_size > 1000
+    assert (out / "memory_recall_vs_alpha.png").stat().st_size > 1000
+
+
+def test_unreachable_server_stops_at_once(tmp_path, capsys):
+    from bench.run import main
+
+    rc = main(["--url", "http://127.0.0.1:9", "--dataset", "nq_open_sample", "--out", str(tmp_path)])
+    assert rc == 2 and "cannot reach" in capsys.readouterr().err

@@ -1,0 +1,162 @@
+"""CK-PLUG: the reweighting as a pure function, the paired-row decode, the API."""
+
+import math
+
+import httpx
+import pytest
+import torch
+
+from server.decoding.ckplug import ckplug_step, parse_alpha, plausible
+from server.engine.model import LlamaRunner, Segment
+from server.engine.types import GenRequest, RowSpec, SamplingParams
+from tests.tiny import tiny_engine, tiny_model
+
+
+def lsm(x):
+    return torch.log_softmax(torch.tensor(x, dtype=torch.float32), -1)
+
+
+def entropy(logits_kept):
+    p = torch.softmax(torch.tensor(logits_kept, dtype=torch.float64), -1)
+    return float(-(p * p.log()).sum())
+
+
+def test_filter_keeps_top10_or_within_ln_001_of_the_max():
+    # one dominant token: everything else is more than ln(100) below it, so only the top 10 survive
+    z = torch.tensor([20.0] + [float(-i) for i in range(1, 20)])
+    keep = plausible(torch.log_softmax(z, -1))
+    assert keep.tolist() == [True] * 10 + [False] * 10
+    # a flat head: 12 tokens within ln(100) of the max are all kept, more than 10
+    z = torch.tensor([5.0] * 12 + [-10.0] * 8)
+    assert plausible(torch.log_softmax(z, -1)).sum() == 12
+
+
+def test_hand_computed_entropies_cg_and_fixed_alpha_mix():
+    # 12 tokens; with context the model is sure of token 0, without it it spreads over 0..2
+    zc = [8.0, 1.0, 0.0] + [-30.0] * 9
+    zp = [1.0, 1.0, 1.0] + [-30.0] * 9
+    r = ckplug_step(torch.tensor(zc), torch.tensor(zp), alpha=0.3)
+    # kept: top 10 of each distribution (ties broken either way, the union covers 0..9 at least)
+    keep = torch.isfinite(r.logits)
+    assert keep[:3].all()
+    kept = keep.nonzero().flatten().tolist()
+    h_c = entropy([zc[i] for i in kept])
+    h_p = entropy([zp[i] for i in kept])
+    assert r.h_context == pytest.approx(h_c, abs=1e-4) and r.h_memory == pytest.approx(h_p, abs=1e-4)
+    assert r.cg == pytest.approx(h_p - h_c, abs=1e-4) and r.cg > 0
+    assert not r.reweighted  # the context made the model surer: z = z_c
+    lc = lsm(zc)
+    torch.testing.assert_close(r.logits[keep], lc[keep])
+
+    # reversed roles: the context makes the model less sure (CG < 0): mixed
+    r = ckplug_step(torch.tensor(zp), torch.tensor(zc), alpha=0.3)
+    assert r.cg < 0 and r.reweighted
+    lcx, lpx = lsm(zp), lsm(zc)
+    expected = 0.3 * lpx + 0.7 * (lcx - lpx)
+    torch.testing.assert_close(r.logits[keep], expected[keep])
+    assert torch.isinf(r.logits[~keep]).all()
+
+
+def test_adaptive_formula():
+    zc = [1.0, 1.0, 0.5, 0.0] + [-40.0] * 8
+    zp = [6.0, 1.0, 0.0, 0.0] + [-40.0] * 8
+    r = ckplug_step(torch.tensor(zc), torch.tensor(zp), alpha="adaptive")
+    assert r.cg < 0 and r.reweighted
+    hc, hp = r.h_context, r.h_memory
+    nf = 1 + abs(hc - hp) / (hc + hp)
+    lc, lp = lsm(zc), lsm(zp)
+    expected = (2 * hc / (hc + hp * nf)) * lp + (2 * hp / (hc + hp * nf)) * (lc - lp)
+    keep = torch.isfinite(r.logits)
+    torch.testing.assert_close(r.logits[keep], expected[keep])
+
+
+def test_alpha_half_is_plain_rag_and_the_ends_trust_memory_or_context():
+    torch.manual_seed(0)
+    for _ in range(50):
+        zc, zp = torch.randn(300) * 3, torch.randn(300) * 3
+        r = ckplug_step(zc, zp, 0.5, condition="code")
+        assert int(r.logits.argmax()) == int(zc.argmax())
+    zc = torch.tensor([2.0, 1.9, 1.8] + [-20.0] * 20)  # unsure with context, prefers 0
+    zp = torch.tensor([0.0, 9.0, 0.0] + [-20.0] * 20)  # sure without: 1
+    assert int(ckplug_step(zc, zp, 1.0).logits.argmax()) == 1  # memory
+    assert int(ckplug_step(zc, zp, 0.0).logits.argmax()) == 0  # context
+
+
+def test_code_condition_adjusts_where_cg_is_below_h_context():
+    zc = [8.0, 1.0, 0.0] + [-30.0] * 9
+    zp = [1.0, 1.0, 1.0] + [-30.0] * 9
+    paper = ckplug_step(torch.tensor(zc), torch.tensor(zp), 0.3, "paper")
+    code = ckplug_step(torch.tensor(zc), torch.tensor(zp), 0.3, "code")
+    assert paper.cg > 0 and not paper.reweighted
+    assert code.reweighted == (code.cg < code.h_context)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, "high", True, float("nan"), [0.5]])
+def test_parse_alpha_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        parse_alpha(bad)
+
+
+def test_parse_alpha_accepts():
+    assert parse_alpha(None) == "adaptive" and parse_alpha("adaptive") == "adaptive"
+    assert parse_alpha(0) == 0.0 and parse_alpha(1) == 1.0 and parse_alpha(0.25) == 0.25
+
+
+def test_two_row_batched_decode_equals_two_separate_single_stream_decodes():
+    """The engine runs both streams as rows of one batch; replaying them one row at a time
+    with the same runner gives the same logits at every step and the same tokens."""
+    from server.decoding.ckplug import CKPlugHook
+
+    with_ctx, without = list(range(30, 70)), [5, 6, 7, 8, 9]
+    eng = tiny_engine()
+    seen = []
+    hook = CKPlugHook(alpha=0.2, condition="code")
+
+    def recording(lg):
+        seen.append(lg.clone())
+        return hook(lg)
+
+    tokens = []
+    eng.worker.submit(GenRequest("p", [RowSpec(with_ctx), RowSpec(without)],
+                                 SamplingParams(max_tokens=8, ignore_eos=True), recording),
+                      lambda ev: tokens.extend(ev.token_ids))
+    while eng.worker.step():
+        pass
+    assert len(tokens) == 8 and hook.reweighted > 0
+
+    runner = LlamaRunner(tiny_model())
+    ca, cb = runner.new_cache(64), runner.new_cache(64)
+    za = runner.forward(torch.tensor(with_ctx), [Segment(ca, 0, len(with_ctx), want_logits=True)])[0]
+    zb = runner.forward(torch.tensor(without), [Segment(cb, 0, len(without), want_logits=True)])[0]
+    for step, tok in enumerate(tokens):
+        torch.testing.assert_close(seen[step][0], za, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(seen[step][1], zb, atol=1e-4, rtol=1e-4)
+        assert int(ckplug_step(za, zb, 0.2, "code").logits.argmax()) == tok
+        za = runner.forward(torch.tensor([tok]), [Segment(ca, 0, 1, want_logits=True)])[0]
+        zb = runner.forward(torch.tensor([tok]), [Segment(cb, 0, 1, want_logits=True)])[0]
+
+
+DOCS = [{"id": "zorbl", "title": "Zorbl", "text": "Zorbl is a purple cat who lives on the moon base Tycho."}]
+ASK = [{"role": "user", "content": "Where does Zorbl live?"}]
+
+
+def test_api_trace_and_validation(make_server):
+    srv = make_server()
+    httpx.post(srv.url + "/v1/documents", json={"documents": DOCS})
+    c = srv.client()
+    r = c.chat.completions.create(model="knowmux", messages=ASK, max_tokens=6, temperature=0,
+                                  extra_headers={"X-Strategy": "rag+ckplug"},
+                                  extra_body={"ckplug_alpha": 0.25, "ckplug_trace": True, "ignore_eos": True})
+    kx = r.model_extra["knowmux"]
+    assert kx["strategy"] == "rag+ckplug" and kx["retrieved"][0]["id"] == "zorbl"
+    ck = kx["ckplug"]
+    assert ck["alpha"] == 0.25 and ck["condition"] == "paper" and len(ck["trace"]) == 6 == ck["steps"]
+    assert all(set(t) == {"cg", "reweighted"} and math.isfinite(t["cg"]) for t in ck["trace"])
+    for body, param in [({"ckplug_alpha": 2}, "ckplug_alpha"), ({"ckplug_alpha": "lots"}, "ckplug_alpha"),
+                        ({"ckplug_condition": "vibes"}, "ckplug_condition")]:
+        resp = httpx.post(srv.url + "/v1/chat/completions", headers={"X-Strategy": "rag+ckplug"},
+                          json={"model": "knowmux", "messages": ASK, **body})
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == param
+    resp = httpx.post(srv.url + "/v1/chat/completions", headers={"X-Strategy": "direct+ckplug"},
+                      json={"model": "knowmux", "messages": ASK})
+    assert resp.status_code == 400 and "no such context" in resp.json()["error"]["message"]
