@@ -99,6 +99,42 @@ def ingest(url: str, docs: list[dict], batch: int = 100) -> float:
     return time.perf_counter() - t0
 
 
+def retrievable(url: str, questions: list[str], top_k: int) -> list[str]:
+    """The documents the questions retrieve (only those need per-document builds)."""
+    import httpx
+
+    seen: dict[str, None] = {}
+    with httpx.Client(timeout=120) as http:
+        for q in questions:
+            r = http.post(url + "/v1/retrieve", json={"query": q, "top_k": top_k})
+            if r.status_code != 200:
+                raise BenchError(f"retrieve failed: {r.status_code} {r.text[:200]}")
+            seen.update((d["id"], None) for d in r.json()["data"])
+    return list(seen)
+
+
+def build(url: str, kind: str, doc_ids: list[str]) -> dict:
+    """Start a build job and follow it to the end; returns the job's final view and wall time."""
+    import httpx
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    with httpx.Client(timeout=60) as http:
+        r = http.post(url + "/v1/builds", json={"kind": kind, "doc_ids": doc_ids})
+        if r.status_code != 200:
+            raise BenchError(f"{kind} build refused: {r.status_code} {r.text[:200]}")
+        job = r.json()
+        with tqdm(total=job["total"], desc=f"build {kind}", unit="doc") as bar:
+            while job["status"] in ("queued", "running"):
+                time.sleep(0.5)
+                job = http.get(url + f"/v1/jobs/{job['id']}").json()
+                bar.update(job["done"] - bar.n)
+    if job["status"] != "done":
+        raise BenchError(f"{kind} build failed: {job.get('errors', [])[:3]}")
+    job["wall_s"] = time.perf_counter() - t0
+    return job
+
+
 # ---- asking ----------------------------------------------------------------------------
 def ask(client, strategy: str, question: str, max_tokens: int, top_k: int, extra: dict) -> dict:
     """One streamed request; returns output, timings, usage and the knowmux field, or an error."""
@@ -205,7 +241,14 @@ def report_md(result: dict) -> str:
     lines = [f"# knowmux bench: {result['dataset']}", "", f"`{result['command']}`", "",
              f"Model {result['model']}, commit {result['git_commit']}, {result['machine']}; "
              f"build (ingest) {result['build']['ingest_s']:.1f} s for {result['build']['documents']} documents "
-             f"({result['build']['ingest_s_per_doc'] * 1e3:.0f} ms each).", ""]
+             f"({result['build']['ingest_s_per_doc'] * 1e3:.0f} ms each)."]
+    if "kv" in result["build"]:
+        b = result["build"]["kv"]
+        spd = b["seconds_per_built_doc"]
+        lines.append(f"KV caches: {b['documents']} retrievable documents, {b['built']} built, "
+                     f"{b['already_stored']} already stored, {b['wall_s']:.1f} s"
+                     + (f" ({spd * 1e3:.0f} ms per built document)." if spd else "."))
+    lines.append("")
     q = [r for r in result["runs"] if r["kind"] == "questions"]
     if q:
         lines += ["| strategy | n | EM | F1 | contains | recall@k | TTFT p50 | latency p50 | p95 | decode tok/s | "
@@ -364,6 +407,14 @@ def _main(a, argv) -> int:
         runnable = [s for s in strategies if s in known]
         docs = ds.corpus + [{"id": c.doc_id, "title": "", "text": c.context} for c in ds.conflicts if c.context]
         ingest_s = ingest(url, docs) if docs else 0.0
+        builds = {}
+        if any(st.split("+")[0] == "kv" for st in runnable):
+            targets = retrievable(url, [q.question for q in ds.questions], a.top_k)
+            targets += [d for d in retrievable(url, [c.question for c in ds.conflicts], a.conflict_top_k)
+                        if d not in targets]
+            job = build(url, "kv", targets)
+            builds["kv"] = {"documents": len(targets), "built": job["built"], "already_stored": job["skipped"],
+                            "wall_s": job["wall_s"], "seconds_per_built_doc": job["seconds_per_built_doc"]}
         runs, records = [], []
         for strategy in runnable:
             for kind, items, top_k in (("questions", ds.questions, a.top_k),
@@ -374,6 +425,8 @@ def _main(a, argv) -> int:
                 for alpha in sweep:
                     extra = ({"ckplug_alpha": alpha, "ckplug_condition": a.ckplug_condition}
                              if alpha is not None else {})
+                    if strategy.split("+")[0] == "kv":
+                        extra["on_missing"] = "error"  # a missing cache is a failure, never a silent build
                     recs, wall = run_items(url, strategy, items, a.max_tokens, top_k, extra)
                     s = summarise(recs, wall, items, kind)
                     label = strategy + (f" (alpha={alpha})" if alpha is not None else "")
@@ -395,7 +448,7 @@ def _main(a, argv) -> int:
             "settings": {"top_k": a.top_k, "ckplug_condition": a.ckplug_condition, "conflict_top_k": a.conflict_top_k, "max_tokens": a.max_tokens,
                          "n_questions": len(ds.questions), "n_conflicts": len(ds.conflicts)},
             "build": {"documents": len(docs), "ingest_s": ingest_s,
-                      "ingest_s_per_doc": ingest_s / len(docs) if docs else 0.0},
+                      "ingest_s_per_doc": ingest_s / len(docs) if docs else 0.0, **builds},
             "runs": runs}
         (a.out / "results.json").write_text(json.dumps(result, indent=1, default=str))
         with open(a.out / "results.jsonl", "w", encoding="utf-8") as f:

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     _common(s)
     s.add_argument("file", type=Path, help='JSON lines: {"id": str, "title": str (optional), "text": str}')
     s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--build", default="", help="artefacts to build after ingest, comma-separated: kv")
+    s.add_argument("--build", default="", help="artefacts to build after ingest, comma-separated: kv, adapters")
     s.set_defaults(func=cmd_ingest)
 
     s = sub.add_parser("bench", help="latency/accuracy benchmark of the strategies (see knowmux bench --help)",
@@ -103,9 +103,9 @@ def cmd_ingest(args) -> int:
         print(f"knowmux ingest: {e}", file=sys.stderr)
         return 2
     builds = [b for b in args.build.split(",") if b]
-    unknown = set(builds) - {"kv"}
+    unknown = set(builds) - {"kv", "adapters"}
     if unknown:
-        print(f"knowmux ingest: unknown --build {', '.join(sorted(unknown))}; known: kv", file=sys.stderr)
+        print(f"knowmux ingest: unknown --build {', '.join(sorted(unknown))}; known: kv, adapters", file=sys.stderr)
         return 2
     kb = KnowledgeBase(settings.data_dir, Embedder())
     try:
@@ -113,16 +113,16 @@ def cmd_ingest(args) -> int:
         total = kb.count()
         print(f"{args.file}: {rep.created} created, {rep.updated} updated, {rep.unchanged} unchanged; "
               f"{total} documents in {settings.data_dir}")
-        if "kv" in builds:
-            build_kv(settings, kb, [d.id for d in docs])
+        if builds:
+            build(settings, kb, [d.id for d in docs], builds)
     finally:
         kb.close()
     return 0
 
 
-def build_kv(settings: Settings, kb, doc_ids: list[str]) -> None:
-    """Compute and store each document's KV cache; what is stored already is skipped, so
-    an interrupted build resumes where it stopped."""
+def build(settings: Settings, kb, doc_ids: list[str], kinds: list[str]) -> None:
+    """Build each document's artefacts; what is stored already is skipped, so an
+    interrupted build (crash, Ctrl-C) loses at most the document in flight."""
     import time
 
     from tqdm import tqdm
@@ -134,18 +134,19 @@ def build_kv(settings: Settings, kb, doc_ids: list[str]) -> None:
     engine = engine_class(settings.engine).from_folder(resolve_model(settings.model), threads=settings.threads)
     engine.start()
     try:
-        kv = Pipeline(engine, kb, settings, kv_root=settings.data_dir / "kv").kv
-        built = skipped = 0
-        t0 = time.perf_counter()
-        for doc_id in tqdm(dict.fromkeys(doc_ids), desc="kv", unit="doc"):
-            doc = kb.store.get(doc_id)
-            if kv.build_document(doc):
-                built += 1
-            else:
-                skipped += 1
-        dt = time.perf_counter() - t0
-        print(f"kv: {built} built, {skipped} already stored" +
-              (f"; {dt / built * 1e3:.0f} ms per built document" if built else ""))
+        pipeline = Pipeline(engine, kb, settings, data_dir=settings.data_dir)
+        for kind in kinds:
+            service = {"kv": pipeline.kv, "adapters": pipeline.prag}[kind]
+            built = skipped = 0
+            t0 = time.perf_counter()
+            for doc_id in tqdm(dict.fromkeys(doc_ids), desc=kind, unit="doc"):
+                if service.build_document(kb.store.get(doc_id)):
+                    built += 1
+                else:
+                    skipped += 1
+            dt = time.perf_counter() - t0
+            print(f"{kind}: {built} built, {skipped} already stored" +
+                  (f"; {dt / built:.2f} s per built document" if built else ""))
     finally:
         engine.shutdown()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -33,8 +33,9 @@ class Settings:
     max_documents_per_call: int = 1000
     max_body_bytes: int = 16 * 1024 * 1024
     kv_memory_bytes: int = 512 * 1024 * 1024  # memory LRU in front of the on-disk KV store
+    adapter_recipe: str = "passage-4ep"  # adapters.recipe.PRESETS
+    kv_recompute: float = 0.0  # default CacheBlend fraction of non-exact passage tokens recomputed by `kv`
     log_level: str = "info"
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: Optional[dict] = None, **overrides) -> "Settings":
@@ -42,7 +43,7 @@ class Settings:
         values = {}
         for f in dataclasses.fields(cls):
             raw = env.get(f"KNOWMUX_{f.name.upper()}")
-            if raw is not None and f.name != "extra":
+            if raw is not None:
                 values[f.name] = _coerce(f, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "data_dir" in values:
@@ -52,6 +53,8 @@ class Settings:
 
 def _coerce(f: dataclasses.Field, raw: str):
     kind = str(f.type)
+    if "float" in kind:
+        return float(raw)
     if "int" in kind:
         return int(raw)
     if "Path" in kind:

@@ -50,17 +50,24 @@ class Prepared:
 
 
 class Pipeline:
-    def __init__(self, engine, kb, settings: Settings, kv_root=None):
+    def __init__(self, engine, kb, settings: Settings, data_dir=None):
         self.engine, self.kb, self.settings = engine, kb, settings
         self.prompts = PromptBuilder(engine.tokenizer)
-        kv = None
-        if kv_root is not None and hasattr(engine, "runner"):  # KV injection needs our own forward
+        kv = prag = None
+        if data_dir is not None and hasattr(engine, "runner"):  # KV injection and row deltas need our forward
+            from adapters.bank import AdapterBank
+            from adapters.recipe import get_recipe
+
             from .kv.service import KVService
             from .kv.store import KVStore
+            from .prag import PragService
 
-            kv = KVService(engine, self.prompts, KVStore(kv_root, settings.kv_memory_bytes))
-        self.kv = kv
-        self.ctx = StrategyContext(kb=kb, prompts=self.prompts, kv=kv)
+            kv = KVService(engine, self.prompts, KVStore(data_dir / "kv", settings.kv_memory_bytes))
+            prag = PragService(engine, self.prompts, AdapterBank(data_dir / "adapters"),
+                               get_recipe(settings.adapter_recipe))
+        self.kv, self.prag = kv, prag
+        self.ctx = StrategyContext(kb=kb, prompts=self.prompts, kv=kv, kv_recompute=settings.kv_recompute,
+                                   prag=prag)
         self.max_context = min(settings.max_context or engine.max_context, engine.max_context)
 
     def default_strategy(self) -> str:

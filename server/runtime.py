@@ -49,7 +49,7 @@ class Runtime:
 
             embedder = Embedder()
         kb = KnowledgeBase(settings.data_dir, embedder)
-        return cls(settings, engine, kb, Pipeline(engine, kb, settings, kv_root=settings.data_dir / "kv"), Metrics())
+        return cls(settings, engine, kb, Pipeline(engine, kb, settings, data_dir=settings.data_dir), Metrics())
 
     def start(self) -> None:
         self.engine.observe_steps(self.metrics.on_step)

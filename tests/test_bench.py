@@ -94,7 +94,7 @@ def test_end_to_end_run_writes_all_outputs(make_server, tmp_path):
     srv = make_server()
     out = tmp_path / "out"
     rc = main(["--url", srv.url, "--corpus", str(corpus), "--questions", str(questions), "--conflicts",
-               str(conflicts), "--strategies", "direct,rag,rag+ckplug,prag", "--alphas", "0,1", "--max-tokens", "4",
+               str(conflicts), "--strategies", "direct,rag,kv,rag+ckplug,prag", "--alphas", "0,1", "--max-tokens", "4",
                "--concurrency", "2", "--out", str(out)])
     assert rc == 0
     result = json.loads((out / "results.json").read_text())
@@ -104,6 +104,8 @@ def test_end_to_end_run_writes_all_outputs(make_server, tmp_path):
     assert ("rag", "questions", 2) in labels
     rag = next(r for r in result["runs"] if r["label"] == "rag" and r["kind"] == "questions")
     assert rag["recall_at_k"] == 1.0 and rag["failures"] == 0 and rag["ttft_p50_s"] > 0
+    kv = next(r for r in result["runs"] if r["label"] == "kv" and r["kind"] == "questions")
+    assert kv["failures"] == 0 and result["build"]["kv"]["built"] >= 1
     lines = (out / "results.jsonl").read_text().splitlines()
     assert all("output" in json.loads(line) for line in lines)
     assert "| rag |" in (out / "report.md").read_text()

@@ -156,3 +156,36 @@ def test_kv_through_the_api_with_build_job_and_inspection(make_server):
     built = c.chat.completions.create(extra_headers={"X-Strategy": "kv"}, **ask_new).model_extra["knowmux"]
     assert built["kv"]["built_now"] == ["n"]
     assert httpx.get(srv.url + "/v1/jobs/nope").status_code == 404
+
+
+def test_cacheblend_full_recompute_equals_full_prefill_and_partial_moves_toward_it(tmp_path):
+    engine, kv = service(tmp_path)
+    layout = kv.prompts.with_passages(ASK, PASSAGES)
+    prefix = kv.join([kv.passage(p.doc_id, ids).entry for p, ids in zip(PASSAGES, layout.passages)])
+    ids = layout.ids[: prefix.length]
+    exact = len(layout.head) + len(layout.passages[0])
+    ref = prefill_logits(engine.runner, layout.ids)
+
+    def answer_logits(pfx):
+        cache = engine.runner.new_cache(pfx.length + len(layout.tail))
+        cache.import_prefix(pfx)
+        return engine.runner.forward(torch.tensor(layout.tail), [Segment(cache, 0, len(layout.tail), want_logits=True)])[0]
+
+    full, n_full = kv.blend(prefix, ids, exact, 1.0)
+    assert n_full == len(ids) - exact
+    torch.testing.assert_close(answer_logits(full), ref, atol=1e-3, rtol=1e-3)
+    none, n_none = kv.blend(prefix, ids, exact, 0.0)
+    part, n_part = kv.blend(prefix, ids, exact, 0.3)
+    assert n_none == 0 and 0 < n_part < n_full
+    err = lambda p: float((answer_logits(p) - ref).abs().max())  # noqa: E731
+    assert err(part) < err(none)
+    assert err(none) > 1e-3  # without recompute the joined cache really differs from a full prefill
+
+
+def test_kv_recompute_is_validated(make_server):
+    srv = make_server()
+    httpx.post(srv.url + "/v1/documents", json={"documents": [{"id": "a", "text": "Zorbl is a cat."}]})
+    for bad in (1.5, -0.1):
+        r = httpx.post(srv.url + "/v1/chat/completions", headers={"X-Strategy": "kv"},
+                       json={"model": "knowmux", "messages": ASK, "kv_recompute": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "kv_recompute"

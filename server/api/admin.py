@@ -13,7 +13,7 @@ from indexes.ingest import DocumentError, validate_document
 
 from ..errors import InvalidRequest, NotFound, PayloadTooLarge, StrategyUnavailable
 from .deps import get_runtime
-from .protocol import DocumentsRequest
+from .protocol import BuildRequest, DocumentsRequest, RetrieveRequest
 
 router = APIRouter()
 
@@ -54,23 +54,53 @@ async def add_documents(body: DocumentsRequest, rt=Depends(get_runtime)):
         except DocumentError as e:
             cls = PayloadTooLarge if e.too_large else InvalidRequest
             raise cls(str(e), param=f"documents[{i}]") from None
-    if "kv" in body.build and rt.pipeline.kv is None:
-        raise StrategyUnavailable(f"the {rt.engine.name} engine cannot build KV caches", param="build")
+    for kind in body.build:
+        _builder(rt, kind)  # refuse before writing anything
     t0 = time.perf_counter()
     results = await asyncio.to_thread(rt.kb.upsert, docs)
     out = {"object": "list", "data": [{"id": i, "status": st} for i, st in results],
            "elapsed_ms": round((time.perf_counter() - t0) * 1e3, 1)}
-    if "kv" in body.build:
-        job = rt.jobs.submit("kv", [i for i, _ in results], lambda doc_id: _build_kv(rt, doc_id))
-        out["job"] = job.view()
+    jobs = [rt.jobs.submit(kind, [i for i, _ in results], _builder(rt, kind)).view() for kind in body.build]
+    if jobs:
+        out["jobs"] = jobs
+        out["job"] = jobs[0]
     return out
 
 
-def _build_kv(rt, doc_id: str) -> bool:
-    doc = rt.kb.store.get(doc_id)
-    if doc is None:
-        raise LookupError("the document was deleted before its build")
-    return rt.pipeline.kv.build_document(doc)
+def _builder(rt, kind: str):
+    """doc_id -> built now? for a build kind; raises StrategyUnavailable if the engine cannot."""
+    service = {"kv": rt.pipeline.kv, "adapters": rt.pipeline.prag}[kind]
+    if service is None:
+        raise StrategyUnavailable(f"the {rt.engine.name} engine cannot build {kind}", param="build")
+
+    def build_one(doc_id: str) -> bool:
+        doc = rt.kb.store.get(doc_id)
+        if doc is None:
+            raise LookupError("the document was deleted before its build")
+        return service.build_document(doc)
+
+    return build_one
+
+
+@router.post("/v1/retrieve")
+async def retrieve(body: RetrieveRequest, rt=Depends(get_runtime)):
+    """What retrieval returns for a query: the documents a strategy would use."""
+    if not 1 <= body.top_k <= rt.settings.max_top_k:
+        raise InvalidRequest(f"top_k must be between 1 and {rt.settings.max_top_k}", param="top_k")
+    hits = await asyncio.to_thread(rt.kb.search, body.query, body.top_k)
+    return {"object": "list", "data": [{"id": h.doc_id, "score": round(h.score, 6)} for h in hits]}
+
+
+@router.post("/v1/builds")
+async def start_build(body: BuildRequest, rt=Depends(get_runtime)):
+    """Build artefacts (KV caches, adapters) of stored documents in a background job."""
+    build_one = _builder(rt, body.kind)
+    known = await asyncio.to_thread(rt.kb.get_many, body.doc_ids)
+    unknown = [d for d in body.doc_ids if d not in known]
+    if unknown:
+        raise NotFound(f"no document with id {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1
+                                                               else ""), param="doc_ids")
+    return rt.jobs.submit(body.kind, body.doc_ids, build_one).view()
 
 
 @router.get("/v1/jobs/{job_id}")
@@ -79,6 +109,16 @@ async def get_job(job_id: str, rt=Depends(get_runtime)):
     if job is None:
         raise NotFound(f"no job with id {job_id!r}", param="job_id")
     return job.view()
+
+
+@router.get("/v1/adapters/{doc_id:path}")
+async def get_adapter(doc_id: str, rt=Depends(get_runtime)):
+    if rt.pipeline.prag is None:
+        raise StrategyUnavailable(f"the {rt.engine.name} engine has no adapter bank")
+    doc = await asyncio.to_thread(rt.kb.store.get, doc_id)
+    if doc is None:
+        raise NotFound(f"no document with id {doc_id!r}", param="doc_id")
+    return await asyncio.to_thread(rt.pipeline.prag.describe, doc)
 
 
 @router.get("/v1/kv/{doc_id:path}")

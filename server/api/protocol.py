@@ -57,9 +57,12 @@ class ChatCompletionRequest(BaseModel):
     ckplug_trace: bool = False
     # what a strategy does with a retrieved document whose stored artefact (KV cache) is missing
     on_missing: Optional[Literal["build", "skip", "error"]] = None
+    kv_recompute: Optional[float] = None  # kv: CacheBlend fraction of passage tokens to recompute
+    adapters: Optional[list[Any]] = None  # prag: [{"doc_id", "scale"}] instead of retrieval (llama.cpp's "lora")
 
     def strategy_options(self) -> dict:
-        return {k: getattr(self, k) for k in ("ckplug_alpha", "ckplug_condition", "ckplug_trace", "on_missing")
+        return {k: getattr(self, k) for k in ("ckplug_alpha", "ckplug_condition", "ckplug_trace", "on_missing",
+                                                 "kv_recompute", "adapters")
                 if getattr(self, k) not in (None, False)}
 
 
@@ -76,4 +79,14 @@ class DocumentIn(BaseModel):
 
 class DocumentsRequest(BaseModel):
     documents: list[DocumentIn] = Field(min_length=1)
-    build: list[Literal["kv"]] = Field(default_factory=list)  # artefacts to build in a background job
+    build: list[Literal["kv", "adapters"]] = Field(default_factory=list)  # artefacts to build in a background job
+
+
+class RetrieveRequest(BaseModel):
+    query: StrictStr = Field(min_length=1)
+    top_k: int = 3
+
+
+class BuildRequest(BaseModel):
+    kind: Literal["kv", "adapters"]
+    doc_ids: list[StrictStr] = Field(min_length=1, max_length=100_000)

@@ -168,6 +168,55 @@ class LlamaRunner:
         return out
 
     @torch.inference_mode()
+    def blend(self, cache: RowCache, input_ids: torch.Tensor, exact_upto: int, fraction: float) -> torch.Tensor:
+        """CacheBlend-style selective recompute (Yao et al., 2024) of a joined cache, in place.
+
+        ``cache`` holds KV for positions 0..n-1 of ``input_ids`` [n], of which 0..exact_upto-1
+        are exact and the rest were computed passage by passage (they lack attention to
+        earlier passages). Layer-0 keys and values depend only on the token and its
+        position, so they are exact already; layer 0's attention output is recomputed
+        for every token, giving each token's true layer-1 input. The tokens from
+        ``exact_upto`` on whose layer-1 K/V deviate most from the stored ones (squared
+        L2 over heads) are selected, ``round(fraction * (n - exact_upto))`` of them, and
+        only they are carried through the remaining layers, their fresh K/V overwriting
+        the stored ones. Returns the selected positions (sorted). fraction = 1 reproduces
+        a full prefill.
+        """
+        n = input_ids.shape[0]
+        if cache.length != n:
+            raise ValueError(f"blend needs a cache filled with exactly the {n} tokens")
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        idx = torch.arange(n)
+        cos, sin = self.rope(idx + cache.pos_offset)
+        x = F.embedding(input_ids, self.embed)
+        selected = idx[:0]
+        for li, L in enumerate(self.layers):
+            h = F.rms_norm(x, (self.hidden,), L.ln1, self.eps)
+            qkv = L.qkv(h)
+            q = apply_rope(qkv[:, :H * D].view(-1, H, D), cos[idx], sin[idx])
+            k = apply_rope(qkv[:, H * D:(H + Hkv) * D].view(-1, Hkv, D), cos[idx], sin[idx])
+            v = qkv[:, (H + Hkv) * D:].view(-1, Hkv, D)
+            if li == 1:  # choose the tokens to carry on from their layer-1 deviation
+                dev = ((k.transpose(0, 1) - cache.kv[1, 0, :, :n]) ** 2).sum((0, 2)) \
+                    + ((v.transpose(0, 1) - cache.kv[1, 1, :, :n]) ** 2).sum((0, 2))
+                m = int(round(fraction * (n - exact_upto)))
+                if m <= 0:
+                    return selected
+                selected = (dev[exact_upto:].topk(m).indices + exact_upto).sort().values
+                x, q, k, v, idx = x[selected], q[selected], k[selected], v[selected], selected
+            cache.kv[li, 0, :, idx] = k.transpose(0, 1)
+            cache.kv[li, 1, :, idx] = v.transpose(0, 1)
+            mask = torch.arange(n)[None, :] <= idx[:, None]  # each query sees keys up to its position
+            o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], cache.kv[li, 0, :, :n][None],
+                                               cache.kv[li, 1, :, :n][None], attn_mask=mask,
+                                               enable_gqa=Hkv != H)[0].transpose(0, 1)
+            x = x + L.o(o.reshape(-1, H * D))
+            h = F.rms_norm(x, (self.hidden,), L.ln2, self.eps)
+            gu = L.gu(h)
+            x = x + L.down(F.silu(gu[:, :self.intermediate]) * gu[:, self.intermediate:])
+        return selected
+
+    @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
         """One step. input_ids: [T] long, the segments' tokens packed in order.
 

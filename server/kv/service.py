@@ -103,6 +103,20 @@ class KVService:
         ids = self.prompts.passage_ids(Passage(doc.id, doc.title, doc.text))
         return self.passage(doc.id, ids).source == "built"
 
+    def blend(self, prefix: KVPrefix, ids: list[int], exact_upto: int, fraction: float) -> tuple[KVPrefix, int]:
+        """The joined prefix with ``fraction`` of its non-exact tokens recomputed
+        (CacheBlend); returns the new prefix and how many tokens were recomputed."""
+        if fraction <= 0 or exact_upto >= len(ids):
+            return prefix, 0
+
+        def run():
+            cache = self.runner.new_cache(prefix.length)
+            cache.import_prefix(prefix)
+            chosen = self.runner.blend(cache, torch.tensor(ids, dtype=torch.long), exact_upto, fraction)
+            return KVPrefix(cache.kv, 0), len(chosen)
+
+        return self._on_engine(run)
+
     def describe(self, doc_id: str, passage_ids: list[int]) -> dict:
         key = self.key(passage_ids)
         entry, where = self.store.get(key)

@@ -12,6 +12,8 @@ STRATEGIES = {
     "rag": "server.strategies.rag:Rag",
     "rag+ckplug": "server.strategies.ckplug:RagCKPlug",
     "kv": "server.strategies.kv:KV",
+    "prag": "server.strategies.prag:Prag",
+    "prag+rag": "server.strategies.prag:PragRag",
 }
 # what "+ckplug" can modify: strategies that put retrieved context in the prompt
 _CKPLUG_BASES = ("rag", "kv")

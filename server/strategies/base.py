@@ -49,6 +49,8 @@ class StrategyContext:
     kb: Any
     prompts: Any  # server.prompt.PromptBuilder
     kv: Any = None  # server.kv.service.KVService, when the engine supports KV injection
+    kv_recompute: float = 0.0  # default CacheBlend recompute fraction for `kv`
+    prag: Any = None  # server.prag.PragService, when the engine supports per-row adapters
 
 
 class Strategy:

@@ -8,6 +8,11 @@ R(d) is RoPE's rotation by d positions. Only the question (the layout's tail) is
 prefilled. A passage with no stored cache is computed now and stored (reported in
 ``knowmux.kv.built_now``); with ``"on_missing": "skip"`` it is left out, with
 ``"on_missing": "error"`` the request is refused (409).
+
+What the joined cache lacks is attention between passages (the head and the first
+passage are exact). ``kv_recompute`` (a fraction, default the server's setting)
+recovers it CacheBlend's way: the tokens whose layer-1 KV deviates most from a true
+prefill are recomputed through all layers (server.engine.model.LlamaRunner.blend).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import time
 
 from ..engine.types import RowSpec
-from ..errors import StrategyUnavailable
+from ..errors import InvalidRequest, StrategyUnavailable
 from .base import Plan, Query, Strategy, StrategyContext
 from .rag import retrieve
 
@@ -27,6 +32,10 @@ class KV(Strategy):
     def plan(self, query: Query, ctx: StrategyContext) -> Plan:
         if ctx.kv is None:
             raise StrategyUnavailable("the kv strategy needs the torch engine's KV store")
+        fraction = query.options.get("kv_recompute")
+        fraction = ctx.kv_recompute if fraction is None else fraction
+        if not 0.0 <= fraction <= 1.0:  # also false for NaN
+            raise InvalidRequest("kv_recompute must be a fraction between 0 and 1", param="kv_recompute")
         retrieved, passages, ms = retrieve(query, ctx)
         layout = ctx.prompts.with_passages(query.messages, passages)
         t0 = time.perf_counter()
@@ -36,12 +45,18 @@ class KV(Strategy):
         if missing and on_missing == "error":
             raise StrategyUnavailable(f"no stored KV cache for {', '.join(missing)} (on_missing: error); "
                                       f"build them with knowmux ingest --build kv", param="on_missing")
-        kept = [(p, f) for p, f in zip(passages, found) if f is not None]
+        kept = [(p, ids, f) for p, ids, f in zip(passages, layout.passages, found) if f is not None]
         retrieved = [r for r in retrieved if r.doc_id not in missing]
-        prefix = ctx.kv.join([f.entry for _, f in kept])
+        prefix = ctx.kv.join([f.entry for _, _, f in kept])
         load_ms = (time.perf_counter() - t0) * 1e3
+        t1 = time.perf_counter()
+        ids = layout.head + [t for _, pids, _ in kept for t in pids]
+        exact = len(layout.head) + (len(kept[0][1]) if kept else 0)  # the head and the first passage
+        prefix, recomputed = ctx.kv.blend(prefix, ids, exact, fraction)
+        blend_ms = (time.perf_counter() - t1) * 1e3
         info = {"kv": {"injected_tokens": prefix.length, "prefilled_tokens": len(layout.tail),
-                       "sources": {p.doc_id: f.source for p, f in kept},
-                       "built_now": [p.doc_id for p, f in kept if f.source == "built"], "missing": missing}}
+                       "recompute_fraction": fraction, "recomputed_tokens": recomputed,
+                       "sources": {p.doc_id: f.source for p, _, f in kept},
+                       "built_now": [p.doc_id for p, _, f in kept if f.source == "built"], "missing": missing}}
         return Plan(self.name, [RowSpec(layout.tail, prefix=prefix)], retrieved,
-                    timings_ms={"retrieve": ms, "kv_load": load_ms}, info=info)
+                    timings_ms={"retrieve": ms, "kv_load": load_ms, "kv_blend": blend_ms}, info=info)

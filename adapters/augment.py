@@ -1,0 +1,89 @@
+"""Per-document augmentation, written by the served model (Parametric RAG's prompts).
+
+The model writes one rewrite of the passage and three question-answer pairs. A small
+model's QA output often fails to parse; missing pairs are filled with deterministic
+cloze pairs cut from the passage's own sentences, and the record says how many pairs
+came from the model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+Generate = Callable[[str, int], str]  # (user prompt, max new tokens) -> the model's answer
+
+REWRITE_PROMPT = (
+    "Rewrite the following passage. While keeping the entities, proper nouns, and key details such as names, "
+    "locations, and terminology intact, create a new version of the text that expresses the same ideas in a "
+    "different way. Make sure the revised passage is distinct from the original one, but preserves the core "
+    "meaning and relevant information.\n{passage}"
+)
+QA_PROMPT = (
+    "I will provide a passage of text, and you need to generate three different questions based on the content "
+    "of this passage. Each question should be answerable using the information provided in the passage. "
+    "Additionally, please provide an appropriate answer for each question derived from the passage.\n"
+    "You need to generate the question and answer in the following format:\n"
+    '[\n    {{"question": "What is the capital of France?", "answer": "Paris"}},\n'
+    '    {{"question": "...", "answer": "..."}}\n]\n\n'
+    "This list should have at least three elements. You only need to output this list in the above format.\n"
+    "Passage:\n{passage}"
+)
+_PAIR = re.compile(r'"question"\s*:\s*"((?:[^"\\]|\\.)+)"\s*,\s*"answer"\s*:\s*"((?:[^"\\]|\\.)+)"', re.S)
+
+
+@dataclass
+class Augmentation:
+    passage: str
+    rewrite: str
+    qa: list[dict] = field(default_factory=list)  # [{"question", "answer", "source": "model" | "cloze"}]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def parse_qa(text: str) -> list[dict]:
+    """QA pairs from the model's output: a JSON list if it parses, else every
+    "question": ..., "answer": ... pair the text contains."""
+    try:
+        start, end = text.index("["), text.rindex("]") + 1
+        items = json.loads(text[start:end])
+        pairs = [{"question": str(i["question"]).strip(), "answer": str(i["answer"]).strip()}
+                 for i in items if isinstance(i, dict) and i.get("question") and i.get("answer")]
+        if pairs:
+            return pairs
+    except (ValueError, KeyError, TypeError):
+        pass
+    return [{"question": q.strip(), "answer": a.strip()} for q, a in _PAIR.findall(text)]
+
+
+def cloze_pairs(passage: str, n: int) -> list[dict]:
+    """Deterministic pairs: a sentence's first part asks for the rest. Sentences are cut
+    at the middle first, then at a third and two thirds: up to n distinct pairs."""
+    sentences = [s.split() for s in re.split(r"(?<=[.!?])\s+", passage.strip()) if len(s.split()) >= 4]
+    out: list[dict] = []
+    for frac in (1 / 2, 1 / 3, 2 / 3):
+        for words in sentences:
+            if len(out) == n:
+                return out
+            cut = min(max(2, round(len(words) * frac)), len(words) - 1)
+            pair = {"question": f"Complete the sentence: {' '.join(words[:cut])} ...",
+                    "answer": " ".join(words[cut:]), "source": "cloze"}
+            if pair not in out:
+                out.append(pair)
+    return out
+
+
+def augment(passage: str, generate: Generate, max_new_tokens: int = 256) -> Augmentation:
+    rewrite = generate(REWRITE_PROMPT.format(passage=passage), max_new_tokens).strip() or passage
+    qa = [{**p, "source": "model"} for p in parse_qa(generate(QA_PROMPT.format(passage=passage), max_new_tokens))][:3]
+    if len(qa) < 3:
+        qa += cloze_pairs(passage, 3 - len(qa))
+    return Augmentation(passage, rewrite, qa)
+
+
+def deterministic(passage: str) -> Augmentation:
+    """No model writing: the passage as its own rewrite, cloze pairs only."""
+    return Augmentation(passage, passage, cloze_pairs(passage, 3))

@@ -1,0 +1,51 @@
+"""How a document becomes an adapter: every hyperparameter is a setting, with presets.
+
+``paper``: Parametric RAG's recipe as its code has it: 1 rewrite + 3 QA pairs written by
+the served model; 5 training sequences (QA1 and QA2 each with the passage and with the
+rewrite in the prompt, QA3 without a passage); LoRA on gate/up/down, rank 2, alpha 32,
+dropout 0; AdamW lr 3e-4, batch 1, 1 epoch.
+``knowmux``: the default, chosen by measurement on the served model (bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
+
+TARGET_MODULES = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    rank: int = 2
+    alpha: float = 32.0
+    lr: float = 3e-4
+    epochs: int = 1
+    model_augmentation: bool = True  # the served model writes 1 rewrite + 3 QA pairs
+    passage_sequence: bool = False  # also train on the passage itself (plain LM loss)
+    qa_sequences: bool = True  # the paper's 5 QA sequences
+    max_new_tokens: int = 256  # for the model-written augmentation
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+PRESETS = {
+    "paper": Recipe("paper"),
+    # the reference run in the issue: passage as a 6th sequence, lr 1e-3, 4 epochs injected 6 of 8 facts
+    "passage-4ep": Recipe("passage-4ep", lr=1e-3, epochs=4, passage_sequence=True),
+    # no model writing (the slow part of a build): cloze pairs from the passage + the passage itself
+    "cloze-4ep": Recipe("cloze-4ep", lr=1e-3, epochs=4, passage_sequence=True, model_augmentation=False),
+    # the passage alone, as plain language modelling
+    "passage-only-4ep": Recipe("passage-only-4ep", lr=1e-3, epochs=4, passage_sequence=True, qa_sequences=False,
+                               model_augmentation=False),
+}
+DEFAULT_PRESET = "passage-4ep"
+
+
+def get_recipe(name: str, **overrides) -> Recipe:
+    if name not in PRESETS:
+        raise ValueError(f"unknown adapter recipe {name!r}; known: {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides) if overrides else PRESETS[name]

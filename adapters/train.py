@@ -1,0 +1,133 @@
+"""Training one document's LoRA with peft, from a shared initialisation.
+
+Every document's adapter starts from the same random init per (model, rank, alpha)
+(Parametric RAG), so adapters of different documents live in comparable bases. The
+trainer wraps its own copy of the model once and resets the LoRA weights to that init
+for each document. ``run(fn)`` executes one optimiser step; the server passes its
+engine thread's executor so that training yields to serving between steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .augment import Augmentation
+from .recipe import TARGET_MODULES, Recipe
+
+
+@dataclass(frozen=True)
+class Sequence:
+    prompt: str  # the user turn ("" = plain language modelling of ``target``)
+    target: str  # the tokens the loss is on
+
+
+def training_sequences(aug: Augmentation, recipe: Recipe) -> list[Sequence]:
+    """The paper's 5 sequences (QA1, QA2 with the passage and with the rewrite; QA3
+    without a passage), plus the passage itself when the recipe says so."""
+    seqs: list[Sequence] = []
+    if recipe.qa_sequences:
+        for pair in aug.qa[:2]:
+            for context in (aug.passage, aug.rewrite):
+                seqs.append(Sequence(f"{context}\n\nQuestion: {pair['question']}", pair["answer"]))
+        for pair in aug.qa[2:3]:
+            seqs.append(Sequence(f"Question: {pair['question']}", pair["answer"]))
+    if recipe.passage_sequence:
+        seqs.append(Sequence("", aug.passage))
+    return seqs
+
+
+def encode(tokenizer, seq: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+    """input ids [n] and labels [n] (-100 on the prompt: the loss is on the target only)."""
+    if seq.prompt:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": seq.prompt}], add_generation_prompt=True,
+                                               tokenize=False)
+        p_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        t_ids = tokenizer.encode(seq.target, add_special_tokens=False)
+        if tokenizer.eos_token_id is not None:
+            t_ids = t_ids + [tokenizer.eos_token_id]
+    else:
+        p_ids, t_ids = [], tokenizer.encode(seq.target, add_special_tokens=False)
+    ids = torch.tensor(p_ids + t_ids)
+    labels = torch.tensor([-100] * len(p_ids) + t_ids)
+    return ids, labels
+
+
+def init_seed(model_fingerprint: str, recipe: Recipe) -> int:
+    return int(hashlib.sha256(f"{model_fingerprint}:{recipe.rank}:{recipe.alpha}".encode()).hexdigest()[:8], 16)
+
+
+class LoraTrainer:
+    def __init__(self, model: torch.nn.Module, tokenizer, recipe: Recipe, model_fingerprint: str,
+                 run: Optional[Callable[[Callable], object]] = None):
+        from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+        missing = [t for t in TARGET_MODULES if not any(n.endswith(t) for n, _ in model.named_modules())]
+        if missing:
+            arch = ", ".join(getattr(model.config, "architectures", None) or [type(model).__name__])
+            raise ValueError(f"{arch} has no {', '.join(missing)} projections: parametric adapters need a "
+                             f"gate/up/down feed-forward")
+        self.tokenizer, self.recipe = tokenizer, recipe
+        self.run = run or (lambda fn: fn())
+        torch.manual_seed(init_seed(model_fingerprint, recipe))
+        config = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=0.0,
+                            target_modules=list(TARGET_MODULES), task_type="CAUSAL_LM")
+        self.model = get_peft_model(model, config)
+        self._init = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+
+    def reset(self) -> None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.model, self._init)
+
+    def train(self, sequences: list[Sequence]) -> dict:
+        """Reset to the shared init and train on the sequences; returns stats."""
+        self.reset()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.recipe.lr, weight_decay=0.0)
+        data = [encode(self.tokenizer, s) for s in sequences]
+        losses: list[float] = []
+        t0 = time.perf_counter()
+
+        def step(ids, labels):
+            self.model.train()
+            out = self.model(input_ids=ids[None], labels=labels[None])
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(out.loss)
+
+        for _ in range(self.recipe.epochs):
+            for ids, labels in data:
+                losses.append(self.run(lambda ids=ids, labels=labels: step(ids, labels)))
+        self.model.eval()
+        return {"steps": len(losses), "first_loss": losses[0] if losses else None,
+                "last_epoch_loss": sum(losses[-len(data):]) / len(data) if data else None,
+                "train_s": time.perf_counter() - t0, "tokens": sum(len(i) for i, _ in data)}
+
+    def save(self, folder) -> None:
+        self.model.save_pretrained(str(folder))
+
+    @torch.inference_mode()
+    def answer_logprob(self, question: str, answer: str, with_adapter: bool = True) -> float:
+        """Mean log-probability per token of ``answer`` after ``question`` (for measurement)."""
+        ids, labels = encode(self.tokenizer, Sequence(question, answer))
+        ctx = self.model.disable_adapter() if not with_adapter else _null()
+        with ctx:
+            logits = self.model(input_ids=ids[None]).logits[0, :-1]
+        lp = torch.log_softmax(logits.float(), -1)
+        tgt = labels[1:]
+        mask = tgt != -100
+        return float(lp[mask].gather(1, tgt[mask][:, None]).mean())
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

@@ -1,0 +1,114 @@
+"""Parametric RAG on the torch engine: building adapters and serving them as row deltas.
+
+Building (a job, or ``knowmux ingest --build adapters``): the served model writes the
+augmentation through the engine (batched with live traffic), then a LoRA is trained on
+a private copy of the model, each optimiser step run on the engine thread between
+serving steps, and saved in peft's format (adapters.bank). Serving: the retrieved
+documents' adapters are loaded (memory LRU in front of the bank), turned into
+(A, (alpha/r) B) pairs and combined by concatenation, the exact sum of their deltas;
+the engine applies them to the request's row only, so the base weights never change.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+import threading
+import time
+from typing import Optional
+
+from adapters.augment import augment, deterministic
+from adapters.bank import AdapterBank, AdapterError, adapter_key
+from adapters.recipe import Recipe
+from adapters.train import LoraTrainer, training_sequences
+
+from .engine.aio import generate_blocking
+from .engine.lora import AdapterSet
+from .engine.types import GenRequest, RowSpec, SamplingParams
+from .kv.service import model_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+class PragService:
+    def __init__(self, engine, prompts, bank: AdapterBank, recipe: Recipe, cache_size: int = 256):
+        self.engine, self.prompts, self.bank, self.recipe = engine, prompts, bank, recipe
+        self.runner = engine.runner
+        self.fingerprint = model_fingerprint(self.runner, engine.model_id)
+        r = self.runner
+        self.shapes = {"gate_proj": (r.intermediate, r.hidden), "up_proj": (r.intermediate, r.hidden),
+                       "down_proj": (r.hidden, r.intermediate)}
+        self._trainer: Optional[LoraTrainer] = None
+        self._train_lock = threading.Lock()
+        self._cache: collections.OrderedDict[str, AdapterSet] = collections.OrderedDict()
+        self._cache_size = cache_size
+
+    def key(self, doc) -> str:
+        return adapter_key(self.fingerprint, self.recipe.fingerprint(), doc.content_hash)
+
+    # ---- building ---------------------------------------------------------------------
+    def generate(self, prompt: str, max_tokens: int) -> str:
+        ids = self.prompts.plain([{"role": "user", "content": prompt}])
+        req = GenRequest(f"augment-{time.monotonic_ns()}", [RowSpec(ids)], SamplingParams(max_tokens=max_tokens))
+        return generate_blocking(self.engine, req, timeout=600)[0]
+
+    def trainer(self) -> LoraTrainer:
+        if self._trainer is None:
+            model = copy.deepcopy(self.engine.hf_model)
+            for p in model.parameters():  # the served copy holds views of the engine's fused weights
+                p.data = p.data.contiguous()
+            run = (lambda fn: self.engine.worker.call(fn).result()) if self.engine.worker._thread else None
+            self._trainer = LoraTrainer(model, self.engine.tokenizer, self.recipe, self.fingerprint, run)
+        return self._trainer
+
+    def build_document(self, doc) -> bool:
+        """Augment, train and store one document's adapter unless stored; True if built now."""
+        key = self.key(doc)
+        if self.bank.has(key):
+            return False
+        t0 = time.perf_counter()
+        passage = f"{doc.title}\n{doc.text}" if doc.title else doc.text
+        aug = augment(passage, self.generate, self.recipe.max_new_tokens) if self.recipe.model_augmentation \
+            else deterministic(passage)
+        t_aug = time.perf_counter() - t0
+        with self._train_lock:  # one trainer, one document at a time
+            trainer = self.trainer()
+            stats = trainer.train(training_sequences(aug, self.recipe))
+            self.bank.save(key, trainer.save, aug.to_json(), {
+                "doc_id": doc.id, "model": self.fingerprint, "model_id": self.engine.model_id,
+                "recipe": self.recipe.__dict__, "content_hash": doc.content_hash, "augment_s": round(t_aug, 3),
+                **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()},
+                "built_at": time.time()})
+        return True
+
+    # ---- serving ------------------------------------------------------------------------
+    def adapter_set(self, doc) -> Optional[AdapterSet]:
+        """The document's adapter as engine deltas; None when not built. Raises AdapterError
+        when the stored adapter is unusable (another base model, corrupt, wrong shapes)."""
+        key = self.key(doc)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        if not self.bank.has(key):
+            return None
+        w = self.bank.load(key, doc.id, self.fingerprint, self.shapes)
+        aset = AdapterSet({k: (a, b * w.scale) for k, (a, b) in w.deltas.items()}, name=doc.id)
+        self._cache[key] = aset
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return aset
+
+    def describe(self, doc) -> dict:
+        key = self.key(doc)
+        out = {"doc_id": doc.id, "key": key, "stored": self.bank.has(key), "recipe": self.recipe.name}
+        if out["stored"]:
+            folder = self.bank.folder(key)
+            out["meta"] = self.bank.meta(key)
+            out["augmentation"] = __import__("json").loads((folder / "augmentation.json").read_text())
+            out["files"] = sorted(p.name for p in folder.iterdir())
+        return out
+
+
+__all__ = ["PragService", "AdapterError"]

@@ -1,0 +1,215 @@
+"""Parametric RAG on a tiny random model: combination, batching, training, the bank, the API."""
+
+import copy
+import json
+
+import httpx
+import pytest
+import torch
+
+from adapters.augment import cloze_pairs, parse_qa
+from adapters.bank import AdapterBank, AdapterError, adapter_key
+from adapters.recipe import get_recipe
+from adapters.train import LoraTrainer, Sequence, training_sequences
+from server.engine.lora import AdapterSet
+from server.engine.model import LlamaRunner, Segment
+from server.engine.types import GenRequest, RowSpec, SamplingParams
+from tests.tiny import tiny_engine, tiny_model, tiny_tokenizer
+
+SHAPES = {"gate_proj": (128, 64), "up_proj": (128, 64), "down_proj": (64, 128)}
+
+
+def random_peft_adapters(model, names, seed=0):
+    """A peft model with adapters ``names``, B initialised non-zero so each has a delta."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=2, lora_alpha=32, lora_dropout=0.0, target_modules=["gate_proj", "up_proj", "down_proj"])
+    pm = get_peft_model(model, cfg, adapter_name=names[0])
+    for n in names[1:]:
+        pm.add_adapter(n, cfg)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return pm
+
+
+def as_adapter_set(bank, key, name):
+    w = bank.load(key, name, "fp", SHAPES)
+    return AdapterSet({k: (a, b * w.scale) for k, (a, b) in w.deltas.items()}, name=name)
+
+
+def peft_writer(pm, name):
+    """Save one adapter of a peft model in the bank's layout (peft puts non-default ones in a subfolder)."""
+
+    def write(folder):
+        pm.save_pretrained(str(folder), selected_adapters=[name])
+        sub = folder / name
+        if sub.is_dir():
+            for f in sub.iterdir():
+                f.rename(folder / f.name)
+            sub.rmdir()
+
+    return write
+
+
+def test_combination_equals_peft_cat_of_the_same_adapters(tmp_path):
+    pm = random_peft_adapters(tiny_model(), ["doc1", "doc2"])
+    bank = AdapterBank(tmp_path)
+    for n in ("doc1", "doc2"):
+        bank.save(n, peft_writer(pm, n), {}, {"model": "fp"})
+    combo = AdapterSet.combine([as_adapter_set(bank, "doc1", "doc1"), as_adapter_set(bank, "doc2", "doc2")], [1.0, 0.5])
+    pm.add_weighted_adapter(["doc1", "doc2"], [1.0, 0.5], "combo", combination_type="cat")
+    pm.set_adapter("combo")
+    ids = torch.tensor(list(range(30, 60)))
+    with torch.no_grad():
+        ref = pm(input_ids=ids[None]).logits[0, -1]
+    runner = LlamaRunner(tiny_model())  # the same base weights (same seed)
+    cache = runner.new_cache(40)
+    got = runner.forward(ids, [Segment(cache, 0, len(ids), combo, True)])[0]
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    base = LlamaRunner(tiny_model()).forward(ids, [Segment(LlamaRunner(tiny_model()).new_cache(40), 0, len(ids),
+                                                           None, True)])[0]
+    assert float((got - base).abs().max()) > 1e-2  # the adapters really change the output
+
+
+def test_rows_with_different_adapter_sets_share_a_batch():
+    pm = random_peft_adapters(tiny_model(), ["default"], seed=3)
+    sd = {k: v for k, v in pm.state_dict().items() if "lora_" in k}
+    deltas = {}
+    for k, v in sd.items():
+        layer = int(k.split("layers.")[1].split(".")[0])
+        proj = k.split(".mlp.")[1].split(".")[0]
+        deltas.setdefault((layer, proj), {})["A" if "lora_A" in k else "B"] = v
+    one = AdapterSet({k: (d["A"], d["B"] * 16) for k, d in deltas.items()}, "one")
+    two = AdapterSet({k: (d["A"] * -1, d["B"] * 8) for k, d in deltas.items()}, "two")
+
+    def run(specs):
+        eng = tiny_engine()
+        out = {}
+        for name, aset in specs:
+            out[name] = []
+            eng.worker.submit(GenRequest(name, [RowSpec(list(range(40, 60)), adapters=aset)],
+                                         SamplingParams(max_tokens=8, ignore_eos=True)),
+                              lambda ev, name=name: out[name].extend(ev.token_ids))
+        while eng.worker.step():
+            pass
+        return out
+
+    alone = {**run([("one", one)]), **run([("two", two)]), **run([("none", None)])}
+    assert run([("one", one), ("two", two), ("none", None)]) == alone
+    assert alone["one"] != alone["none"] or alone["two"] != alone["none"]
+
+
+def test_training_on_an_invented_fact_lowers_its_loss():
+    tok = tiny_tokenizer()
+    recipe = get_recipe("passage-4ep", epochs=6, lr=3e-3)
+    trainer = LoraTrainer(tiny_model(), tok, recipe, "fp")
+    q, a = "Who is Zorbl?", "a purple cat"
+    before = trainer.answer_logprob(q, a)
+    stats = trainer.train([Sequence(q, a), Sequence("", "Zorbl is a purple cat.")])
+    after = trainer.answer_logprob(q, a)
+    assert stats["steps"] == 12 and after > before + 0.5
+    assert trainer.answer_logprob(q, a, with_adapter=False) == pytest.approx(before, abs=1e-4)
+    # every document starts from the same init: a reset gives the untrained answer back
+    trainer.reset()
+    assert trainer.answer_logprob(q, a) == pytest.approx(before, abs=1e-4)
+
+
+def test_recipe_sequences_and_augmentation_parsing():
+    from adapters.augment import Augmentation
+
+    aug = Augmentation("P.", "R.", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(3)])
+    seqs = training_sequences(aug, get_recipe("paper"))
+    assert [s.prompt.split("\n\n")[0] for s in seqs[:4]] == ["P.", "R.", "P.", "R."] and len(seqs) == 5
+    assert seqs[4].prompt == "Question: q2"
+    assert len(training_sequences(aug, get_recipe("passage-4ep"))) == 6
+    assert parse_qa('junk [{"question": "Q1?", "answer": "A1"}] tail') == [{"question": "Q1?", "answer": "A1"}]
+    assert parse_qa('{"question": "Q?", "answer": "A",') == [{"question": "Q?", "answer": "A"}]
+    assert parse_qa("no pairs here") == []
+    pairs = cloze_pairs("Zorbl is a purple cat. It lives on the moon base Tycho.", 3)
+    assert len(pairs) == 3 and pairs[0]["answer"] == "a purple cat." and pairs[2]["question"].startswith("Complete")
+    assert len(cloze_pairs("A single sentence about the moon base Tycho.", 3)) == 3
+    assert len(cloze_pairs("Four words only here.", 3)) == 2  # only two distinct cut points
+
+
+def test_bank_detects_missing_truncated_and_foreign_adapters(tmp_path):
+    pm = random_peft_adapters(tiny_model(), ["default"])
+    bank = AdapterBank(tmp_path)
+    key = adapter_key("fp", "recipe", "hash")
+    bank.save(key, lambda folder: pm.save_pretrained(str(folder)), {"qa": []}, {"model": "fp"})
+    assert set(p.name for p in bank.folder(key).iterdir()) >= {"adapter_config.json", "adapter_model.safetensors",
+                                                                "augmentation.json", "knowmux.json"}
+    assert bank.load(key, "doc", "fp", SHAPES).rank == 2
+    with pytest.raises(AdapterError, match="another base model"):
+        bank.load(key, "doc", "other-fp", SHAPES)
+    with pytest.raises(AdapterError, match="wrong shapes"):
+        bank.load(key, "doc", "fp", {**SHAPES, "up_proj": (99, 64)})
+    w = bank.folder(key) / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    with pytest.raises(AdapterError, match="'doc' is corrupt"):
+        bank.load(key, "doc", "fp", SHAPES)
+    (bank.folder(key) / "adapter_config.json").unlink()
+    with pytest.raises(AdapterError, match="missing or unreadable"):
+        bank.load(key, "doc", "fp", SHAPES)
+    assert not list(tmp_path.glob(".*"))  # no temporary folders left behind
+
+
+def test_models_without_gate_up_down_are_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel has no gate_proj"):
+        LoraTrainer(model, tiny_tokenizer(), get_recipe("paper"), "fp")
+
+
+DOCS = [{"id": "zorbl", "title": "Zorbl", "text": "Zorbl is a purple cat who lives on the moon base Tycho."},
+        {"id": "paris", "title": "Paris", "text": "Paris is the capital and largest city of France."}]
+ASK = [{"role": "user", "content": "Where does Zorbl live?"}]
+
+
+def test_prag_through_the_api(make_server):
+    import time
+
+    from server.config import Settings  # noqa: F401  (settings come through make_server)
+
+    srv = make_server(adapter_recipe="paper")
+    r = httpx.post(srv.url + "/v1/documents", json={"documents": DOCS[:1], "build": ["adapters"]}).json()
+    job = r["job"]
+    deadline = time.time() + 120
+    while job["status"] in ("queued", "running") and time.time() < deadline:
+        time.sleep(0.2)
+        job = httpx.get(srv.url + f"/v1/jobs/{job['id']}").json()
+    assert job["status"] == "done" and job["built"] == 1, job
+    info = httpx.get(srv.url + "/v1/adapters/zorbl").json()
+    assert info["stored"] and "adapter_config.json" in info["files"] and len(info["augmentation"]["qa"]) == 3
+    httpx.post(srv.url + "/v1/documents", json={"documents": DOCS[1:]})  # no adapter for this one
+    c = srv.client()
+    kw = dict(model="knowmux", messages=ASK, max_tokens=6, temperature=0, extra_body={"top_k": 2, "ignore_eos": True})
+    prag = c.chat.completions.create(extra_headers={"X-Strategy": "prag"}, **kw)
+    kx = prag.model_extra["knowmux"]
+    assert kx["strategy"] == "prag" and kx["missing_adapters"] == ["paris"] and kx["adapters_applied"] == 1
+    direct = c.chat.completions.create(extra_headers={"X-Strategy": "direct"}, **kw)
+    assert prag.usage.prompt_tokens == direct.usage.prompt_tokens  # prag sends the question alone
+    both = c.chat.completions.create(extra_headers={"X-Strategy": "prag+rag"}, **kw)
+    assert both.usage.prompt_tokens > direct.usage.prompt_tokens
+    e = httpx.post(srv.url + "/v1/chat/completions", headers={"X-Strategy": "prag"},
+                   json={"model": "knowmux", "messages": ASK, "top_k": 2, "on_missing": "error"})
+    assert e.status_code == 409 and "paris" in e.json()["error"]["message"]
+    named = c.chat.completions.create(extra_headers={"X-Strategy": "prag"},
+                                      **{**kw, "extra_body": {"adapters": [{"doc_id": "zorbl", "scale": 0.5}],
+                                                              "ignore_eos": True}})
+    assert named.model_extra["knowmux"]["retrieved"][0]["id"] == "zorbl"
+    for bad, param in [([{"doc_id": 3}], "adapters[0]"), ([{"doc_id": "zorbl", "scale": "x"}], "adapters[0].scale")]:
+        e = httpx.post(srv.url + "/v1/chat/completions", headers={"X-Strategy": "prag"},
+                       json={"model": "knowmux", "messages": ASK, "adapters": bad})
+        assert e.status_code == 400 and e.json()["error"]["param"] == param
+    # a corrupted adapter is reported by document, never used
+    folder = srv.runtime.pipeline.prag.bank.folder(info["key"])
+    w = folder / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:-16] + b"\x00" * 16)
+    srv.runtime.pipeline.prag._cache.clear()
+    e = httpx.post(srv.url + "/v1/chat/completions", headers={"X-Strategy": "prag"},
+                   json={"model": "knowmux", "messages": ASK, "top_k": 2})
+    assert e.status_code == 409 and "'zorbl' is corrupt" in e.json()["error"]["message"]
