@@ -23,6 +23,7 @@ class Settings:
     max_tokens_in_flight: int = 65536  # KV slots (prompt + max_tokens per row); 46 KB each on SmolLM2 fp32
     max_queue: int = 64
     step_token_budget: int = 512
+    prefix_cache_tokens: int = 16384  # automatic prefix cache of shared prompt blocks (0 = off)
     # request limits
     default_max_tokens: int = 256
     max_tokens_limit: int = 4096

@@ -237,3 +237,11 @@ def test_a_dead_engine_thread_turns_into_503_with_retry_after(make_server):
     assert "simulated engine crash" in error_of(r)["message"]
     h = httpx.get(srv.url + "/health")
     assert h.status_code == 503 and h.json()["status"] == "unhealthy"
+
+
+def test_usage_reports_prompt_tokens_served_by_the_prefix_cache(server):
+    c = server.client()
+    kw = dict(model="knowmux", messages=ASK, max_tokens=3, extra_body={"strategy": "direct"})
+    c.chat.completions.create(**kw)
+    again = c.chat.completions.create(**kw)
+    assert again.usage.prompt_tokens_details.cached_tokens >= 16

@@ -324,3 +324,41 @@ def test_detokenizer_holds_back_partial_stop_strings_and_utf8():
     d = IncrementalDetokenizer(tok)
     pieces = [d.add(i) for i in tok.encode("né", add_special_tokens=False)]
     assert "\ufffd" not in "".join(pieces) and "".join(pieces) + d.flush() == "né"
+
+
+def test_prefix_cache_serves_shared_prompt_blocks_with_the_same_tokens():
+    shared = list(range(60, 100))  # 40 tokens: two full 16-token blocks are shareable
+    eng = tiny_engine()
+    first, second, with_adapter = Collector(), Collector(), Collector()
+    eng.worker.submit(GenRequest("a", [RowSpec(shared + [5, 6])], greedy(8)), first)
+    while eng.worker.step():
+        pass
+    assert first.events[-1].cached_tokens == 0
+    eng.worker.submit(GenRequest("b", [RowSpec(shared + [5, 6])], greedy(8)), second)
+    while eng.worker.step():
+        pass
+    assert second.events[-1].cached_tokens == 32 and second.tokens == first.tokens
+    # rows with low-rank deltas have other KV for the same tokens: they never use the cache
+    aset = AdapterSet({(0, "up_proj"): (torch.zeros(1, 64), torch.zeros(128, 1))})
+    eng.worker.submit(GenRequest("c", [RowSpec(shared + [5, 6], adapters=aset)], greedy(8)), with_adapter)
+    while eng.worker.step():
+        pass
+    assert with_adapter.events[-1].cached_tokens == 0 and with_adapter.tokens == first.tokens
+
+
+def test_prefix_cache_leaves_a_token_to_prefill_and_is_bounded():
+    from server.engine.prefix_cache import PrefixCache
+
+    runner = LlamaRunner(tiny_model())
+    ids = list(range(10, 42))  # exactly two blocks
+    cache = runner.new_cache(40)
+    runner.forward(torch.tensor(ids), [Segment(cache, 0, len(ids))])
+    pc = PrefixCache(block=16, max_tokens=16)
+    pc.insert(ids, cache)
+    assert len(pc._blocks) == 1  # bounded to one block: the first was evicted
+    pc = PrefixCache(block=16, max_tokens=64)
+    pc.insert(ids, cache)
+    hit = pc.lookup(ids)
+    assert hit.length == 16  # 32 tokens = 2 blocks, but one token must stay to produce logits
+    assert pc.lookup(ids + [1]).length == 32 and pc.lookup([9] + ids) is None
+    torch.testing.assert_close(hit.kv, cache.kv[:, :, :, :16])

@@ -105,7 +105,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt=Dep
 
 def _usage(ev) -> dict:
     return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
-            "total_tokens": ev.prompt_tokens + ev.completion_tokens}
+            "total_tokens": ev.prompt_tokens + ev.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": ev.cached_tokens}}
 
 
 def _record(rt, p: Prepared, last, total_ms: float) -> None:

@@ -78,3 +78,4 @@ class TokenEvent:
     completion_tokens: int = 0
     timings: Optional[Timings] = None
     error: Optional[str] = None
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not prefilled)

@@ -24,6 +24,7 @@ from ..errors import EngineUnavailable, InvalidRequest, QueueFull
 from .detok import IncrementalDetokenizer
 from .kvcache import RowCache
 from .model import LlamaRunner, Segment
+from .prefix_cache import PrefixCache
 from .sampling import sample
 from .scheduler import plan_step
 from .types import GenRequest, RowSpec, Timings, TokenEvent
@@ -39,6 +40,7 @@ class WorkerLimits:
     max_tokens_in_flight: int = 32768  # KV slots reserved by running rows (46 KB each on SmolLM2 fp32)
     max_queue: int = 64  # sequences waiting for admission; more get QueueFull (429)
     step_token_budget: int = 512  # tokens per forward pass (prefill chunk size)
+    prefix_cache_tokens: int = 16384  # automatic prefix cache (0 = off); 46 KB per token on SmolLM2 fp32
 
 
 @dataclass
@@ -61,6 +63,7 @@ class _Seq:
     done: bool = False
     t_admit: float = 0.0
     t_first: float = 0.0
+    cached_tokens: int = 0  # prompt tokens served by the prefix cache
 
     @property
     def prompt_tokens(self) -> int:
@@ -95,6 +98,7 @@ class EngineWorker:
         self.last_error: Optional[str] = None
         self.steps = 0
         self.last_step_tokens = 0
+        self.prefix_cache = PrefixCache(max_tokens=limits.prefix_cache_tokens) if limits.prefix_cache_tokens else None
 
     # ---- any thread -------------------------------------------------------------
     def start(self) -> None:
@@ -247,9 +251,16 @@ class EngineWorker:
         for spec in seq.req.rows:
             pre = spec.prefix.length if spec.prefix is not None else 0
             cache = self.runner.new_cache(pre + len(spec.prompt_ids) + seq.req.sampling.max_tokens)
-            if spec.prefix is not None:
-                cache.import_prefix(spec.prefix)
-            seq.rows.append(_Row(spec, cache, list(spec.prompt_ids)))
+            prefix = spec.prefix
+            if prefix is None and spec.adapters is None and self.prefix_cache is not None:
+                prefix = self.prefix_cache.lookup(spec.prompt_ids)
+                seq.cached_tokens += prefix.length if prefix is not None and spec is seq.req.rows[0] else 0
+                pending = spec.prompt_ids[prefix.length:] if prefix is not None else list(spec.prompt_ids)
+            else:
+                pending = list(spec.prompt_ids)
+            if prefix is not None:
+                cache.import_prefix(prefix)
+            seq.rows.append(_Row(spec, cache, pending))
 
     def _forward_and_sample(self) -> None:
         t0 = time.perf_counter()
@@ -281,6 +292,10 @@ class EngineWorker:
         now = time.perf_counter()
         if not seq.output:
             seq.t_first = now
+            if self.prefix_cache is not None:  # the prompts are in the caches now: share their blocks
+                for row in seq.rows:
+                    if row.spec.prefix is None and row.spec.adapters is None:
+                        self.prefix_cache.insert(row.spec.prompt_ids, row.cache)
         seq.output.append(tok)
         if tok in self.eos_ids and not seq.req.sampling.ignore_eos:
             self._finish(seq, "stop", token_ids=[tok])
@@ -318,6 +333,7 @@ class EngineWorker:
             text = seq.detok.flush()
         try:
             seq.sink(TokenEvent(text, token_ids or [], finish_reason=reason, prompt_tokens=seq.prompt_tokens,
-                                completion_tokens=len(seq.output), timings=timings, error=error))
+                                completion_tokens=len(seq.output), timings=timings, error=error,
+                                cached_tokens=seq.cached_tokens))
         except Exception:
             log.exception("sink failed for %s", seq.req.request_id)
