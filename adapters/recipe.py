@@ -38,6 +38,8 @@ PRESETS = {
     "passage-4ep": Recipe("passage-4ep", lr=1e-3, epochs=4, passage_sequence=True),
     # no model writing (the slow part of a build): cloze pairs from the passage + the passage itself
     "cloze-4ep": Recipe("cloze-4ep", lr=1e-3, epochs=4, passage_sequence=True, model_augmentation=False),
+    "cloze-4ep-lr3e-3": Recipe("cloze-4ep-lr3e-3", lr=3e-3, epochs=4, passage_sequence=True,
+                               model_augmentation=False),
     # the passage alone, as plain language modelling
     "passage-only-4ep": Recipe("passage-only-4ep", lr=1e-3, epochs=4, passage_sequence=True, qa_sequences=False,
                                model_augmentation=False),

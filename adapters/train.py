@@ -99,7 +99,7 @@ class LoraTrainer:
             out.loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            return float(out.loss)
+            return float(out.loss.detach())
 
         for _ in range(self.recipe.epochs):
             for ids, labels in data:

@@ -42,7 +42,7 @@ DOCS = [
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipes", default="paper,passage-4ep,cloze-4ep,passage-only-4ep")
+    ap.add_argument("--recipes", default="paper,passage-4ep,cloze-4ep,cloze-4ep-lr3e-3,passage-only-4ep")
     ap.add_argument("--out", default="bench/results/prag_recipes.json")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

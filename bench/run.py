@@ -237,38 +237,40 @@ def _fmt(v, pct=False, digits=2):
     return f"{100 * v:.1f}%" if pct else f"{v:.{digits}f}"
 
 
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    """Markdown table lines, then a blank line."""
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(str(x) for x in row) + " |" for row in rows] + [""])
+
+
 def report_md(result: dict) -> str:
     lines = [f"# knowmux bench: {result['dataset']}", "", f"`{result['command']}`", "",
              f"Model {result['model']}, commit {result['git_commit']}, {result['machine']}; "
              f"build (ingest) {result['build']['ingest_s']:.1f} s for {result['build']['documents']} documents "
              f"({result['build']['ingest_s_per_doc'] * 1e3:.0f} ms each)."]
-    if "kv" in result["build"]:
-        b = result["build"]["kv"]
-        spd = b["seconds_per_built_doc"]
-        lines.append(f"KV caches: {b['documents']} retrievable documents, {b['built']} built, "
-                     f"{b['already_stored']} already stored, {b['wall_s']:.1f} s"
-                     + (f" ({spd * 1e3:.0f} ms per built document)." if spd else "."))
+    for kind, label in (("kv", "KV caches"), ("adapters", "Adapters")):
+        if kind in result["build"]:
+            b = result["build"][kind]
+            spd = b["seconds_per_built_doc"]
+            lines.append(f"{label}: {b['documents']} retrievable documents, {b['built']} built, "
+                         f"{b['already_stored']} already stored, {b['wall_s']:.1f} s"
+                         + (f" ({spd:.2f} s per built document)." if spd else "."))
     lines.append("")
     q = [r for r in result["runs"] if r["kind"] == "questions"]
     if q:
-        lines += ["| strategy | n | EM | F1 | contains | recall@k | TTFT p50 | latency p50 | p95 | decode tok/s | "
-                  "prompt tok | failures |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in q:
-            lines.append(f"| {r['label']} | {r['n']} | {_fmt(r['em'], True)} | {_fmt(r['f1'], True)} | "
-                         f"{_fmt(r['contains'], True)} | {_fmt(r['recall_at_k'], True)} | {_fmt(r['ttft_p50_s'])} s | "
-                         f"{_fmt(r['latency_p50_s'])} s | {_fmt(r['latency_p95_s'])} s | "
-                         f"{_fmt(r['decode_tokens_per_s_p50'], digits=1)} | {_fmt(r['prompt_tokens_mean'], digits=0)} | "
-                         f"{r['failures']} |")
-        lines.append("")
+        lines += _table(["strategy", "n", "EM", "F1", "contains", "recall@k", "TTFT p50", "latency p50", "p95",
+                         "decode tok/s", "prompt tok", "failures"],
+                        [[r["label"], r["n"], _fmt(r["em"], True), _fmt(r["f1"], True), _fmt(r["contains"], True),
+                          _fmt(r["recall_at_k"], True), f"{_fmt(r['ttft_p50_s'])} s", f"{_fmt(r['latency_p50_s'])} s",
+                          f"{_fmt(r['latency_p95_s'])} s", _fmt(r["decode_tokens_per_s_p50"], digits=1),
+                          _fmt(r["prompt_tokens_mean"], digits=0), r["failures"]] for r in q])
     c = [r for r in result["runs"] if r["kind"] == "conflicts"]
     if c:
-        lines += ["| strategy | n | memory recall MR | po/N | context recall ps/N | context retrieved | "
-                  "latency p50 | failures |", "|---|---|---|---|---|---|---|---|"]
-        for r in c:
-            lines.append(f"| {r['label']} | {r['n']} | {_fmt(r['memory_recall'], True)} | {_fmt(r['memory_rate'], True)} | "
-                         f"{_fmt(r['context_recall'], True)} | {_fmt(r['context_retrieved'], True)} | "
-                         f"{_fmt(r['latency_p50_s'])} s | {r['failures']} |")
-        lines.append("")
+        lines += _table(["strategy", "n", "memory recall MR", "po/N", "context recall ps/N", "context retrieved",
+                         "latency p50", "failures"],
+                        [[r["label"], r["n"], _fmt(r["memory_recall"], True), _fmt(r["memory_rate"], True),
+                          _fmt(r["context_recall"], True), _fmt(r["context_retrieved"], True),
+                          f"{_fmt(r['latency_p50_s'])} s", r["failures"]] for r in c])
     conc = [r for r in result["runs"] if r.get("concurrency", 1) > 1]
     if conc:
         lines += ["Concurrency (same run): aggregate completion tokens/s", "",
@@ -350,6 +352,7 @@ def parse_args(argv):
                     help="ckplug_alpha values for +ckplug strategies on question sets (default: adaptive only)")
     ap.add_argument("--ckplug-condition", choices=["paper", "code"], default="paper",
                     help="when CK-PLUG reweights: the paper's CG < 0, or the released code's CG < H(with context)")
+    ap.add_argument("--kv-recompute", type=float, help="CacheBlend recompute fraction sent with kv requests")
     ap.add_argument("--top-k", type=int, default=3)
     ap.add_argument("--conflict-top-k", type=int, default=1, help="top_k for conflict sets (their own passage)")
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -408,13 +411,16 @@ def _main(a, argv) -> int:
         docs = ds.corpus + [{"id": c.doc_id, "title": "", "text": c.context} for c in ds.conflicts if c.context]
         ingest_s = ingest(url, docs) if docs else 0.0
         builds = {}
-        if any(st.split("+")[0] == "kv" for st in runnable):
+        kinds = [kind for kind, bases in (("kv", ("kv",)), ("adapters", ("prag",)))
+                 if any(st.split("+")[0] in bases for st in runnable)]
+        if kinds:
             targets = retrievable(url, [q.question for q in ds.questions], a.top_k)
             targets += [d for d in retrievable(url, [c.question for c in ds.conflicts], a.conflict_top_k)
                         if d not in targets]
-            job = build(url, "kv", targets)
-            builds["kv"] = {"documents": len(targets), "built": job["built"], "already_stored": job["skipped"],
-                            "wall_s": job["wall_s"], "seconds_per_built_doc": job["seconds_per_built_doc"]}
+            for kind in kinds:
+                job = build(url, kind, targets)
+                builds[kind] = {"documents": len(targets), "built": job["built"], "already_stored": job["skipped"],
+                                "wall_s": job["wall_s"], "seconds_per_built_doc": job["seconds_per_built_doc"]}
         runs, records = [], []
         for strategy in runnable:
             for kind, items, top_k in (("questions", ds.questions, a.top_k),
@@ -425,11 +431,14 @@ def _main(a, argv) -> int:
                 for alpha in sweep:
                     extra = ({"ckplug_alpha": alpha, "ckplug_condition": a.ckplug_condition}
                              if alpha is not None else {})
-                    if strategy.split("+")[0] == "kv":
-                        extra["on_missing"] = "error"  # a missing cache is a failure, never a silent build
+                    if strategy.split("+")[0] in ("kv", "prag"):
+                        extra["on_missing"] = "error"  # a missing artefact is a failure, never a silent fallback
+                    if strategy.split("+")[0] == "kv" and a.kv_recompute is not None:
+                        extra["kv_recompute"] = a.kv_recompute
                     recs, wall = run_items(url, strategy, items, a.max_tokens, top_k, extra)
                     s = summarise(recs, wall, items, kind)
-                    label = strategy + (f" (alpha={alpha})" if alpha is not None else "")
+                    label = strategy + (f" (alpha={alpha})" if alpha is not None else "") + (
+                        f" (recompute={a.kv_recompute})" if "kv_recompute" in extra else "")
                     runs.append({"strategy": strategy, "alpha": alpha, "label": label, "kind": kind,
                                  "concurrency": 1, **s})
                     records += [{**r, "kind": kind} for r in recs]
@@ -445,7 +454,7 @@ def _main(a, argv) -> int:
             "git_commit": _git_commit(), "model": info.get("root"), "engine": info.get("engine"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
             "when": time.strftime("%Y-%m-%d %H:%M:%S"), "url": url, "unavailable": unavailable,
-            "settings": {"top_k": a.top_k, "ckplug_condition": a.ckplug_condition, "conflict_top_k": a.conflict_top_k, "max_tokens": a.max_tokens,
+            "settings": {"top_k": a.top_k, "ckplug_condition": a.ckplug_condition, "kv_recompute": a.kv_recompute, "conflict_top_k": a.conflict_top_k, "max_tokens": a.max_tokens,
                          "n_questions": len(ds.questions), "n_conflicts": len(ds.conflicts)},
             "build": {"documents": len(docs), "ingest_s": ingest_s,
                       "ingest_s_per_doc": ingest_s / len(docs) if docs else 0.0, **builds},

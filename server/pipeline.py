@@ -42,7 +42,7 @@ class Prepared:
     plan: Plan
     request: GenRequest
     t_start: float
-    info: dict = field(default_factory=dict)
+    plan_ms: float = 0.0  # request start -> submitted to the engine (retrieval, KV loading, adapters, ...)
 
     @property
     def strategy(self) -> str:
@@ -105,7 +105,7 @@ class Pipeline:
                 f"{sampling.max_tokens} in the completion). Please reduce the length of the messages, top_k or max_tokens.",
                 param="messages")
         req = GenRequest(inp.request_id, plan.rows, sampling, plan.logits_hook)
-        return Prepared(inp, plan, req, t0)
+        return Prepared(inp, plan, req, t0, (time.perf_counter() - t0) * 1e3)
 
     def start(self, prepared: Prepared) -> EventStream:
         """Submit to the engine; raises QueueFull / EngineUnavailable at once, not mid-stream."""

@@ -94,11 +94,11 @@ def test_end_to_end_run_writes_all_outputs(make_server, tmp_path):
     srv = make_server()
     out = tmp_path / "out"
     rc = main(["--url", srv.url, "--corpus", str(corpus), "--questions", str(questions), "--conflicts",
-               str(conflicts), "--strategies", "direct,rag,kv,rag+ckplug,prag", "--alphas", "0,1", "--max-tokens", "4",
+               str(conflicts), "--strategies", "direct,rag,kv,prag,rag+ckplug,auto", "--alphas", "0,1", "--max-tokens", "4",
                "--concurrency", "2", "--out", str(out)])
     assert rc == 0
     result = json.loads((out / "results.json").read_text())
-    assert result["unavailable"] == ["prag"]
+    assert result["unavailable"] == ["auto"]
     labels = {(r["label"], r["kind"], r["concurrency"]) for r in result["runs"]}
     assert ("rag", "questions", 1) in labels and ("rag+ckplug (alpha=0.0)", "conflicts", 1) in labels
     assert ("rag", "questions", 2) in labels
@@ -106,6 +106,8 @@ def test_end_to_end_run_writes_all_outputs(make_server, tmp_path):
     assert rag["recall_at_k"] == 1.0 and rag["failures"] == 0 and rag["ttft_p50_s"] > 0
     kv = next(r for r in result["runs"] if r["label"] == "kv" and r["kind"] == "questions")
     assert kv["failures"] == 0 and result["build"]["kv"]["built"] >= 1
+    prag = next(r for r in result["runs"] if r["label"] == "prag" and r["kind"] == "questions")
+    assert prag["failures"] == 0 and result["build"]["adapters"]["built"] >= 1
     lines = (out / "results.jsonl").read_text().splitlines()
     assert all("output" in json.loads(line) for line in lines)
     assert "| rag |" in (out / "report.md").read_text()

@@ -362,3 +362,15 @@ def test_prefix_cache_leaves_a_token_to_prefill_and_is_bounded():
     assert hit.length == 16  # 32 tokens = 2 blocks, but one token must stay to produce logits
     assert pc.lookup(ids + [1]).length == 32 and pc.lookup([9] + ids) is None
     torch.testing.assert_close(hit.kv, cache.kv[:, :, :, :16])
+
+
+def test_a_request_whose_prefix_does_not_fit_fails_alone():
+    eng = tiny_engine()
+    bad, ok = Collector(), Collector()
+    wrong = KVPrefix(torch.zeros(1, 2, 2, 4, 16))  # one layer where the model has two
+    eng.worker.submit(GenRequest("bad", [RowSpec([5, 6], prefix=wrong)], greedy(3)), bad)
+    eng.worker.submit(GenRequest("ok", [RowSpec([5, 6])], greedy(3)), ok)
+    while eng.worker.step():
+        pass
+    assert bad.finish == "error" and "does not fit" in bad.events[-1].error
+    assert ok.finish == "length"

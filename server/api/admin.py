@@ -111,27 +111,23 @@ async def get_job(job_id: str, rt=Depends(get_runtime)):
     return job.view()
 
 
-@router.get("/v1/adapters/{doc_id:path}")
-async def get_adapter(doc_id: str, rt=Depends(get_runtime)):
-    if rt.pipeline.prag is None:
-        raise StrategyUnavailable(f"the {rt.engine.name} engine has no adapter bank")
+async def _describe(rt, service, what: str, doc_id: str) -> dict:
+    if service is None:
+        raise StrategyUnavailable(f"the {rt.engine.name} engine has no {what}")
     doc = await asyncio.to_thread(rt.kb.store.get, doc_id)
     if doc is None:
         raise NotFound(f"no document with id {doc_id!r}", param="doc_id")
-    return await asyncio.to_thread(rt.pipeline.prag.describe, doc)
+    return await asyncio.to_thread(service.describe, doc)
+
+
+@router.get("/v1/adapters/{doc_id:path}")
+async def get_adapter(doc_id: str, rt=Depends(get_runtime)):
+    return await _describe(rt, rt.pipeline.prag, "adapter bank", doc_id)
 
 
 @router.get("/v1/kv/{doc_id:path}")
 async def get_kv(doc_id: str, rt=Depends(get_runtime)):
-    if rt.pipeline.kv is None:
-        raise StrategyUnavailable(f"the {rt.engine.name} engine has no KV store")
-    doc = await asyncio.to_thread(rt.kb.store.get, doc_id)
-    if doc is None:
-        raise NotFound(f"no document with id {doc_id!r}", param="doc_id")
-    from ..prompt import Passage
-
-    ids = rt.pipeline.prompts.passage_ids(Passage(doc.id, doc.title, doc.text))
-    return await asyncio.to_thread(rt.pipeline.kv.describe, doc_id, ids)
+    return await _describe(rt, rt.pipeline.kv, "KV store", doc_id)
 
 
 @router.get("/v1/documents/{doc_id:path}")

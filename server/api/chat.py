@@ -45,10 +45,10 @@ def to_input(body: ChatCompletionRequest, request: Request, served: str) -> Chat
 
 
 def knowmux_field(p: Prepared, timings, total_ms: float) -> dict:
-    t = dict(p.plan.timings_ms)
+    t = dict(p.plan.timings_ms, plan=p.plan_ms)
     if timings is not None:
         t.update(queue=timings.queued_ms, prefill=timings.prefill_ms, decode=timings.decode_ms,
-                 ttft=(p.plan.timings_ms.get("retrieve", 0.0) + timings.ttft_ms))
+                 ttft=p.plan_ms + timings.ttft_ms)
     t["total"] = total_ms
     return {"strategy": p.strategy,
             "retrieved": [{"id": r.doc_id, "score": round(r.score, 6), "title": r.title} for r in p.plan.retrieved],
@@ -114,7 +114,7 @@ def _record(rt, p: Prepared, last, total_ms: float) -> None:
     m.requests.labels(s, "200").inc()
     m.latency.labels(s).observe(total_ms / 1e3)
     if last.timings is not None:
-        m.ttft.labels(s).observe((last.timings.ttft_ms + p.plan.timings_ms.get("retrieve", 0.0)) / 1e3)
+        m.ttft.labels(s).observe((last.timings.ttft_ms + p.plan_ms) / 1e3)
     m.tokens.labels(s, "prompt").inc(last.prompt_tokens)
     m.tokens.labels(s, "completion").inc(last.completion_tokens)
 

@@ -243,9 +243,13 @@ class EngineWorker:
                 self._kv_in_flight += need
                 self._running.append(seq)
                 seq.t_admit = time.perf_counter()
-        for seq in self._running:
+        for seq in list(self._running):
             if not seq.rows:
-                self._allocate(seq)
+                try:
+                    self._allocate(seq)
+                except Exception as exc:  # e.g. an injected prefix that does not fit: fail this request only
+                    log.warning("could not admit %s: %s", seq.req.request_id, exc)
+                    self._finish(seq, "error", error=f"could not admit the request: {exc}")
 
     def _allocate(self, seq: _Seq) -> None:
         for spec in seq.req.rows:

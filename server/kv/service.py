@@ -22,6 +22,7 @@ import torch
 
 from ..engine.kvcache import KVPrefix
 from ..engine.model import Segment
+from ..prompt import Passage
 from .store import KVEntry, KVStore, entry_key
 
 
@@ -96,12 +97,12 @@ class KVService:
             pos += e.n_tokens
         return KVPrefix(torch.cat(parts, dim=3), 0)
 
+    def _ids(self, doc) -> list[int]:
+        return self.prompts.passage_ids(Passage(doc.id, doc.title, doc.text))
+
     def build_document(self, doc) -> bool:
         """Compute and store one document's cache unless stored; True if it was built now."""
-        from ..prompt import Passage
-
-        ids = self.prompts.passage_ids(Passage(doc.id, doc.title, doc.text))
-        return self.passage(doc.id, ids).source == "built"
+        return self.passage(doc.id, self._ids(doc)).source == "built"
 
     def blend(self, prefix: KVPrefix, ids: list[int], exact_upto: int, fraction: float) -> tuple[KVPrefix, int]:
         """The joined prefix with ``fraction`` of its non-exact tokens recomputed
@@ -117,7 +118,8 @@ class KVService:
 
         return self._on_engine(run)
 
-    def describe(self, doc_id: str, passage_ids: list[int]) -> dict:
+    def describe(self, doc) -> dict:
+        doc_id, passage_ids = doc.id, self._ids(doc)
         key = self.key(passage_ids)
         entry, where = self.store.get(key)
         L, _, H, n, D = (self.runner.n_layers, 2, self.runner.n_kv_heads, len(passage_ids), self.runner.head_dim)
