@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import collections
 import copy
+import json
 import logging
 import threading
 import time
 from typing import Optional
 
 from adapters.augment import augment, deterministic
-from adapters.bank import AdapterBank, AdapterError, adapter_key
+from adapters.bank import AdapterBank, adapter_key
 from adapters.recipe import Recipe
 from adapters.train import LoraTrainer, training_sequences
 
@@ -58,8 +59,8 @@ class PragService:
             model = copy.deepcopy(self.engine.hf_model)
             for p in model.parameters():  # the served copy holds views of the engine's fused weights
                 p.data = p.data.contiguous()
-            run = (lambda fn: self.engine.worker.call(fn).result()) if self.engine.worker._thread else None
-            self._trainer = LoraTrainer(model, self.engine.tokenizer, self.recipe, self.fingerprint, run)
+            self._trainer = LoraTrainer(model, self.engine.tokenizer, self.recipe, self.fingerprint,
+                                        run=lambda fn: self.engine.worker.call(fn).result())
         return self._trainer
 
     def build_document(self, doc) -> bool:
@@ -106,9 +107,7 @@ class PragService:
         if out["stored"]:
             folder = self.bank.folder(key)
             out["meta"] = self.bank.meta(key)
-            out["augmentation"] = __import__("json").loads((folder / "augmentation.json").read_text())
+            out["augmentation"] = json.loads((folder / "augmentation.json").read_text())
             out["files"] = sorted(p.name for p in folder.iterdir())
         return out
 
-
-__all__ = ["PragService", "AdapterError"]

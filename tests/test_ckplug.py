@@ -160,3 +160,17 @@ def test_api_trace_and_validation(make_server):
     resp = httpx.post(srv.url + "/v1/chat/completions", headers={"X-Strategy": "direct+ckplug"},
                       json={"model": "knowmux", "messages": ASK})
     assert resp.status_code == 400 and "no such context" in resp.json()["error"]["message"]
+
+
+def test_kv_ckplug_runs_on_injected_caches_and_alpha_half_is_plain_kv(make_server):
+    srv = make_server()
+    httpx.post(srv.url + "/v1/documents", json={"documents": DOCS})
+    c = srv.client()
+    kw = dict(model="knowmux", messages=ASK, max_tokens=6, temperature=0)
+    kv = c.chat.completions.create(extra_headers={"X-Strategy": "kv"}, extra_body={"top_k": 1, "ignore_eos": True}, **kw)
+    half = c.chat.completions.create(extra_headers={"X-Strategy": "kv+ckplug"},
+                                     extra_body={"top_k": 1, "ignore_eos": True, "ckplug_alpha": 0.5}, **kw)
+    kx = half.model_extra["knowmux"]
+    assert kx["strategy"] == "kv+ckplug" and kx["kv"]["prefilled_tokens"] < kx["kv"]["injected_tokens"]
+    assert kx["ckplug"]["steps"] == 6
+    assert half.choices[0].message.content == kv.choices[0].message.content

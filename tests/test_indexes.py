@@ -71,3 +71,31 @@ def test_read_corpus_validates_every_line_before_writing(tmp_path, embedder):
     with pytest.raises(DocumentError) as e:
         read_corpus(big, max_chars=100)
     assert e.value.too_large
+
+
+def test_a_crash_between_commit_and_index_save_loses_nothing(tmp_path, embedder):
+    """The store commit is the acknowledgement; the index file may lag behind it."""
+    kb = KnowledgeBase(tmp_path, embedder)
+    kb.upsert(DOCS[:1])
+    # what a crash right after the SQLite commit leaves: the row is there, the saved index is not updated
+    kb.store.upsert([Document("paris", DOCS[1].text, DOCS[1].title)], embedder.encode([DOCS[1].text]))
+    kb.close()
+    reopened = KnowledgeBase(tmp_path, embedder)
+    assert reopened.count() == 2
+    assert reopened.search("capital of France", 1)[0].doc_id == "paris"
+
+
+def test_ingest_cli_reads_the_generic_format_and_reports(tmp_path, capsys):
+    from server.cli import main
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(json.dumps({"id": d.id, "title": d.title, "text": d.text}) for d in DOCS) + "\n")
+    assert main(["ingest", str(corpus), "--data-dir", str(tmp_path / "d")]) == 0
+    assert "3 created" in capsys.readouterr().out
+    assert main(["ingest", str(corpus), "--data-dir", str(tmp_path / "d")]) == 0
+    assert "3 unchanged" in capsys.readouterr().out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "x"}\n')
+    assert main(["ingest", str(bad), "--data-dir", str(tmp_path / "d")]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err
+    assert main(["ingest", str(corpus), "--data-dir", str(tmp_path / "d"), "--build", "nonsense"]) == 2

@@ -12,6 +12,7 @@ STRATEGIES = {
     "rag": "server.strategies.rag:Rag",
     "rag+ckplug": "server.strategies.ckplug:RagCKPlug",
     "kv": "server.strategies.kv:KV",
+    "kv+ckplug": "server.strategies.kv_ckplug:KVCKPlug",
     "prag": "server.strategies.prag:Prag",
     "prag+rag": "server.strategies.prag:PragRag",
 }
