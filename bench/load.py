@@ -26,10 +26,10 @@ from bench.metrics import percentile
 QUESTIONS = Path(__file__).parent / "data" / "nq_open_sample" / "questions.jsonl"
 
 
-def load_questions(n: int) -> list[str]:
+def load_questions(n: int, offset: int = 0) -> list[str]:
     with open(QUESTIONS, encoding="utf-8") as f:
         qs = [json.loads(line)["question"] for line in f]
-    return [qs[i % len(qs)] for i in range(n)]
+    return [qs[(offset + i) % len(qs)] for i in range(n)]
 
 
 class InlineRag:
@@ -66,8 +66,10 @@ async def one_request(client, model: str, messages, strategy: str, max_tokens: i
             "prompt_tokens": usage.prompt_tokens if usage else 0}
 
 
-async def level(client, model, concurrency, requests, strategy, max_tokens, top_k, rag) -> dict:
-    questions = load_questions(concurrency * requests)
+async def level(client, model, concurrency, requests, strategy, max_tokens, top_k, rag, offset: int = 0) -> dict:
+    # each level asks questions no earlier level asked, so no prompt is served from a
+    # prefix cache filled by a previous level (knowmux's or vLLM's)
+    questions = load_questions(concurrency * requests, offset)
 
     async def client_task(i):
         out = []
@@ -94,9 +96,10 @@ async def run(url, model, levels, requests, strategy, max_tokens, top_k, inline_
     rag = InlineRag(inline_rag, top_k) if inline_rag else None
     client = openai.AsyncOpenAI(base_url=url.rstrip("/") + "/v1", api_key="unused", max_retries=0, timeout=600)
     await one_request(client, model, [{"role": "user", "content": "warm up"}], strategy, 4, top_k)
-    out = []
+    out, offset = [], 1  # consecutive slices of the question list, one per level
     for c in levels:
-        out.append(await level(client, model, c, requests, strategy, max_tokens, top_k, rag))
+        out.append(await level(client, model, c, requests, strategy, max_tokens, top_k, rag, offset))
+        offset += c * requests
         r = out[-1]
         print(f"{strategy:7} c={c:<3} {r['tokens_per_s']:7.1f} tok/s  ttft p50 {r['ttft_p50_s']:.2f}s "
               f"p95 {r['ttft_p95_s']:.2f}s  latency p50 {r['latency_p50_s']:.2f}s p95 {r['latency_p95_s']:.2f}s  "
