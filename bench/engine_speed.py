@@ -24,7 +24,6 @@ from bench.speed_common import measure, make_prompts
 
 
 def knowmux_rates(model_dir, prompts) -> dict:
-    from server.engine.aio import generate_blocking
     from server.engine.torch_engine import TorchEngine
     from server.engine.types import GenRequest, RowSpec, SamplingParams
 

@@ -1,10 +1,8 @@
 """KV-cache injection on a tiny random model: equivalence, re-rotation, batching, store checks, API."""
 
 import httpx
-import pytest
 import torch
 
-from server.engine.kvcache import KVPrefix
 from server.engine.model import LlamaRunner, Segment
 from server.engine.types import GenRequest, RowSpec, SamplingParams
 from server.kv.service import KVService

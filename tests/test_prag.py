@@ -1,7 +1,5 @@
 """Parametric RAG on a tiny random model: combination, batching, training, the bank, the API."""
 
-import copy
-import json
 
 import httpx
 import pytest
@@ -172,7 +170,6 @@ ASK = [{"role": "user", "content": "Where does Zorbl live?"}]
 def test_prag_through_the_api(make_server):
     import time
 
-    from server.config import Settings  # noqa: F401  (settings come through make_server)
 
     srv = make_server(adapter_recipe="paper")
     r = httpx.post(srv.url + "/v1/documents", json={"documents": DOCS[:1], "build": ["adapters"]}).json()
