@@ -136,7 +136,7 @@ def build(settings: Settings, kb, doc_ids: list[str], kinds: list[str]) -> None:
     try:
         pipeline = Pipeline(engine, kb, settings, data_dir=settings.data_dir)
         for kind in kinds:
-            service = {"kv": pipeline.kv, "adapters": pipeline.prag}[kind]
+            service = pipeline.builder(kind)
             built = skipped = 0
             t0 = time.perf_counter()
             for doc_id in tqdm(dict.fromkeys(doc_ids), desc=kind, unit="doc"):

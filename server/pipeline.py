@@ -70,6 +70,11 @@ class Pipeline:
                                    prag=prag)
         self.max_context = min(settings.max_context or engine.max_context, engine.max_context)
 
+    def builder(self, kind: str):
+        """The service that builds artefacts of this kind ("kv" or "adapters"), or None if the
+        engine cannot; each has ``build_document(doc) -> bool``."""
+        return {"kv": self.kv, "adapters": self.prag}[kind]
+
     def default_strategy(self) -> str:
         return "rag" if self.kb is not None and self.kb.count() > 0 else "direct"
 

@@ -69,7 +69,7 @@ async def add_documents(body: DocumentsRequest, rt=Depends(get_runtime)):
 
 def _builder(rt, kind: str):
     """doc_id -> built now? for a build kind; raises StrategyUnavailable if the engine cannot."""
-    service = {"kv": rt.pipeline.kv, "adapters": rt.pipeline.prag}[kind]
+    service = rt.pipeline.builder(kind)
     if service is None:
         raise StrategyUnavailable(f"the {rt.engine.name} engine cannot build {kind}", param="build")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 
 from adapters.bank import AdapterError
+from indexes.store import Document, content_hash
 
 from ..engine.lora import AdapterSet
 from ..engine.types import RowSpec
@@ -66,15 +67,16 @@ class Prag(Strategy):
             retrieved, passages, timings["retrieve"] = retrieve(query, ctx)
             scales = [1.0] * len(retrieved)
         t0 = time.perf_counter()
-        docs = ctx.kb.get_many([r.doc_id for r in retrieved])
         sets, used_scales, missing = [], [], []
-        for r, s in zip(retrieved, scales):
+        for p, s in zip(passages, scales):
+            # the adapter key needs only the content hash, derived from the passage already in hand
+            doc = Document(p.doc_id, p.text, p.title, content_hash(p.title, p.text))
             try:
-                aset = ctx.prag.adapter_set(docs[r.doc_id]) if r.doc_id in docs else None
+                aset = ctx.prag.adapter_set(doc)
             except AdapterError as e:
                 raise StrategyUnavailable(str(e), param="adapters") from None
             if aset is None:
-                missing.append(r.doc_id)
+                missing.append(p.doc_id)
             else:
                 sets.append(aset)
                 used_scales.append(s)
