@@ -12,6 +12,7 @@ to reuse one. Writes OUT/results.json, results.jsonl, report.md and PNG plots.
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures as cf
 import json
 import os
@@ -160,7 +161,7 @@ def ask(client, strategy: str, question: str, max_tokens: int, top_k: int, extra
                    prompt_tokens=usage.prompt_tokens if usage else None,
                    completion_tokens=usage.completion_tokens if usage else None,
                    retrieved=[d["id"] for d in kx.get("retrieved", [])], server_timings_ms=kx.get("timings_ms", {}),
-                   error=None)
+                   routed=kx.get("strategy"), route_reason=kx.get("route_reason"), error=None)
     except openai.APIError as e:
         rec.update(output="", error=f"{type(e).__name__}: {getattr(e, 'message', str(e))}"[:500])
     return rec
@@ -205,7 +206,9 @@ def summarise(recs: list[dict], wall: float, items: list, kind: str) -> dict:
          "prompt_tokens_mean": _mean([r.get("prompt_tokens") for r in ok]),
          "completion_tokens_mean": _mean([r.get("completion_tokens") for r in ok]),
          "server_ms_mean": {k: _mean([r["server_timings_ms"].get(k) for r in ok])
-                            for k in ("retrieve", "queue", "prefill", "decode", "ttft", "total")}}
+                            for k in ("retrieve", "queue", "prefill", "decode", "ttft", "total")},
+         # what answered: for `auto` (and experiments) the strategies the router chose
+         "routed": dict(collections.Counter(r.get("routed") for r in ok if r.get("routed")).most_common())}
     by_id = {it.id: it for it in items}
     if kind == "questions":
         for r in recs:
@@ -345,6 +348,8 @@ def parse_args(argv):
     ap.add_argument("--conflicts", type=Path)
     ap.add_argument("--distractors", choices=sorted(DISTRACTORS))
     ap.add_argument("--n", type=int, help="first N questions/conflicts (default all)")
+    ap.add_argument("--skip", type=int, default=0,
+                    help="leave out the first SKIP questions/conflicts (e.g. those a router was trained on)")
     ap.add_argument("--strategies", default="direct,rag")
     ap.add_argument("--alphas", default=DEFAULT_ALPHAS,
                     help="ckplug_alpha values swept for +ckplug strategies on conflict sets")
@@ -373,6 +378,8 @@ def load_dataset(a) -> Dataset:
         ds = load_generic(a.corpus, a.questions, a.conflicts)
     else:
         raise BenchError("nothing to run: give --dataset, or --questions and/or --conflicts")
+    if a.skip:
+        ds.questions, ds.conflicts = ds.questions[a.skip:], ds.conflicts[a.skip:]
     if a.n:
         ds.questions, ds.conflicts = ds.questions[:a.n], ds.conflicts[:a.n]
     if a.distractors:
@@ -454,7 +461,8 @@ def _main(a, argv) -> int:
             "git_commit": _git_commit(), "model": info.get("root"), "engine": info.get("engine"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
             "when": time.strftime("%Y-%m-%d %H:%M:%S"), "url": url, "unavailable": unavailable,
-            "settings": {"top_k": a.top_k, "ckplug_condition": a.ckplug_condition, "kv_recompute": a.kv_recompute, "conflict_top_k": a.conflict_top_k, "max_tokens": a.max_tokens,
+            "data_dir": str(data_dir) if server else None,
+            "settings": {"skip": a.skip, "top_k": a.top_k, "ckplug_condition": a.ckplug_condition, "kv_recompute": a.kv_recompute, "conflict_top_k": a.conflict_top_k, "max_tokens": a.max_tokens,
                          "n_questions": len(ds.questions), "n_conflicts": len(ds.conflicts)},
             "build": {"documents": len(docs), "ingest_s": ingest_s,
                       "ingest_s_per_doc": ingest_s / len(docs) if docs else 0.0, **builds},

@@ -90,7 +90,13 @@ class KnowledgeBase:
 
     def search(self, query: str, k: int) -> list[Hit]:
         """Top-k documents by cosine similarity of embeddings, best first."""
-        emb = self.embedder.encode([query])[0]
+        return self.search_vector(self.embed_query(query), k)
+
+    def embed_query(self, query: str):
+        """The query's normalised embedding (what search compares against; the router's features)."""
+        return self.embedder.encode([query])[0]
+
+    def search_vector(self, emb, k: int) -> list[Hit]:
         with self._lock:
             self._refresh()
             found = self._index.search(emb, k)

@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-batch-size", type=int)
     s.add_argument("--max-queue", type=int)
     s.add_argument("--max-tokens-in-flight", type=int)
+    s.add_argument("--experiments", help="TOML file of A/B experiments (env KNOWMUX_EXPERIMENTS; reloaded on change)")
+    s.add_argument("--default-strategy", help="strategy when a request names none (default auto: the router)")
+    s.add_argument("--router-probe", action="store_const", const=True, default=None,
+                   help="let the router probe the model's confidence with and without context")
     s.add_argument("--log-level", default=None)
     s.set_defaults(func=cmd_serve)
 
@@ -45,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--build", default="", help="artefacts to build after ingest, comma-separated: kv, adapters")
     s.set_defaults(func=cmd_ingest)
 
+    s = sub.add_parser("router", help="the router's classifier: knowmux router train --from RUN --out DIR",
+                       add_help=False)
+    s.set_defaults(func=None)
+
     s = sub.add_parser("bench", help="latency/accuracy benchmark of the strategies (see knowmux bench --help)",
                        add_help=False)
     s.set_defaults(func=None)
@@ -54,7 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         from bench.run import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:2] == ["router", "train"]:
+        from .router.train import main as train_main
+
+        logging.basicConfig(level=logging.WARNING)
+        return train_main(argv[2:])
     args = ap.parse_args(argv)
+    if args.func is None:
+        print("knowmux router: the subcommand is `knowmux router train --from RUN --out DIR`", file=sys.stderr)
+        return 2
     logging.basicConfig(level=getattr(logging, (getattr(args, "log_level", None) or "INFO").upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -69,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _settings(args) -> Settings:
     keys = ("data_dir", "model", "host", "port", "engine", "threads", "max_batch_size", "max_queue",
-            "max_tokens_in_flight", "log_level")
+            "max_tokens_in_flight", "experiments", "default_strategy", "router_probe", "log_level")
     return Settings.from_env(**{k: getattr(args, k, None) for k in keys})
 
 
@@ -83,9 +99,17 @@ def cmd_setup(args) -> int:
 def cmd_serve(args) -> int:
     import uvicorn
 
+    from .strategies import STRATEGIES
+
     from .api.app import create_app
 
     settings = _settings(args)
+    if settings.experiments is not None:  # a bad file stops the start with its line, before the model loads
+        from .router.experiments import parse
+
+        parse(Path(settings.experiments).read_text(encoding="utf-8"), ["auto", *STRATEGIES], str(settings.experiments))
+    if settings.default_strategy not in ("auto", *STRATEGIES):
+        raise ValueError(f"unknown default strategy {settings.default_strategy!r}")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=5)
     return 0

@@ -36,6 +36,12 @@ class Settings:
     kv_memory_bytes: int = 512 * 1024 * 1024  # memory LRU in front of the on-disk KV store
     adapter_recipe: str = "passage-4ep"  # adapters.recipe.PRESETS
     kv_recompute: float = 0.0  # default CacheBlend fraction of non-exact passage tokens recomputed by `kv`
+    # routing: the strategy when a request names none, the router's rules, A/B experiments
+    default_strategy: str = "auto"
+    router_min_score: float = 0.25  # best retrieval score below this: `direct` ("no good hit")
+    router_probe: bool = False  # probe the model's confidence with and without context (one extra short prefill)
+    experiments: Optional[Path] = None  # a TOML file of experiments (reloaded when it changes)
+    router_classifier: Optional[Path] = None  # folder of the trained classifier; None = DATA_DIR/router
     log_level: str = "info"
 
     @classmethod
@@ -47,13 +53,18 @@ class Settings:
             if raw is not None:
                 values[f.name] = _coerce(f, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
-        if "data_dir" in values:
-            values["data_dir"] = Path(values["data_dir"])
+        for name in ("data_dir", "experiments", "router_classifier"):
+            if values.get(name) is not None:
+                values[name] = Path(values[name])
         return cls(**values)
 
 
 def _coerce(f: dataclasses.Field, raw: str):
     kind = str(f.type)
+    if kind == "bool":
+        if raw.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+            raise ValueError(f"KNOWMUX_{f.name.upper()} must be a boolean (1/0, true/false), got {raw!r}")
+        return raw.strip().lower() in ("1", "true", "yes", "on")
     if "float" in kind:
         return float(raw)
     if "int" in kind:

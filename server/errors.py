@@ -31,6 +31,10 @@ class UnknownStrategy(InvalidRequest):
     code = "unknown_strategy"
 
 
+class UnknownExperiment(InvalidRequest):
+    code = "unknown_experiment"
+
+
 class PayloadTooLarge(InvalidRequest):
     code = "payload_too_large"
 

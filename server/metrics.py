@@ -10,14 +10,21 @@ _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 class Metrics:
     def __init__(self):
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("knowmux_requests", "Chat requests by strategy and outcome",
-                                ["strategy", "status"], registry=r)
+        # every request series carries strategy, experiment and arm ("" outside experiments),
+        # so two arms compare in Prometheus without log mining
+        arm = ["strategy", "experiment", "arm"]
+        self.requests = Counter("knowmux_requests", "Chat requests by strategy, experiment, arm and HTTP status",
+                                [*arm, "status"], registry=r)
+        self.errors = Counter("knowmux_request_errors", "Failed chat requests by strategy, experiment, arm and code",
+                              [*arm, "code"], registry=r)
         self.latency = Histogram("knowmux_request_latency_seconds", "End-to-end chat latency",
-                                 ["strategy"], buckets=_LATENCY_BUCKETS, registry=r)
+                                 arm, buckets=_LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("knowmux_time_to_first_token_seconds", "Time to first token",
-                              ["strategy"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.tokens = Counter("knowmux_tokens", "Tokens by strategy and kind (prompt, completion)",
-                              ["strategy", "kind"], registry=r)
+                              arm, buckets=_LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("knowmux_tokens", "Tokens by strategy, experiment, arm and kind (prompt, completion)",
+                              [*arm, "kind"], registry=r)
+        self.routes = Counter("knowmux_routes", "Strategies chosen by `auto` and experiments, by deciding rule",
+                              ["strategy", "rule"], registry=r)
         self.queue = Gauge("knowmux_queue_length", "Requests waiting for a place in the batch", registry=r)
         self.running = Gauge("knowmux_running_batch_size", "Requests in the running batch", registry=r)
         self.step_tokens = Histogram("knowmux_step_tokens", "Tokens per engine forward step",
@@ -25,6 +32,10 @@ class Metrics:
         self.step_seconds = Histogram("knowmux_step_seconds", "Duration of one engine step",
                                       buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2, 5), registry=r)
         self.documents = Gauge("knowmux_documents", "Documents in the store", registry=r)
+
+    def failed(self, labels: tuple[str, str, str], status: int, code: str) -> None:
+        self.requests.labels(*labels, str(status)).inc()
+        self.errors.labels(*labels, code or "error").inc()
 
     def on_step(self, tokens: int, rows: int, seconds: float) -> None:
         self.step_tokens.observe(tokens)

@@ -1,7 +1,8 @@
 """The request path between HTTP and the engine.
 
-    ChatInput -> choose strategy -> strategy.plan (off the event loop) -> limits and
-    context checks -> GenRequest -> engine (EventStream) -> TokenEvents
+    ChatInput -> route (explicit strategy, experiment arm, or the `auto` router)
+    -> strategy.plan (off the event loop) -> limits and context checks -> GenRequest
+    -> engine (EventStream) -> TokenEvents
 
 Knows nothing of HTTP: the API layer builds a ChatInput and formats what comes back.
 """
@@ -16,9 +17,12 @@ from typing import Optional
 from .config import Settings
 from .engine.aio import EventStream
 from .engine.types import GenRequest, SamplingParams
-from .errors import ContextLengthExceeded, InvalidRequest
+from .errors import ContextLengthExceeded, InvalidRequest, UnknownExperiment
 from .prompt import PromptBuilder
+from .router import Experiments, Router
 from .strategies import STRATEGIES, Plan, Query, StrategyContext, get_strategy
+
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,10 @@ class ChatInput:
     request_id: str
     messages: list[dict]  # [{"role": str, "content": str}]
     strategy: Optional[str] = None  # header value wins over the body's; resolved by the API layer
+    strategy_source: Optional[str] = None  # "header" | "body": where an explicit strategy came from
+    experiment: Optional[str] = None  # X-Experiment
+    user: Optional[str] = None  # OpenAI `user` or X-User-Id: keys the experiment arm
+    latency_budget_ms: Optional[float] = None  # X-Latency-Budget-Ms, for the router (time to first token)
     top_k: Optional[int] = None
     max_tokens: Optional[int] = None
     temperature: float = 0.0
@@ -36,6 +44,18 @@ class ChatInput:
     options: dict = field(default_factory=dict)  # strategy-specific fields, validated by the strategy
 
 
+@dataclass(frozen=True)
+class Route:
+    strategy: str
+    reason: str  # one short phrase: the rule, the classifier's choice, the arm, or "explicit ..."
+    rule: str  # the deciding rule's fixed name (router rules, "explicit", "experiment", "server_default")
+    experiment: Optional[str] = None
+    arm: Optional[str] = None
+    top_k: Optional[int] = None  # set by an experiment arm
+    options: dict = field(default_factory=dict)  # set by an experiment arm
+    hits: Optional[list] = None  # retrieval already done by the router
+
+
 @dataclass
 class Prepared:
     input: ChatInput
@@ -43,6 +63,7 @@ class Prepared:
     request: GenRequest
     t_start: float
     plan_ms: float = 0.0  # request start -> submitted to the engine (retrieval, KV loading, adapters, ...)
+    route: Optional[Route] = None
 
     @property
     def strategy(self) -> str:
@@ -69,23 +90,72 @@ class Pipeline:
         self.ctx = StrategyContext(kb=kb, prompts=self.prompts, kv=kv, kv_recompute=settings.kv_recompute,
                                    prag=prag)
         self.max_context = min(settings.max_context or engine.max_context, engine.max_context)
+        probe = None
+        if settings.router_probe and hasattr(engine, "runner"):
+            from .router.probe import ConfidenceProbe
+
+            probe = ConfidenceProbe(engine, self.prompts)
+        self.router = Router(self.ctx, self.supported_strategies(), min_score=settings.router_min_score, probe=probe,
+                             classifier_dir=settings.router_classifier or (
+                                 (data_dir / "router") if data_dir is not None else None))
+        self.experiments = Experiments(settings.experiments, self.known_strategies())
 
     def builder(self, kind: str):
         """The service that builds artefacts of this kind ("kv" or "adapters"), or None if the
         engine cannot; each has ``build_document(doc) -> bool``."""
         return {"kv": self.kv, "adapters": self.prag}[kind]
 
-    def default_strategy(self) -> str:
-        return "rag" if self.kb is not None and self.kb.count() > 0 else "direct"
-
     def known_strategies(self) -> list[str]:
-        return list(STRATEGIES)
+        return [AUTO, *STRATEGIES]
+
+    def supported_strategies(self) -> list[str]:
+        """What this engine can run: KV injection and row adapters need the torch engine's
+        forward (server.engine), CK-PLUG its logits hook."""
+        out = []
+        for name in STRATEGIES:
+            base, _, mod = name.partition("+")
+            if base == "kv" and self.kv is None or base == "prag" and self.prag is None:
+                continue
+            if mod == "ckplug" and not getattr(self.engine, "supports_logits_hook", False):
+                continue
+            out.append(name)
+        return out
+
+    def resolve(self, inp: ChatInput, top_k: int, question: str) -> Route:
+        """Which strategy answers, and why: an explicit strategy wins over an experiment,
+        an experiment arm over the router; `auto` (the default) asks the router."""
+        name, reason, rule, exp, arm, arm_top_k, options = inp.strategy, None, None, None, None, None, {}
+        if inp.experiment is not None:
+            try:
+                experiment = self.experiments.get(inp.experiment)
+            except KeyError as e:
+                raise UnknownExperiment(str(e.args[0]), param="X-Experiment") from None
+            exp = experiment.name
+            if name:
+                reason, rule = f"explicit strategy ({inp.strategy_source}) overrides experiment {exp}", "explicit"
+            else:
+                a = self.experiments.assign(exp, inp.user)
+                arm, name = a.name, a.strategy
+                arm_top_k = a.params.get("top_k")
+                options = {k: v for k, v in a.params.items() if k != "top_k"}
+                reason, rule = f"experiment {exp} arm {arm}", "experiment"
+        elif name:
+            reason, rule = f"explicit strategy ({inp.strategy_source})", "explicit"
+        name = name or self.settings.default_strategy
+        if name != AUTO:
+            return Route(name, reason or "server default", rule or "server_default", exp, arm, arm_top_k, options)
+        d = self.router.route(inp.messages, question, arm_top_k or top_k, inp.latency_budget_ms)
+        return Route(d.strategy, f"{reason}: {d.reason}" if reason else d.reason, d.rule, exp, arm, arm_top_k,
+                     options, d.hits)
+
+    def observe(self, prepared: Prepared, prompt_tokens: int, cached_tokens: int, prefill_ms: float) -> None:
+        """A request finished: feed its prefill rate to the router's latency estimates."""
+        if len(prepared.request.rows) == 1 and prepared.request.rows[0].prefix is None:
+            self.router.observe_prefill(prompt_tokens - cached_tokens, prefill_ms)
 
     async def prepare(self, inp: ChatInput) -> Prepared:
         t0 = time.perf_counter()
         s = self.settings
-        name = inp.strategy or self.default_strategy()
-        strategy = get_strategy(name)
         top_k = s.default_top_k if inp.top_k is None else inp.top_k
         if not 1 <= top_k <= s.max_top_k:
             raise InvalidRequest(f"top_k must be between 1 and {s.max_top_k}", param="top_k")
@@ -94,10 +164,22 @@ class Pipeline:
         question = next((m["content"] for m in reversed(inp.messages) if m["role"] == "user"), None)
         if not question or not question.strip():
             raise InvalidRequest("messages need at least one non-empty user message", param="messages")
+        if inp.latency_budget_ms is not None and not 0 < inp.latency_budget_ms < float("inf"):
+            raise InvalidRequest("X-Latency-Budget-Ms must be a positive number of milliseconds",
+                                 param="X-Latency-Budget-Ms", code="invalid_value")
+        if inp.strategy is not None and inp.strategy != AUTO:
+            get_strategy(inp.strategy)  # an unknown name is refused before any retrieval
+        route = await asyncio.to_thread(self.resolve, inp, top_k, question)
+        strategy = get_strategy(route.strategy)
+        if route.top_k is not None:
+            top_k = route.top_k
+            if not 1 <= top_k <= s.max_top_k:
+                raise InvalidRequest(f"top_k must be between 1 and {s.max_top_k}", param="top_k")
         sampling = SamplingParams(max_tokens=inp.max_tokens or s.default_max_tokens, temperature=inp.temperature,
                                   top_p=inp.top_p, seed=inp.seed, stop=inp.stop,
                                   ignore_eos=inp.ignore_eos)
-        query = Query(inp.request_id, inp.messages, question, top_k, sampling, inp.options)
+        query = Query(inp.request_id, inp.messages, question, top_k, sampling, {**inp.options, **route.options},
+                      hits=route.hits)
         plan = await asyncio.to_thread(strategy.plan, query, self.ctx)
         prompt_len = max(len(r.prompt_ids) + (r.prefix.length if r.prefix is not None else 0) for r in plan.rows)
         if inp.max_tokens is None:  # as much as fits, up to the default
@@ -110,7 +192,7 @@ class Pipeline:
                 f"{sampling.max_tokens} in the completion). Please reduce the length of the messages, top_k or max_tokens.",
                 param="messages")
         req = GenRequest(inp.request_id, plan.rows, sampling, plan.logits_hook)
-        return Prepared(inp, plan, req, t0, (time.perf_counter() - t0) * 1e3)
+        return Prepared(inp, plan, req, t0, (time.perf_counter() - t0) * 1e3, route)
 
     def start(self, prepared: Prepared) -> EventStream:
         """Submit to the engine; raises QueueFull / EngineUnavailable at once, not mid-stream."""

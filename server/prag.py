@@ -101,6 +101,9 @@ class PragService:
             self._cache.popitem(last=False)
         return aset
 
+    def has(self, doc) -> bool:
+        return self.bank.has(self.key(doc))
+
     def describe(self, doc) -> dict:
         key = self.key(doc)
         out = {"doc_id": doc.id, "key": key, "stored": self.bank.has(key), "recipe": self.recipe.name}

@@ -57,6 +57,9 @@ class PromptBuilder:
     def _encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
 
+    def count_tokens(self, text: str) -> int:
+        return len(self._encode(text))
+
     def plain(self, messages: list[dict]) -> list[int]:
         """The conversation as the model's chat template renders it, no passages."""
         return self._encode(self._render(messages))

@@ -85,14 +85,17 @@ def test_stream_with_include_usage_ends_with_a_usage_chunk(server):
 def test_models_health_and_metrics(server):
     c = server.client()
     assert [m.id for m in c.models.list().data] == ["knowmux"]
-    c.chat.completions.create(model="knowmux", messages=ASK, max_tokens=3)
+    r = c.chat.completions.with_raw_response.create(model="knowmux", messages=ASK, max_tokens=3)
+    assert r.headers["x-strategy"] == "rag"  # auto (the default) found a good hit
+    assert r.headers["x-route-reason"].startswith("good hit")
     h = httpx.get(server.url + "/health").json()
     assert h["status"] == "ok" and h["documents"] == 3
     m = httpx.get(server.url + "/metrics").text
     for name in ("knowmux_requests_total", "knowmux_request_latency_seconds", "knowmux_tokens_total",
                  "knowmux_queue_length", "knowmux_running_batch_size", "knowmux_step_tokens"):
         assert name in m
-    assert 'knowmux_requests_total{status="200",strategy="rag"} 1.0' in m
+    assert 'knowmux_requests_total{arm="",experiment="",status="200",strategy="rag"} 1.0' in m
+    assert 'knowmux_routes_total{rule="preference",strategy="rag"} 1.0' in m
 
 
 def test_documents_upsert_get_and_delete(server):

@@ -94,14 +94,16 @@ def test_end_to_end_run_writes_all_outputs(make_server, tmp_path):
     srv = make_server()
     out = tmp_path / "out"
     rc = main(["--url", srv.url, "--corpus", str(corpus), "--questions", str(questions), "--conflicts",
-               str(conflicts), "--strategies", "direct,rag,kv,prag,rag+ckplug,auto", "--alphas", "0,1", "--max-tokens", "4",
+               str(conflicts), "--strategies", "direct,rag,kv,prag,rag+ckplug,auto,telepathy", "--alphas", "0,1", "--max-tokens", "4",
                "--concurrency", "2", "--out", str(out)])
     assert rc == 0
     result = json.loads((out / "results.json").read_text())
-    assert result["unavailable"] == ["auto"]
+    assert result["unavailable"] == ["telepathy"]
     labels = {(r["label"], r["kind"], r["concurrency"]) for r in result["runs"]}
     assert ("rag", "questions", 1) in labels and ("rag+ckplug (alpha=0.0)", "conflicts", 1) in labels
     assert ("rag", "questions", 2) in labels
+    auto = next(r for r in result["runs"] if r["label"] == "auto" and r["kind"] == "questions")
+    assert auto["failures"] == 0 and sum(auto["routed"].values()) == auto["n"]  # what the router chose, counted
     rag = next(r for r in result["runs"] if r["label"] == "rag" and r["kind"] == "questions")
     assert rag["recall_at_k"] == 1.0 and rag["failures"] == 0 and rag["ttft_p50_s"] > 0
     kv = next(r for r in result["runs"] if r["label"] == "kv" and r["kind"] == "questions")

@@ -14,6 +14,7 @@ from . import errors
 from .admin import router as admin_router
 from .chat import router as chat_router
 from .limits import BodySizeLimit
+from .routing import router as routing_router
 
 log = logging.getLogger(__name__)
 
@@ -42,4 +43,5 @@ def create_app(settings: Optional[Settings] = None, runtime=None) -> FastAPI:
     errors.install(app)
     app.include_router(chat_router)
     app.include_router(admin_router)
+    app.include_router(routing_router)
     return app

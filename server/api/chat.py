@@ -33,11 +33,22 @@ def to_input(body: ChatCompletionRequest, request: Request, served: str) -> Chat
     if extras:
         log.info("ignoring unknown request fields: %s", ", ".join(sorted(extras)))
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    header_strategy = request.headers.get("x-strategy")
+    budget = request.headers.get("x-latency-budget-ms")
+    if budget is not None:
+        try:
+            budget = float(budget)
+        except ValueError:
+            raise InvalidRequest("X-Latency-Budget-Ms must be a positive number of milliseconds",
+                                 param="X-Latency-Budget-Ms", code="invalid_value") from None
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     return ChatInput(
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
         messages=messages,
-        strategy=request.headers.get("x-strategy") or body.strategy,
+        strategy=header_strategy or body.strategy,
+        strategy_source="header" if header_strategy else "body" if body.strategy else None,
+        experiment=request.headers.get("x-experiment"),
+        user=body.user or request.headers.get("x-user-id"), latency_budget_ms=budget,
         top_k=body.top_k,
         max_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
         temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop,
@@ -50,7 +61,7 @@ def knowmux_field(p: Prepared, timings, total_ms: float) -> dict:
         t.update(queue=timings.queued_ms, prefill=timings.prefill_ms, decode=timings.decode_ms,
                  ttft=p.plan_ms + timings.ttft_ms)
     t["total"] = total_ms
-    return {"strategy": p.strategy,
+    return {"strategy": p.strategy, "route_reason": p.route.reason,
             "retrieved": [{"id": r.doc_id, "score": round(r.score, 6), "title": r.title} for r in p.plan.retrieved],
             "timings_ms": {k: round(v, 2) for k, v in t.items()}, **p.plan.info,
             **(p.plan.report() if p.plan.report is not None else {})}
@@ -58,22 +69,34 @@ def knowmux_field(p: Prepared, timings, total_ms: float) -> dict:
 
 def response_headers(p: Prepared) -> dict:
     # Header values must be latin-1 and the list is comma-separated: percent-escape
-    # each id (RFC 3986 unreserved characters pass as they are).
+    # each id (RFC 3986 unreserved characters pass as they are). Route reasons and
+    # experiment/arm names are built from validated names and numbers only.
     ids = ",".join(quote(r.doc_id, safe="") for r in p.plan.retrieved)
-    return {"X-Strategy": p.strategy, "X-Retrieved-Docs": ids}
+    h = {"X-Strategy": p.strategy, "X-Route-Reason": p.route.reason, "X-Retrieved-Docs": ids}
+    if p.route.experiment is not None:
+        h["X-Experiment"] = p.route.experiment
+        if p.route.arm is not None:
+            h["X-Experiment-Arm"] = p.route.arm
+    return h
+
+
+def _labels(p: Prepared) -> tuple[str, str, str]:
+    return p.strategy, p.route.experiment or "", p.route.arm or ""
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, rt=Depends(get_runtime)):
-    inp = to_input(body, request, rt.settings.served_model_name)
-    strategy = inp.strategy or "default"
+    labels = (request.headers.get("x-strategy") or body.strategy or rt.settings.default_strategy,
+              request.headers.get("x-experiment") or "", "")
     try:
+        inp = to_input(body, request, rt.settings.served_model_name)
         prepared = await rt.pipeline.prepare(inp)
-        strategy = prepared.strategy
+        labels = _labels(prepared)
         events = rt.pipeline.start(prepared)
     except KnowmuxError as exc:
-        rt.metrics.requests.labels(strategy, str(status_of(exc))).inc()
+        rt.metrics.failed(labels, status_of(exc), exc.code or exc.type)
         raise
+    rt.metrics.routes.labels(prepared.strategy, prepared.route.rule).inc()
     headers = response_headers(prepared)
     created = int(time.time())
     model = rt.settings.served_model_name
@@ -89,7 +112,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt=Dep
     finally:
         events.cancel()
     if last.finish_reason == "error":
-        rt.metrics.requests.labels(strategy, "500").inc()
+        rt.metrics.failed(labels, 500, "engine_error")
         raise EngineError(last.error or "engine error")
     total_ms = (time.perf_counter() - prepared.t_start) * 1e3
     _record(rt, prepared, last, total_ms)
@@ -110,13 +133,14 @@ def _usage(ev) -> dict:
 
 
 def _record(rt, p: Prepared, last, total_ms: float) -> None:
-    m, s = rt.metrics, p.strategy
-    m.requests.labels(s, "200").inc()
-    m.latency.labels(s).observe(total_ms / 1e3)
+    m, labels = rt.metrics, _labels(p)
+    m.requests.labels(*labels, "200").inc()
+    m.latency.labels(*labels).observe(total_ms / 1e3)
     if last.timings is not None:
-        m.ttft.labels(s).observe((last.timings.ttft_ms + p.plan_ms) / 1e3)
-    m.tokens.labels(s, "prompt").inc(last.prompt_tokens)
-    m.tokens.labels(s, "completion").inc(last.completion_tokens)
+        m.ttft.labels(*labels).observe((last.timings.ttft_ms + p.plan_ms) / 1e3)
+        rt.pipeline.observe(p, last.prompt_tokens, last.cached_tokens, last.timings.prefill_ms)
+    m.tokens.labels(*labels, "prompt").inc(last.prompt_tokens)
+    m.tokens.labels(*labels, "completion").inc(last.completion_tokens)
 
 
 async def _sse(rt, p: Prepared, events, created: int, model: str, include_usage: bool) -> AsyncIterator[str]:
@@ -129,7 +153,7 @@ async def _sse(rt, p: Prepared, events, created: int, model: str, include_usage:
         yield chunk({"role": "assistant", "content": ""})
         async for ev in events:
             if ev.finish_reason == "error":
-                rt.metrics.requests.labels(p.strategy, "500").inc()
+                rt.metrics.failed(_labels(p), 500, "engine_error")
                 yield f"data: {json.dumps(error_body(ev.error or 'engine error', 'server_error', None, 'engine_error'))}\n\n"
                 break
             if ev.finish_reason is None:

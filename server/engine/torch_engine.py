@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 class TorchEngine:
     name = "torch"
+    supports_logits_hook = True  # per-request logits hooks (CK-PLUG, the router's probe)
 
     def __init__(self, hf_model, tokenizer, model_id: str, limits: WorkerLimits = WorkerLimits(),
                  on_step: Optional[Callable[[int, int, float], None]] = None):

@@ -100,6 +100,11 @@ class KVService:
     def _ids(self, doc) -> list[int]:
         return self.prompts.passage_ids(Passage(doc.id, doc.title, doc.text))
 
+    def has(self, doc) -> bool:
+        """Whether the document's cache is stored (memory or disk), without loading it."""
+        key = self.key(self._ids(doc))
+        return self.store.contains(key)
+
     def build_document(self, doc) -> bool:
         """Compute and store one document's cache unless stored; True if it was built now."""
         return self.passage(doc.id, self._ids(doc)).source == "built"

@@ -71,6 +71,12 @@ class KVStore:
     def path(self, key: str) -> Path:
         return self.root / f"{key}.safetensors"
 
+    def contains(self, key: str) -> bool:
+        with self._lock:
+            if key in self._lru:
+                return True
+        return self.path(key).exists()
+
     def get(self, key: str) -> tuple[Optional[KVEntry], str]:
         """(entry, where) with where in "memory", "disk", "missing" or "corrupt"."""
         with self._lock:

@@ -29,7 +29,7 @@ def get_strategy(name: str) -> Strategy:
             f"{name!r}: +ckplug reweights between decoding with and without retrieved context in the prompt, "
             f"and {base!r} has no such context to weigh; use it with rag", param="strategy")
     if name not in STRATEGIES:
-        raise UnknownStrategy(f"unknown strategy {name!r}; known strategies: {', '.join(STRATEGIES)}",
+        raise UnknownStrategy(f"unknown strategy {name!r}; known strategies: auto, {', '.join(STRATEGIES)}",
                               param="strategy")
     if name not in _instances:
         module, cls = STRATEGIES[name].split(":")

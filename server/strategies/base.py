@@ -21,6 +21,8 @@ class Query:
     top_k: int
     sampling: SamplingParams
     options: dict = field(default_factory=dict)  # strategy-specific request fields (ckplug_alpha, ...)
+    # hits already searched for this question (by the router), best first: retrieval reuses them
+    hits: Optional[list] = None
 
 
 @dataclass

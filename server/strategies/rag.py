@@ -20,7 +20,10 @@ def retrieve(query: Query, ctx: StrategyContext) -> tuple[list[Retrieved], list[
     if ctx.kb is None or ctx.kb.count() == 0:
         raise StrategyUnavailable("no documents are ingested: add some with POST /v1/documents or knowmux ingest")
     t0 = time.perf_counter()
-    hits = ctx.kb.search(query.question, query.top_k)
+    if query.hits is not None and len(query.hits) >= query.top_k:
+        hits = query.hits[:query.top_k]
+    else:
+        hits = ctx.kb.search(query.question, query.top_k)
     docs = ctx.kb.get_many([h.doc_id for h in hits])
     hits = [h for h in hits if h.doc_id in docs]  # a document deleted since the search is dropped
     retrieved = [Retrieved(h.doc_id, h.score, docs[h.doc_id].title) for h in hits]

@@ -1,0 +1,43 @@
+"""The router's and the experiments' state: GET /v1/router, GET /v1/experiments,
+POST /v1/experiments/reload, POST /v1/router/reload (after `knowmux router train`)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends
+
+from ..errors import InvalidRequest
+from ..router import ExperimentError
+from .deps import get_runtime
+
+router = APIRouter()
+
+
+@router.get("/v1/router")
+async def router_state(rt=Depends(get_runtime)):
+    return {"default_strategy": rt.settings.default_strategy, **rt.pipeline.router.describe()}
+
+
+@router.post("/v1/router/reload")
+async def router_reload(rt=Depends(get_runtime)):
+    await asyncio.to_thread(rt.pipeline.router.load_classifier)
+    state = rt.pipeline.router.describe()
+    if state["classifier_error"]:
+        raise InvalidRequest(state["classifier_error"], param="classifier", code="invalid_classifier")
+    return state
+
+
+@router.get("/v1/experiments")
+async def experiments(rt=Depends(get_runtime)):
+    return rt.pipeline.experiments.describe()
+
+
+@router.post("/v1/experiments/reload")
+async def experiments_reload(rt=Depends(get_runtime)):
+    try:
+        await asyncio.to_thread(rt.pipeline.experiments.reload)
+    except ExperimentError as e:
+        raise InvalidRequest(f"{e}; the previous configuration stays live", param="experiments",
+                             code="invalid_experiments") from None
+    return rt.pipeline.experiments.describe()

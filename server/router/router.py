@@ -1,0 +1,176 @@
+"""`auto`: choose a strategy per request, and say why in one short phrase.
+
+In order, the first that applies decides:
+
+1. no documents ingested                      -> direct
+2. the best hit scores below ``min_score``      -> direct ("no good hit")
+3. candidates = strategies this engine runs whose artefacts exist for every retrieved
+   document (kv: stored caches; prag: trained adapters), and, with
+   ``X-Latency-Budget-Ms``, whose estimated time to first token fits the budget
+   (none fits: the fastest)
+4. probe on, and the context makes the model less sure of its first token
+   (CK-PLUG confidence gain < 0: memory and context disagree) -> rag+ckplug
+5. a trained classifier is loaded               -> its most probable candidate
+6. otherwise                                    -> the first candidate in ``PREFERENCE``
+
+``PREFERENCE`` is the accuracy order measured on NQ-open (bench/RESULTS.md: rag 21%,
+rag+ckplug 19%, kv 15%, direct 6% contains-match): with nothing else to go on, the most
+accurate strategy that fits. Time-to-first-token estimates use the prefill rate the
+engine has actually shown on recent requests (an exponential average), so the budget
+rule adapts to the machine and its load.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..prompt import Passage
+from .classifier import ClassifierError, RouterClassifier
+from .features import Features, question_words
+
+log = logging.getLogger(__name__)
+
+PREFERENCE = ("rag", "rag+ckplug", "prag+rag", "kv", "kv+ckplug", "prag", "direct")
+# fixed costs per retrieved document beyond prefill, ms (measured: KV disk load p50 10 ms;
+# adapter combine a few ms): small next to prefill, but they order kv/prag against direct
+_KV_LOAD_MS, _ADAPTER_MS, _TEMPLATE_TOKENS = 12.0, 5.0, 12
+
+
+@dataclass(frozen=True)
+class Decision:
+    strategy: str
+    reason: str
+    rule: str  # which rule decided, a short fixed name (a metrics label)
+    features: Optional[Features] = None
+    hits: Optional[list] = None  # the retrieval done for routing, handed on to the strategy
+    estimates_ms: Optional[dict] = None
+
+
+class Router:
+    def __init__(self, ctx, supported: list[str], *, min_score: float = 0.25, probe=None,
+                 classifier_dir: Optional[Path] = None, prefill_tokens_per_s: float = 500.0):
+        self.ctx = ctx  # strategies.StrategyContext: kb, prompts, kv, prag
+        self.supported = [s for s in PREFERENCE if s in supported]
+        self.min_score = min_score
+        self.probe = probe  # callable(messages, passages) -> confidence gain, or None (off)
+        self.classifier_dir = classifier_dir
+        self.classifier: Optional[RouterClassifier] = None
+        self.classifier_error: Optional[str] = None
+        self._rate = prefill_tokens_per_s
+        self._lock = threading.Lock()
+        self.load_classifier()
+
+    # ---- the classifier ------------------------------------------------------------------
+    def load_classifier(self) -> None:
+        if self.classifier_dir is None:
+            return
+        try:
+            self.classifier, self.classifier_error = RouterClassifier.load(self.classifier_dir), None
+        except ClassifierError as e:
+            self.classifier, self.classifier_error = None, str(e)
+            log.error("%s; routing by rules only", e)
+        if self.classifier is not None:
+            log.info("router classifier loaded: classes %s", ", ".join(self.classifier.classes))
+
+    # ---- prefill rate ------------------------------------------------------------------
+    def observe_prefill(self, tokens: int, ms: float) -> None:
+        """Feed back a finished request's prefill (tokens actually computed, time)."""
+        if tokens >= 16 and ms > 0:
+            with self._lock:
+                self._rate = 0.8 * self._rate + 0.2 * (tokens / (ms / 1e3))
+
+    @property
+    def prefill_rate(self) -> float:
+        return self._rate
+
+    # ---- features ----------------------------------------------------------------------
+    def features(self, question: str, top_k: int, need_tokens: bool) -> tuple[Features, list, dict]:
+        kb, ctx = self.ctx.kb, self.ctx
+        emb = kb.embed_query(question)
+        hits = kb.search_vector(emb, top_k)
+        docs = kb.get_many([h.doc_id for h in hits])
+        hits = [h for h in hits if h.doc_id in docs]
+        f = Features(embedding=emb, scores=[h.score for h in hits], question_words=question_words(question))
+        if need_tokens:
+            f.question_tokens = ctx.prompts.count_tokens(question)
+            f.passage_tokens = sum(len(ctx.prompts.passage_ids(Passage(d.id, d.title, d.text)))
+                                   for d in (docs[h.doc_id] for h in hits))
+        if ctx.kv is not None:
+            f.with_kv = sum(ctx.kv.has(docs[h.doc_id]) for h in hits)
+        if ctx.prag is not None:
+            f.with_adapter = sum(ctx.prag.has(docs[h.doc_id]) for h in hits)
+        return f, hits, docs
+
+    def estimate_ttft_ms(self, f: Features) -> dict[str, float]:
+        per_ms = self._rate / 1e3
+        q = f.question_tokens + _TEMPLATE_TOKENS
+        p = f.passage_tokens
+        n = f.n_hits
+        est = {"direct": q / per_ms, "rag": (q + p) / per_ms, "rag+ckplug": (2 * q + p) / per_ms,
+               "kv": q / per_ms + _KV_LOAD_MS * n, "kv+ckplug": 2 * q / per_ms + _KV_LOAD_MS * n,
+               "prag": 1.2 * q / per_ms + _ADAPTER_MS * n, "prag+rag": 1.2 * (q + p) / per_ms + _ADAPTER_MS * n}
+        return {s: round(est[s], 1) for s in self.supported}
+
+    # ---- the decision ------------------------------------------------------------------
+    def route(self, messages: list[dict], question: str, top_k: int,
+              budget_ms: Optional[float] = None) -> Decision:
+        kb = self.ctx.kb
+        if kb is None or kb.count() == 0:
+            return Decision("direct", "no documents ingested", "no_documents")
+        f, hits, docs = self.features(question, top_k, need_tokens=budget_ms is not None)
+        if not hits or f.top_score < self.min_score:
+            return Decision("direct", f"no good hit (top score {f.top_score:.2f} < {self.min_score:.2f})",
+                            "no_good_hit", f, hits)
+        candidates = [s for s in self.supported if self._has_artefacts(s, f)]
+        est, excluded = None, []
+        if budget_ms is not None:
+            est = self.estimate_ttft_ms(f)
+            fitting = [s for s in candidates if est[s] <= budget_ms]
+            if not fitting:
+                fastest = min(candidates, key=lambda s: est[s])
+                return Decision(fastest, f"latency budget {budget_ms:g} ms: nothing fits, fastest is {fastest} "
+                                         f"(est. {est[fastest]:.0f} ms)", "budget", f, hits, est)
+            excluded = [s for s in candidates if s not in fitting]
+            candidates = fitting
+        if self.probe is not None and "rag+ckplug" in candidates:
+            passages = [Passage(h.doc_id, docs[h.doc_id].title, docs[h.doc_id].text) for h in hits]
+            f.confidence_gain = self.probe(messages, passages)
+            if f.confidence_gain < 0:
+                return Decision("rag+ckplug", f"context lowers confidence (gain {f.confidence_gain:.2f}): "
+                                              "rag+ckplug", "probe", f, hits, est)
+        if self.classifier is not None:
+            try:
+                choice = self.classifier.choose(f.vector(), candidates)
+            except ClassifierError as e:  # e.g. a classifier trained with another embedder
+                log.warning("router classifier not usable for this request: %s", e)
+                choice = None
+            if choice is not None:
+                s, p = choice
+                return Decision(s, f"classifier: {s} (p={p:.2f})", "classifier", f, hits, est)
+        best = candidates[0]
+        if excluded:
+            return Decision(best, f"latency budget {budget_ms:g} ms: {best} (est. {est[best]:.0f} ms; "
+                                  f"{excluded[0]} est. {est[excluded[0]]:.0f} ms)", "budget", f, hits, est)
+        return Decision(best, f"good hit (top score {f.top_score:.2f}): {best}", "preference", f, hits,
+                        est)
+
+    @staticmethod
+    def _has_artefacts(strategy: str, f: Features) -> bool:
+        base = strategy.split("+")[0]
+        if base == "kv":
+            return f.with_kv == f.n_hits
+        if base == "prag":
+            return f.with_adapter == f.n_hits
+        return True
+
+    def describe(self) -> dict:
+        c = self.classifier
+        return {"rules": {"min_score": self.min_score, "probe": self.probe is not None,
+                          "preference": self.supported},
+                "prefill_tokens_per_s": round(self._rate, 1),
+                "classifier": None if c is None else {"classes": c.classes, "info": c.info},
+                "classifier_error": self.classifier_error}

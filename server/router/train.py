@@ -1,0 +1,191 @@
+"""`knowmux router train --from RUN [--from RUN ...]`: the router's classifier from bench runs.
+
+Adaptive-RAG's recipe (Jeong et al., 2024), with our strategies for its three levels:
+every question answered by several fixed strategies in the runs gets the label of the
+*cheapest* strategy that answered it correctly, cost being the strategy's median latency
+in those runs. A question no strategy answered is labelled with the strategy most often
+right on its data set (Adaptive-RAG's fallback to the data set's inductive bias), so the
+classifier also learns which kind of question wants which strategy when nothing is easy.
+
+Features are recomputed from each run's data dir (its knowledge base: the question
+embedding and the retrieval scores, server.router.features) with the same code the
+server runs, so training needs no model. "Correct": `contains` for questions; for
+conflict sets, the answer the data set counts as true (rgb_en_fact's passages are
+counterfactual: the memory answer; the others: the context answer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .classifier import RouterClassifier
+from .features import Features, question_words
+
+# conflict sets whose passages are counterfactual: the model's own (memory) answer is the true one
+MEMORY_IS_TRUE = {"rgb_en_fact"}
+
+
+class TrainError(ValueError):
+    pass
+
+
+def _run_data_dir(run: Path, meta: dict) -> Path:
+    if meta.get("data_dir"):
+        return Path(meta["data_dir"])
+    args = shlex.split(meta.get("command", ""))
+    if "--data-dir" in args:
+        return Path(args[args.index("--data-dir") + 1])
+    raise TrainError(f"{run}: the run does not record its data dir (it ran against --url); "
+                     "re-run the bench with --data-dir")
+
+
+def _correct(rec: dict, dataset: str) -> float | None:
+    if rec.get("kind") == "conflicts":
+        return rec.get("has_memory") if dataset in MEMORY_IS_TRUE else rec.get("has_context")
+    return rec.get("contains")
+
+
+def load_runs(runs: list[Path], train_fraction: float = 1.0) -> dict:
+    """{(dataset, kind, id): {"question", "top_k", "data_dir", "outcomes": {strategy: correct}}}
+    and the latencies per strategy. Only plain strategies and CK-PLUG's adaptive setting
+    are candidates (a fixed-alpha sweep is a study, not a strategy the router can pick)."""
+    items: dict = {}
+    latency: dict = defaultdict(list)
+    for run in runs:
+        try:
+            meta = json.loads((run / "results.json").read_text())
+            lines = (run / "results.jsonl").read_text(encoding="utf-8").splitlines()
+        except (OSError, ValueError) as e:
+            raise TrainError(f"{run}: not a bench output folder ({e})") from None
+        dataset, data_dir = meta.get("dataset", "?"), _run_data_dir(run, meta)
+        settings = meta.get("settings", {})
+        order: dict = defaultdict(list)  # kind -> ids in the run's (the data set's) order
+        for line in lines:
+            r = json.loads(line)
+            if r["id"] not in order[r.get("kind", "questions")]:
+                order[r.get("kind", "questions")].append(r["id"])
+        keep = {kind: set(ids[:int(round(len(ids) * train_fraction))]) for kind, ids in order.items()}
+        for line in lines:
+            r = json.loads(line)
+            if r.get("error") is not None or r.get("strategy") == "auto":
+                continue
+            alpha = r.get("ckplug_alpha")
+            if alpha not in (None, "adaptive"):
+                continue
+            kind = r.get("kind", "questions")
+            if r["id"] not in keep[kind]:
+                continue
+            ok = _correct(r, dataset)
+            if ok is None:
+                continue
+            key = (dataset, kind, r["id"])
+            top_k = settings.get("conflict_top_k", 1) if kind == "conflicts" else settings.get("top_k", 3)
+            it = items.setdefault(key, {"question": r["question"], "top_k": top_k, "data_dir": data_dir,
+                                        "outcomes": {}})
+            it["outcomes"].setdefault(r["strategy"], float(ok) >= 0.5)
+            latency[r["strategy"]].append(r["latency_s"])
+    if not items:
+        raise TrainError("no usable answers in the runs (every record failed, or none is scored)")
+    return {"items": items, "latency": {s: statistics.median(v) for s, v in latency.items()}}
+
+
+def label(items: dict, latency: dict) -> tuple[list, list[str], list[str], dict]:
+    """(keys, labels, strategies cheapest first, fallback per dataset)."""
+    order = sorted(latency, key=latency.get)
+    right: dict = defaultdict(Counter)
+    for (dataset, _, _), it in items.items():
+        for s, ok in it["outcomes"].items():
+            right[dataset][s] += ok
+    fallback = {d: max(order, key=lambda s: (c[s], -order.index(s))) for d, c in right.items()}
+    keys, labels = [], []
+    for key, it in items.items():
+        correct = [s for s in order if it["outcomes"].get(s)]
+        keys.append(key)
+        labels.append(correct[0] if correct else fallback[key[0]])
+    return keys, labels, order, fallback
+
+
+def featurise(items: dict, keys: list, embedder) -> np.ndarray:
+    from indexes import KnowledgeBase
+
+    kbs: dict = {}
+    rows = []
+    for key in keys:
+        it = items[key]
+        d = it["data_dir"]
+        if d not in kbs:
+            if not (Path(d) / "documents.sqlite3").exists():
+                raise TrainError(f"{d}: no knowledge base there (the run's data dir was removed?)")
+            kbs[d] = KnowledgeBase(Path(d), embedder)
+        kb = kbs[d]
+        emb = kb.embed_query(it["question"])
+        hits = kb.search_vector(emb, it["top_k"])
+        rows.append(Features(emb, [h.score for h in hits], question_words(it["question"])).vector())
+    for kb in kbs.values():
+        kb.close()
+    return np.stack(rows)
+
+
+def cross_validate(X: np.ndarray, y: list[str], classes: list[str], dim: int, folds: int = 5, seed: int = 0) -> float:
+    idx = np.random.default_rng(seed).permutation(len(y))
+    hits = 0
+    for f in range(folds):
+        test = idx[f::folds]
+        train = np.setdiff1d(idx, test)
+        if len(train) == 0 or len(test) == 0:
+            continue
+        clf = RouterClassifier.fit(X[train], [y[i] for i in train], classes, dim)
+        hits += sum(clf.choose(X[i], classes)[0] == y[i] for i in test)
+    return hits / len(y)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="knowmux router train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--from", dest="runs", type=Path, action="append", required=True,
+                    help="a knowmux bench --out folder (repeatable)")
+    ap.add_argument("--out", type=Path, required=True,
+                    help="where to write classifier.safetensors/.json (the server reads DATA_DIR/router)")
+    ap.add_argument("--train-fraction", type=float, default=1.0,
+                    help="train on this leading fraction of each run's questions and hold the rest out "
+                         "(evaluate on them with knowmux bench --skip)")
+    a = ap.parse_args(argv)
+    try:
+        from indexes.embedder import Embedder
+
+        t0 = time.time()
+        if not 0 < a.train_fraction <= 1:
+            raise TrainError("--train-fraction must be in (0, 1]")
+        loaded = load_runs(a.runs, a.train_fraction)
+        keys, labels, order, fallback = label(loaded["items"], loaded["latency"])
+        embedder = Embedder()
+        X = featurise(loaded["items"], keys, embedder)
+        classes = [s for s in order if s in set(labels)]
+        dim = embedder.dim
+        cv = cross_validate(X, labels, classes, dim) if len(keys) >= 10 else None
+        counts = Counter(labels)
+        clf = RouterClassifier.fit(X, labels, classes, dim, info={
+            "trained_at": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": [str(r) for r in a.runs], "train_fraction": a.train_fraction,
+            "questions": len(keys), "labels": dict(counts), "cost_order": order,
+            "median_latency_s": {s: round(v, 3) for s, v in loaded["latency"].items()},
+            "fallback": fallback, "cv_label_accuracy": cv, "majority_share": max(counts.values()) / len(keys)})
+        clf.save(a.out)
+    except (TrainError, OSError) as e:
+        print(f"knowmux router train: {e}")
+        return 2
+    print(f"trained on {len(keys)} questions from {len(a.runs)} run(s) in {time.time() - t0:.1f} s")
+    lat = loaded["latency"]
+    print("cost order (median latency): " + ", ".join(f"{s} {lat[s]:.2f}s" for s in order))
+    print(f"labels: {dict(counts)}; fallback when none is right: {fallback}")
+    if cv is not None:
+        print(f"5-fold label accuracy {cv:.3f} (majority class {max(counts.values()) / len(keys):.3f})")
+    print(f"written to {a.out}")
+    return 0
