@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -52,6 +53,19 @@ class AdapterBank:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._sweep()
+
+    def _sweep(self, stale_s: float = 3600) -> None:
+        """Remove what an interrupted save or delete left behind (hidden, never loaded):
+        renamed-away folders at once, unfinished saves once they are an hour old (a save
+        in another process may still be running)."""
+        now = time.time()
+        for p in self.root.glob(".*"):
+            try:
+                if p.name.startswith(".deleted-") or now - p.stat().st_mtime > stale_s:
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            except OSError:
+                pass
 
     def folder(self, key: str) -> Path:
         return self.root / key
@@ -78,6 +92,16 @@ class AdapterBank:
             return final
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def remove(self, key: str) -> bool:
+        """Delete an adapter folder; rename first, so no half-deleted adapter is ever visible."""
+        final = self.folder(key)
+        if not final.exists():
+            return False
+        gone = self.root / f".deleted-{key}-{os.getpid()}-{time.monotonic_ns()}"
+        os.replace(final, gone)
+        shutil.rmtree(gone, ignore_errors=True)
+        return True
 
     def meta(self, key: str) -> dict:
         return json.loads((self.folder(key) / "knowmux.json").read_text())

@@ -11,6 +11,7 @@ search notices and reloads.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,12 @@ class KnowledgeBase:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.embedder = embedder
-        self.store = DocumentStore(self.data_dir / "documents.sqlite3")
+        try:
+            self.store = DocumentStore(self.data_dir / "documents.sqlite3")
+        except sqlite3.DatabaseError as e:
+            raise ValueError(f"{self.data_dir / 'documents.sqlite3'} is damaged ({e}). It is the source of truth "
+                             "(documents and embeddings) and cannot be rebuilt from anything else: restore it from "
+                             "a backup, or re-ingest the corpus into a fresh data dir") from None
         self._index_path = self.data_dir / "index.faiss"
         self._lock = threading.RLock()
         self._load_index()

@@ -145,6 +145,12 @@ class DocumentStore:
                 f"WHERE id IN ({','.join('?' * len(ids))})", ids).fetchall() if ids else []
         return {r[0]: Document(*r) for r in rows}
 
+    def ids_with_hash(self, content_hash: str) -> list[str]:
+        """Documents with this content (artefacts are keyed by content: they are shared)."""
+        with self._lock:
+            rows = self._db.execute("SELECT id FROM documents WHERE content_hash=?", (content_hash,)).fetchall()
+        return [r[0] for r in rows]
+
     def ids_for_vec(self, vec_ids: list[int]) -> dict[int, str]:
         with self._lock:
             rows = self._db.execute(

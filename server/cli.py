@@ -104,6 +104,9 @@ def cmd_serve(args) -> int:
     from .api.app import create_app
 
     settings = _settings(args)
+    from .api.auth import Keys, check_exposure
+
+    check_exposure(settings, Keys.from_settings(settings))  # before the model loads
     if settings.experiments is not None:  # a bad file stops the start with its line, before the model loads
         from .router.experiments import parse
 

@@ -42,6 +42,10 @@ class Settings:
     router_probe: bool = False  # probe the model's confidence with and without context (one extra short prefill)
     experiments: Optional[Path] = None  # a TOML file of experiments (reloaded when it changes)
     router_classifier: Optional[Path] = None  # folder of the trained classifier; None = DATA_DIR/router
+    # access (server.api.auth): admin key(s) for knowledge and configuration, optional client keys for chat
+    admin_key: Optional[str] = None
+    api_keys: Optional[str] = None  # comma-separated client keys
+    keys_file: Optional[Path] = None  # JSON {"admin": [{"name", "key"}], "clients": [...]}
     log_level: str = "info"
 
     @classmethod
@@ -53,7 +57,7 @@ class Settings:
             if raw is not None:
                 values[f.name] = _coerce(f, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
-        for name in ("data_dir", "experiments", "router_classifier"):
+        for name in ("data_dir", "experiments", "router_classifier", "keys_file"):
             if values.get(name) is not None:
                 values[name] = Path(values[name])
         return cls(**values)

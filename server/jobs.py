@@ -1,28 +1,40 @@
-"""Background build jobs (KV caches now; adapters later), one at a time, in order.
+"""Background build jobs (KV caches, adapters), one at a time, in order.
 
 A job walks its documents, skipping what is already built (builds are keyed by content,
-so a job interrupted by a crash resumes by being submitted again). Model work goes
-through the engine thread between steps, so serving keeps going while a job runs.
-Job records live in memory: a restart forgets them, not what they built.
+so doing a document twice costs a lookup). Model work goes through the engine thread
+between steps, so serving keeps going while a job runs.
+
+Job records are written to ``DATA_DIR/jobs/{id}.json`` (atomically) when submitted and
+after every document. A server that dies mid-job (crash, SIGKILL, power) finds the
+unfinished records when it starts again and resumes them: what was built stays built,
+the document in flight is redone, nothing else is lost.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import itertools
+import json
 import logging
+import re
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
+from indexes.vector import atomic_write_bytes
+
 log = logging.getLogger(__name__)
+
+JOB_ID = re.compile(r"^job-[0-9a-f]{12}$")
+BuildOne = Callable[[str], bool]
 
 
 @dataclass
 class Job:
     id: str
-    kind: str  # "kv"
+    kind: str  # "kv" | "adapters"
     doc_ids: list[str]
     status: str = "queued"  # queued | running | done | failed
     done: int = 0
@@ -32,6 +44,7 @@ class Job:
     created_at: float = field(default_factory=time.time)
     started_at: Optional[float] = None
     finished_at: Optional[float] = None
+    resumed: int = 0  # times picked up again after a restart
 
     def view(self) -> dict:
         d = asdict(self)
@@ -44,26 +57,63 @@ class Job:
 
 
 class JobManager:
-    def __init__(self):
+    def __init__(self, folder: Optional[Path] = None):
+        self.folder = Path(folder) if folder is not None else None
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
         self._jobs: dict[str, Job] = {}
         self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="knowmux-jobs")
-        self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
-    def submit(self, kind: str, doc_ids: list[str], build_one: Callable[[str], bool]) -> Job:
-        """build_one(doc_id) -> True if it built something, False if it was already there."""
+    def submit(self, kind: str, doc_ids: list[str], build_one: BuildOne) -> Job:
+        """Queue a job; returns once its record is on disk (so it survives a crash)."""
+        job = Job(f"job-{uuid.uuid4().hex[:12]}", kind, list(doc_ids))
+        self._save(job)
         with self._lock:
-            job = Job(f"job-{next(self._ids)}-{int(time.time())}", kind, list(doc_ids))
             self._jobs[job.id] = job
         self._pool.submit(self._run, job, build_one)
         return job
 
     def get(self, job_id: str) -> Optional[Job]:
-        return self._jobs.get(job_id)
+        if not JOB_ID.match(job_id):
+            return None
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None and self.folder is not None:  # finished before a restart: still reportable
+            job = self._read(self.folder / f"{job_id}.json")
+        return job
 
-    def _run(self, job: Job, build_one) -> None:
-        job.status, job.started_at = "running", time.time()
-        for doc_id in job.doc_ids:
+    def resume(self, builder: Callable[[str], BuildOne]) -> list[Job]:
+        """Pick up the jobs a previous process left unfinished. ``builder(kind)`` gives the
+        build function of a kind (or raises if this server cannot build it)."""
+        if self.folder is None:
+            return []
+        out = []
+        for path in sorted(self.folder.glob("job-*.json"), key=lambda p: p.stat().st_mtime):
+            job = self._read(path)
+            if job is None or job.status not in ("queued", "running"):
+                continue
+            try:
+                build_one = builder(job.kind)
+            except Exception as e:  # e.g. an engine that cannot build this kind
+                job.status, job.finished_at = "failed", time.time()
+                job.errors.append({"doc_id": None, "error": f"not resumable here: {e}"})
+                self._save(job)
+                continue
+            job.status, job.resumed = "queued", job.resumed + 1
+            self._save(job)
+            with self._lock:
+                self._jobs[job.id] = job
+            self._pool.submit(self._run, job, build_one, job.done)
+            out.append(job)
+            log.info("resuming %s build %s at document %d of %d", job.kind, job.id, job.done, len(job.doc_ids))
+        return out
+
+    def _run(self, job: Job, build_one: BuildOne, start: int = 0) -> None:
+        job.status = "running"
+        job.started_at = job.started_at or time.time()
+        self._save(job)
+        for doc_id in job.doc_ids[start:]:
             try:
                 if build_one(doc_id):
                     job.built += 1
@@ -73,8 +123,22 @@ class JobManager:
                 log.warning("%s build of %s failed: %s", job.kind, doc_id, e)
                 job.errors.append({"doc_id": doc_id, "error": f"{type(e).__name__}: {e}"})
             job.done += 1
+            self._save(job)
         job.status = "failed" if job.errors and not job.built and not job.skipped else "done"
         job.finished_at = time.time()
+        self._save(job)
+
+    def _save(self, job: Job) -> None:
+        if self.folder is not None:
+            atomic_write_bytes(self.folder / f"{job.id}.json", json.dumps(asdict(job)).encode())
+
+    @staticmethod
+    def _read(path: Path) -> Optional[Job]:
+        try:
+            return Job(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            log.warning("ignoring unreadable job record %s: %s", path.name, e)
+            return None
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -105,6 +105,15 @@ class Pipeline:
         engine cannot; each has ``build_document(doc) -> bool``."""
         return {"kv": self.kv, "adapters": self.prag}[kind]
 
+    def forget_artefacts(self, doc) -> list[str]:
+        """After ``doc`` was deleted: remove its KV cache and adapter unless another stored
+        document has the same content (artefacts are keyed by content, so they are shared).
+        Returns the kinds removed."""
+        if self.kb.store.ids_with_hash(doc.content_hash):
+            return []
+        return [kind for kind, service in (("kv", self.kv), ("adapter", self.prag))
+                if service is not None and service.forget(doc)]
+
     def known_strategies(self) -> list[str]:
         return [AUTO, *STRATEGIES]
 
@@ -139,7 +148,7 @@ class Pipeline:
                 arm_top_k = a.params.get("top_k")
                 options = {k: v for k, v in a.params.items() if k != "top_k"}
                 reason, rule = f"experiment {exp} arm {arm}", "experiment"
-        elif name:
+        elif name and name != AUTO:
             reason, rule = f"explicit strategy ({inp.strategy_source})", "explicit"
         name = name or self.settings.default_strategy
         if name != AUTO:

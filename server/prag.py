@@ -20,7 +20,7 @@ import time
 from typing import Optional
 
 from adapters.augment import augment, deterministic
-from adapters.bank import AdapterBank, adapter_key
+from adapters.bank import AdapterBank, AdapterError, adapter_key
 from adapters.recipe import Recipe
 from adapters.train import LoraTrainer, training_sequences
 
@@ -85,8 +85,9 @@ class PragService:
 
     # ---- serving ------------------------------------------------------------------------
     def adapter_set(self, doc) -> Optional[AdapterSet]:
-        """The document's adapter as engine deltas; None when not built. Raises AdapterError
-        when the stored adapter is unusable (another base model, corrupt, wrong shapes)."""
+        """The document's adapter as engine deltas; None when not built. When the stored one
+        fails its checks (checksum, base model, shapes) it is removed and AdapterError raised:
+        the caller reports it, and the next build of the document trains it afresh."""
         key = self.key(doc)
         hit = self._cache.get(key)
         if hit is not None:
@@ -94,12 +95,24 @@ class PragService:
             return hit
         if not self.bank.has(key):
             return None
-        w = self.bank.load(key, doc.id, self.fingerprint, self.shapes)
+        try:
+            w = self.bank.load(key, doc.id, self.fingerprint, self.shapes)
+        except AdapterError as e:
+            # never serve from a damaged adapter: drop it, so the document reads as missing
+            # (skipped or refused per on_missing) and the next build of it trains it afresh
+            log.warning("%s; removed, rebuild with a build job (POST /v1/builds kind=adapters)", e)
+            self.bank.remove(key)
+            raise
         aset = AdapterSet({k: (a, b * w.scale) for k, (a, b) in w.deltas.items()}, name=doc.id)
         self._cache[key] = aset
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return aset
+
+    def forget(self, doc) -> bool:
+        key = self.key(doc)
+        self._cache.pop(key, None)
+        return self.bank.remove(key)
 
     def has(self, doc) -> bool:
         return self.bank.has(self.key(doc))

@@ -7,7 +7,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from .api.auth import Keys, check_exposure
 from .config import Settings
+from .errors import StrategyUnavailable
 from .jobs import JobManager
 from .metrics import Metrics
 from .pipeline import Pipeline
@@ -30,7 +32,8 @@ class Runtime:
     kb: object
     pipeline: Pipeline
     metrics: Metrics
-    jobs: JobManager = field(default_factory=JobManager)
+    keys: object = None  # server.api.auth.Keys
+    jobs: JobManager = None
     started_at: float = field(default_factory=time.time)
 
     @classmethod
@@ -49,13 +52,32 @@ class Runtime:
             from indexes.embedder import Embedder
 
             embedder = Embedder()
+        keys = Keys.from_settings(settings)
+        check_exposure(settings, keys)
         kb = KnowledgeBase(settings.data_dir, embedder)
-        return cls(settings, engine, kb, Pipeline(engine, kb, settings, data_dir=settings.data_dir), Metrics())
+        return cls(settings, engine, kb, Pipeline(engine, kb, settings, data_dir=settings.data_dir), Metrics(), keys,
+                   JobManager(settings.data_dir / "jobs"))
+
+    def builder(self, kind: str):
+        """doc_id -> built now? for a build kind ("kv", "adapters"); raises
+        StrategyUnavailable when this engine cannot build it."""
+        service = self.pipeline.builder(kind)
+        if service is None:
+            raise StrategyUnavailable(f"the {self.engine.name} engine cannot build {kind}", param="build")
+
+        def build_one(doc_id: str) -> bool:
+            doc = self.kb.store.get(doc_id)
+            if doc is None:
+                raise LookupError("the document was deleted before its build")
+            return service.build_document(doc)
+
+        return build_one
 
     def start(self) -> None:
         self.engine.observe_steps(self.metrics.on_step)
         self.metrics.bind_engine(self.engine)
         self.engine.start()
+        self.jobs.resume(self.builder)  # builds a previous process left unfinished
 
     def shutdown(self) -> None:
         self.jobs.shutdown()

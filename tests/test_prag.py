@@ -208,5 +208,9 @@ def test_prag_through_the_api(make_server):
     w.write_bytes(w.read_bytes()[:-16] + b"\x00" * 16)
     srv.runtime.pipeline.prag._cache.clear()
     e = httpx.post(srv.url + "/v1/chat/completions", headers={"X-Strategy": "prag"},
-                   json={"model": "knowmux", "messages": ASK, "top_k": 2})
-    assert e.status_code == 409 and "'zorbl' is corrupt" in e.json()["error"]["message"]
+                   json={"model": "knowmux", "messages": ASK, "top_k": 2, "on_missing": "error"})
+    assert e.status_code == 409 and "zorbl failed its checks and was removed" in e.json()["error"]["message"]
+    assert not folder.exists()  # removed, so the next build trains it afresh
+    r = httpx.post(srv.url + "/v1/chat/completions", headers={"X-Strategy": "prag"},
+                   json={"model": "knowmux", "messages": ASK, "top_k": 2, "max_tokens": 2})
+    assert r.status_code == 200 and "zorbl" in r.json()["knowmux"]["missing_adapters"]

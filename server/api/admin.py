@@ -12,13 +12,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from indexes.ingest import DocumentError, validate_document
 
 from ..errors import InvalidRequest, NotFound, PayloadTooLarge, StrategyUnavailable
+from .auth import Principal, require_admin, require_client
 from .deps import get_runtime
 from .protocol import BuildRequest, DocumentsRequest, RetrieveRequest
 
 router = APIRouter()
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", dependencies=[Depends(require_client)])
 async def models(rt=Depends(get_runtime)):
     return {"object": "list", "data": [{
         "id": rt.settings.served_model_name, "object": "model", "created": int(rt.started_at), "owned_by": "knowmux",
@@ -42,7 +43,7 @@ async def metrics(rt=Depends(get_runtime)):
 
 
 @router.post("/v1/documents")
-async def add_documents(body: DocumentsRequest, rt=Depends(get_runtime)):
+async def add_documents(body: DocumentsRequest, rt=Depends(get_runtime), who: Principal = Depends(require_admin)):
     limit = rt.settings.max_documents_per_call
     if len(body.documents) > limit:
         raise PayloadTooLarge(f"{len(body.documents)} documents in one call, over the limit of {limit}",
@@ -50,7 +51,8 @@ async def add_documents(body: DocumentsRequest, rt=Depends(get_runtime)):
     docs = []
     for i, raw in enumerate(body.documents):
         try:
-            docs.append(validate_document(raw.model_dump(), rt.settings.max_document_chars, where=f"documents[{i}]"))
+            docs.append(validate_document(raw.model_dump(), rt.settings.max_document_chars, where=f"documents[{i}]",
+                                          added_by=who.name))
         except DocumentError as e:
             cls = PayloadTooLarge if e.too_large else InvalidRequest
             raise cls(str(e), param=f"documents[{i}]") from None
@@ -68,21 +70,10 @@ async def add_documents(body: DocumentsRequest, rt=Depends(get_runtime)):
 
 
 def _builder(rt, kind: str):
-    """doc_id -> built now? for a build kind; raises StrategyUnavailable if the engine cannot."""
-    service = rt.pipeline.builder(kind)
-    if service is None:
-        raise StrategyUnavailable(f"the {rt.engine.name} engine cannot build {kind}", param="build")
-
-    def build_one(doc_id: str) -> bool:
-        doc = rt.kb.store.get(doc_id)
-        if doc is None:
-            raise LookupError("the document was deleted before its build")
-        return service.build_document(doc)
-
-    return build_one
+    return rt.builder(kind)
 
 
-@router.post("/v1/retrieve")
+@router.post("/v1/retrieve", dependencies=[Depends(require_client)])
 async def retrieve(body: RetrieveRequest, rt=Depends(get_runtime)):
     """What retrieval returns for a query: the documents a strategy would use."""
     if not 1 <= body.top_k <= rt.settings.max_top_k:
@@ -91,7 +82,7 @@ async def retrieve(body: RetrieveRequest, rt=Depends(get_runtime)):
     return {"object": "list", "data": [{"id": h.doc_id, "score": round(h.score, 6)} for h in hits]}
 
 
-@router.post("/v1/builds")
+@router.post("/v1/builds", dependencies=[Depends(require_admin)])
 async def start_build(body: BuildRequest, rt=Depends(get_runtime)):
     """Build artefacts (KV caches, adapters) of stored documents in a background job."""
     build_one = _builder(rt, body.kind)
@@ -103,7 +94,7 @@ async def start_build(body: BuildRequest, rt=Depends(get_runtime)):
     return rt.jobs.submit(body.kind, body.doc_ids, build_one).view()
 
 
-@router.get("/v1/jobs/{job_id}")
+@router.get("/v1/jobs/{job_id}", dependencies=[Depends(require_admin)])
 async def get_job(job_id: str, rt=Depends(get_runtime)):
     job = rt.jobs.get(job_id)
     if job is None:
@@ -120,27 +111,29 @@ async def _describe(rt, service, what: str, doc_id: str) -> dict:
     return await asyncio.to_thread(service.describe, doc)
 
 
-@router.get("/v1/adapters/{doc_id:path}")
+@router.get("/v1/adapters/{doc_id:path}", dependencies=[Depends(require_client)])
 async def get_adapter(doc_id: str, rt=Depends(get_runtime)):
     return await _describe(rt, rt.pipeline.prag, "adapter bank", doc_id)
 
 
-@router.get("/v1/kv/{doc_id:path}")
+@router.get("/v1/kv/{doc_id:path}", dependencies=[Depends(require_client)])
 async def get_kv(doc_id: str, rt=Depends(get_runtime)):
     return await _describe(rt, rt.pipeline.kv, "KV store", doc_id)
 
 
-@router.get("/v1/documents/{doc_id:path}")
+@router.get("/v1/documents/{doc_id:path}", dependencies=[Depends(require_client)])
 async def get_document(doc_id: str, rt=Depends(get_runtime)):
     doc = await asyncio.to_thread(rt.kb.store.get, doc_id)
     if doc is None:
         raise NotFound(f"no document with id {doc_id!r}", param="id")
     return {"id": doc.id, "title": doc.title, "text": doc.text, "content_hash": doc.content_hash,
-            "created_at": doc.created_at, "updated_at": doc.updated_at}
+            "added_by": doc.added_by, "created_at": doc.created_at, "updated_at": doc.updated_at}
 
 
-@router.delete("/v1/documents/{doc_id:path}")
+@router.delete("/v1/documents/{doc_id:path}", dependencies=[Depends(require_admin)])
 async def delete_document(doc_id: str, rt=Depends(get_runtime)):
-    if not await asyncio.to_thread(rt.kb.delete, doc_id):
+    doc = await asyncio.to_thread(rt.kb.store.get, doc_id)
+    if doc is None or not await asyncio.to_thread(rt.kb.delete, doc_id):
         raise NotFound(f"no document with id {doc_id!r}", param="id")
-    return {"id": doc_id, "object": "document", "deleted": True}
+    removed = await asyncio.to_thread(rt.pipeline.forget_artefacts, doc)
+    return {"id": doc_id, "object": "document", "deleted": True, "artefacts_removed": removed}

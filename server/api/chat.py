@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..errors import EngineError, InvalidRequest, KnowmuxError, ModelNotFound
 from ..pipeline import ChatInput, Prepared
+from .auth import require_client
 from .deps import get_runtime
 from .errors import error_body, status_of
 from .protocol import KNOWN_IGNORED, ChatCompletionRequest
@@ -84,7 +85,7 @@ def _labels(p: Prepared) -> tuple[str, str, str]:
     return p.strategy, p.route.experiment or "", p.route.arm or ""
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", dependencies=[Depends(require_client)])
 async def chat_completions(body: ChatCompletionRequest, request: Request, rt=Depends(get_runtime)):
     labels = (request.headers.get("x-strategy") or body.strategy or rt.settings.default_strategy,
               request.headers.get("x-experiment") or "", "")

@@ -10,11 +10,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import errors as E
+from .auth import Unauthorized
 
 log = logging.getLogger(__name__)
 
 # most specific first
 STATUS = [
+    (Unauthorized, 401),
     (E.ContextLengthExceeded, 400),
     (E.PayloadTooLarge, 413),
     (E.InvalidRequest, 400),
@@ -41,6 +43,8 @@ def to_response(exc: E.KnowmuxError) -> JSONResponse:
     retry = getattr(exc, "retry_after", None)
     if retry is not None:
         headers["Retry-After"] = str(retry)
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=status_of(exc),
                         headers=headers)
 

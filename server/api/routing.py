@@ -9,17 +9,18 @@ from fastapi import APIRouter, Depends
 
 from ..errors import InvalidRequest
 from ..router import ExperimentError
+from .auth import require_admin, require_client
 from .deps import get_runtime
 
 router = APIRouter()
 
 
-@router.get("/v1/router")
+@router.get("/v1/router", dependencies=[Depends(require_client)])
 async def router_state(rt=Depends(get_runtime)):
     return {"default_strategy": rt.settings.default_strategy, **rt.pipeline.router.describe()}
 
 
-@router.post("/v1/router/reload")
+@router.post("/v1/router/reload", dependencies=[Depends(require_admin)])
 async def router_reload(rt=Depends(get_runtime)):
     await asyncio.to_thread(rt.pipeline.router.load_classifier)
     state = rt.pipeline.router.describe()
@@ -28,12 +29,12 @@ async def router_reload(rt=Depends(get_runtime)):
     return state
 
 
-@router.get("/v1/experiments")
+@router.get("/v1/experiments", dependencies=[Depends(require_client)])
 async def experiments(rt=Depends(get_runtime)):
     return rt.pipeline.experiments.describe()
 
 
-@router.post("/v1/experiments/reload")
+@router.post("/v1/experiments/reload", dependencies=[Depends(require_admin)])
 async def experiments_reload(rt=Depends(get_runtime)):
     try:
         await asyncio.to_thread(rt.pipeline.experiments.reload)

@@ -100,6 +100,10 @@ class KVService:
     def _ids(self, doc) -> list[int]:
         return self.prompts.passage_ids(Passage(doc.id, doc.title, doc.text))
 
+    def forget(self, doc) -> bool:
+        """Remove the document's stored cache (its content is no longer in the store)."""
+        return self.store.remove(self.key(self._ids(doc)))
+
     def has(self, doc) -> bool:
         """Whether the document's cache is stored (memory or disk), without loading it."""
         key = self.key(self._ids(doc))

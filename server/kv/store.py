@@ -71,6 +71,17 @@ class KVStore:
     def path(self, key: str) -> Path:
         return self.root / f"{key}.safetensors"
 
+    def remove(self, key: str) -> bool:
+        with self._lock:
+            entry = self._lru.pop(key, None)
+            if entry is not None:
+                self._lru_bytes -= entry.nbytes
+        try:
+            self.path(key).unlink()
+            return True
+        except FileNotFoundError:
+            return entry is not None
+
     def contains(self, key: str) -> bool:
         with self._lock:
             if key in self._lru:

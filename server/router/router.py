@@ -148,9 +148,14 @@ class Router:
             except ClassifierError as e:  # e.g. a classifier trained with another embedder
                 log.warning("router classifier not usable for this request: %s", e)
                 choice = None
-            if choice is not None:
+            floor = float(self.classifier.info.get("min_confidence", 0.0))
+            if choice is not None and choice[1] >= floor:
                 s, p = choice
                 return Decision(s, f"classifier: {s} (p={p:.2f})", "classifier", f, hits, est)
+            if choice is not None:  # unsure: the calibrated threshold says the default is safer
+                best = candidates[0]
+                return Decision(best, f"classifier unsure ({choice[0]} p={choice[1]:.2f} < {floor:.2f}): {best}",
+                                "classifier_unsure", f, hits, est)
         best = candidates[0]
         if excluded:
             return Decision(best, f"latency budget {budget_ms:g} ms: {best} (est. {est[best]:.0f} ms; "

@@ -28,6 +28,7 @@ import numpy as np
 
 from .classifier import RouterClassifier
 from .features import Features, question_words
+from .router import PREFERENCE
 
 # conflict sets whose passages are counterfactual: the model's own (memory) answer is the true one
 MEMORY_IS_TRUE = {"rgb_en_fact"}
@@ -134,17 +135,42 @@ def featurise(items: dict, keys: list, embedder) -> np.ndarray:
     return np.stack(rows)
 
 
-def cross_validate(X: np.ndarray, y: list[str], classes: list[str], dim: int, folds: int = 5, seed: int = 0) -> float:
+def out_of_fold(X: np.ndarray, y: list[str], classes: list[str], dim: int, folds: int = 5,
+                seed: int = 0) -> np.ndarray:
+    """Each item's class probabilities from a classifier that did not see it: [n, C]."""
     idx = np.random.default_rng(seed).permutation(len(y))
-    hits = 0
+    P = np.zeros((len(y), len(classes)))
     for f in range(folds):
         test = idx[f::folds]
         train = np.setdiff1d(idx, test)
-        if len(train) == 0 or len(test) == 0:
-            continue
         clf = RouterClassifier.fit(X[train], [y[i] for i in train], classes, dim)
-        hits += sum(clf.choose(X[i], classes)[0] == y[i] for i in test)
-    return hits / len(y)
+        for i in test:
+            P[i] = clf.probabilities(X[i])
+    return P
+
+
+TAUS = (0.0, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.01)
+
+
+def calibrate(P: np.ndarray, classes: list[str], outcomes: list[dict], latency: dict, default: str
+              ) -> tuple[float, list[dict], dict]:
+    """The smallest confidence threshold at which following the classifier (and the
+    default strategy below it) is, out of fold, at least as accurate as the best fixed
+    strategy; failing that, the most accurate threshold. Returns (tau, table, fixed)."""
+    strategies = sorted({s for o in outcomes for s in o})
+    fixed = {s: float(np.mean([o.get(s, False) for o in outcomes])) for s in strategies}
+    best_fixed = max(fixed.values())
+    table = []
+    for tau in TAUS:
+        routed = [classes[int(np.argmax(p))] if p.max() >= tau else default for p in P]
+        acc = float(np.mean([o.get(r, o.get(default, False)) for r, o in zip(routed, outcomes)]))
+        lat = float(np.mean([latency.get(r, latency.get(default, 0.0)) for r in routed]))
+        table.append({"min_confidence": tau, "accuracy": round(acc, 4), "mean_latency_s": round(lat, 3),
+                      "routed": dict(Counter(routed))})
+    ok = [t for t in table if t["accuracy"] >= best_fixed - 1e-9]
+    pick = min(ok, key=lambda t: (t["mean_latency_s"], t["min_confidence"])) if ok else \
+        max(table, key=lambda t: (t["accuracy"], -t["mean_latency_s"]))
+    return pick["min_confidence"], table, fixed
 
 
 def main(argv=None) -> int:
@@ -170,9 +196,16 @@ def main(argv=None) -> int:
         X = featurise(loaded["items"], keys, embedder)
         classes = [s for s in order if s in set(labels)]
         dim = embedder.dim
-        cv = cross_validate(X, labels, classes, dim) if len(keys) >= 10 else None
         counts = Counter(labels)
+        default = next(s for s in PREFERENCE if s in classes)
+        tau, table, fixed, cv = 0.0, [], {}, None
+        if len(keys) >= 10:
+            P = out_of_fold(X, labels, classes, dim)
+            cv = float(np.mean([classes[int(np.argmax(p))] == t for p, t in zip(P, labels)]))
+            tau, table, fixed = calibrate(P, classes, [loaded["items"][k]["outcomes"] for k in keys],
+                                          loaded["latency"], default)
         clf = RouterClassifier.fit(X, labels, classes, dim, info={
+            "min_confidence": tau, "default": default, "calibration": table, "fixed_accuracy": fixed,
             "trained_at": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": [str(r) for r in a.runs], "train_fraction": a.train_fraction,
             "questions": len(keys), "labels": dict(counts), "cost_order": order,
             "median_latency_s": {s: round(v, 3) for s, v in loaded["latency"].items()},
@@ -187,5 +220,11 @@ def main(argv=None) -> int:
     print(f"labels: {dict(counts)}; fallback when none is right: {fallback}")
     if cv is not None:
         print(f"5-fold label accuracy {cv:.3f} (majority class {max(counts.values()) / len(keys):.3f})")
+        print("fixed strategies, accuracy on these questions: " + ", ".join(f"{s} {v:.3f}" for s, v in fixed.items()))
+        for t in table:
+            print(f"  follow the classifier when p >= {t['min_confidence']:.2f}, else {default}: accuracy "
+                  f"{t['accuracy']:.3f}, mean latency {t['mean_latency_s']:.2f} s, routed {t['routed']}")
+        print(f"chosen min_confidence {tau} (out of fold: the fastest setting at least as accurate as the best "
+              "fixed strategy, else the most accurate)")
     print(f"written to {a.out}")
     return 0

@@ -67,22 +67,24 @@ class Prag(Strategy):
             retrieved, passages, timings["retrieve"] = retrieve(query, ctx)
             scales = [1.0] * len(retrieved)
         t0 = time.perf_counter()
-        sets, used_scales, missing = [], [], []
+        sets, used_scales, missing, corrupt = [], [], [], []
         for p, s in zip(passages, scales):
             # the adapter key needs only the content hash, derived from the passage already in hand
             doc = Document(p.doc_id, p.text, p.title, content_hash(p.title, p.text))
             try:
                 aset = ctx.prag.adapter_set(doc)
-            except AdapterError as e:
-                raise StrategyUnavailable(str(e), param="adapters") from None
+            except AdapterError:  # damaged: removed by the service, never used
+                aset = None
+                corrupt.append(p.doc_id)
             if aset is None:
                 missing.append(p.doc_id)
             else:
                 sets.append(aset)
                 used_scales.append(s)
         if missing and on_missing == "error":
-            raise StrategyUnavailable(f"no adapter for {', '.join(missing)} (on_missing: error); build them with "
-                                      f"knowmux ingest --build adapters", param="on_missing")
+            damaged = f" ({', '.join(corrupt)} failed its checks and was removed)" if corrupt else ""
+            raise StrategyUnavailable(f"no adapter for {', '.join(missing)}{damaged} (on_missing: error); build them "
+                                      f"with knowmux ingest --build adapters", param="on_missing")
         combined = AdapterSet.combine(sets, used_scales) if sets else None
         timings["combine"] = (time.perf_counter() - t0) * 1e3
         if self.passages_in_prompt:
@@ -90,7 +92,7 @@ class Prag(Strategy):
         else:
             ids = ctx.prompts.plain(query.messages)
         return Plan(self.name, [RowSpec(ids, adapters=combined)], retrieved, timings_ms=timings,
-                    info={"missing_adapters": missing, "adapters_applied": len(sets)})
+                    info={"missing_adapters": missing, "corrupt_adapters": corrupt, "adapters_applied": len(sets)})
 
 
 class PragRag(Prag):
