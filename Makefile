@@ -9,7 +9,7 @@ SAMPLE := bench/data/nq_open_sample/corpus.jsonl
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup serve test model clean
+.PHONY: setup serve test model clean fuzz soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ serve: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# On demand (not in CI): the long fuzz run (tiny model, then SmolLM2) and the soak run.
+fuzz: setup
+	KNOWMUX_FUZZ_EXAMPLES=300 $(BIN)/python -m pytest -q tests/test_fuzz.py
+	KNOWMUX_FUZZ_EXAMPLES=300 KNOWMUX_FUZZ_MODEL=real $(BIN)/python -m pytest -q tests/test_fuzz.py
+
+soak: setup
+	$(BIN)/python -m bench.soak --clients 64 --duration 300 --out bench/results/soak.json
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR)

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     _common(s)
     s.add_argument("--host")
     s.add_argument("--port", type=int)
-    s.add_argument("--engine", choices=["torch"], help="inference engine (default torch)")
+    s.add_argument("--engine", choices=["torch", "vllm"], help="inference engine (default torch; vllm needs the vllm extra)")
     s.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     s.add_argument("--max-batch-size", type=int)
     s.add_argument("--max-queue", type=int)

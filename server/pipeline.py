@@ -86,7 +86,17 @@ class Pipeline:
             kv = KVService(engine, self.prompts, KVStore(data_dir / "kv", settings.kv_memory_bytes))
             prag = PragService(engine, self.prompts, AdapterBank(data_dir / "adapters"),
                                get_recipe(settings.adapter_recipe))
+        builds_adapters = prag is not None
+        if data_dir is not None and getattr(engine, "name", "") == "vllm":  # prag through vLLM's LoRA
+            from adapters.bank import AdapterBank
+            from adapters.recipe import get_recipe
+
+            from .prag_vllm import VLLMPragService
+
+            prag = VLLMPragService(engine, AdapterBank(data_dir / "adapters"), get_recipe(settings.adapter_recipe),
+                                   data_dir / "combined", engine.model_path)
         self.kv, self.prag = kv, prag
+        self._builders = {"kv": kv, "adapters": prag if builds_adapters else None}
         self.ctx = StrategyContext(kb=kb, prompts=self.prompts, kv=kv, kv_recompute=settings.kv_recompute,
                                    prag=prag)
         self.max_context = min(settings.max_context or engine.max_context, engine.max_context)
@@ -95,7 +105,8 @@ class Pipeline:
             from .router.probe import ConfidenceProbe
 
             probe = ConfidenceProbe(engine, self.prompts)
-        self.router = Router(self.ctx, self.supported_strategies(), min_score=settings.router_min_score, probe=probe,
+        self.supported = self.supported_strategies()
+        self.router = Router(self.ctx, self.supported, min_score=settings.router_min_score, probe=probe,
                              classifier_dir=settings.router_classifier or (
                                  (data_dir / "router") if data_dir is not None else None))
         self.experiments = Experiments(settings.experiments, self.known_strategies())
@@ -103,7 +114,7 @@ class Pipeline:
     def builder(self, kind: str):
         """The service that builds artefacts of this kind ("kv" or "adapters"), or None if the
         engine cannot; each has ``build_document(doc) -> bool``."""
-        return {"kv": self.kv, "adapters": self.prag}[kind]
+        return self._builders[kind]
 
     def forget_artefacts(self, doc) -> list[str]:
         """After ``doc`` was deleted: remove its KV cache and adapter unless another stored
@@ -179,6 +190,10 @@ class Pipeline:
         if inp.strategy is not None and inp.strategy != AUTO:
             get_strategy(inp.strategy)  # an unknown name is refused before any retrieval
         route = await asyncio.to_thread(self.resolve, inp, top_k, question)
+        if route.strategy not in self.supported:
+            raise InvalidRequest(f"strategy {route.strategy!r} cannot run on the {self.engine.name} engine "
+                                 f"(it runs: {', '.join(self.supported)}); serve with --engine torch for it",
+                                 param="strategy", code="strategy_not_supported")
         strategy = get_strategy(route.strategy)
         if route.top_k is not None:
             top_k = route.top_k

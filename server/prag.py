@@ -109,6 +109,23 @@ class PragService:
             self._cache.popitem(last=False)
         return aset
 
+    def row_adapters(self, docs: list, scales: list[float]):
+        """(the row's combined AdapterSet or None, how many applied, missing ids, corrupt ids):
+        the exact sum of the documents' deltas (peft's ``cat``); damaged ones are reported."""
+        sets, used, missing, corrupt = [], [], [], []
+        for doc, s in zip(docs, scales):
+            try:
+                aset = self.adapter_set(doc)
+            except AdapterError:  # damaged: removed by adapter_set, never used
+                aset = None
+                corrupt.append(doc.id)
+            if aset is None:
+                missing.append(doc.id)
+            else:
+                sets.append(aset)
+                used.append(s)
+        return (AdapterSet.combine(sets, used) if sets else None), len(sets), missing, corrupt
+
     def forget(self, doc) -> bool:
         key = self.key(doc)
         self._cache.pop(key, None)

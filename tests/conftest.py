@@ -25,12 +25,13 @@ def _free_port() -> int:
 class LiveServer:
     """uvicorn on loopback in a thread, serving an app around a given runtime."""
 
-    def __init__(self, runtime):
+    def __init__(self, runtime, owns_engine: bool = True):
         import uvicorn
 
         from server.api.app import create_app
 
         self.runtime = runtime
+        self.owns_engine = owns_engine  # False: a session fixture's engine outlives this server
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(create_app(runtime=runtime), host="127.0.0.1", port=self.port, log_level="warning")
@@ -49,7 +50,8 @@ class LiveServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(timeout=30)
-        self.runtime.engine.shutdown()
+        if self.owns_engine:
+            self.runtime.engine.shutdown()
         self.runtime.kb.close()
 
     def client(self, **kw):

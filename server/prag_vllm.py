@@ -1,0 +1,138 @@
+"""Parametric RAG on the vllm engine: one LoRA per retrieved document set.
+
+vLLM applies one adapter per request, so the documents' adapters are combined into one,
+the way peft's ``cat`` does: each adapter's (alpha / r) * scale is folded into its A, the
+A's are stacked along the rank and the B's concatenated, and the combined adapter's
+lora_alpha equals its rank k*r, so vLLM's own scaling (alpha / r) is 1 and the delta is
+exactly sum_i s_i (alpha_i / r_i) B_i A_i, the torch engine's row delta. The combined
+adapter is written in peft's format under ``DATA_DIR/combined/{hash}`` (atomically,
+cached by document set and scales) and handed to vLLM as a LoRARequest; concurrent
+requests with different sets share a batch up to vLLM's ``max_loras``.
+
+Adapters are trained by the torch engine (knowmux ingest --build adapters); this
+service only reads them, keyed by the same model fingerprint, recipe and content hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from adapters.bank import AdapterBank, AdapterError, adapter_key
+from adapters.recipe import Recipe
+
+from .engine.vllm_engine import VLLMLora
+from .kv.service import fingerprint_of
+
+log = logging.getLogger(__name__)
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def folder_fingerprint(path: Path, model_id: str) -> tuple[str, dict]:
+    """The torch engine's model fingerprint, and the FFN shapes, read from the model folder."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    c = model.config
+    fp = fingerprint_of(c, model.model.embed_tokens.weight, model.lm_head.weight.t().contiguous(), model_id)
+    shapes = {"gate_proj": (c.intermediate_size, c.hidden_size), "up_proj": (c.intermediate_size, c.hidden_size),
+              "down_proj": (c.hidden_size, c.intermediate_size)}
+    del model
+    return fp, shapes
+
+
+class VLLMPragService:
+    def __init__(self, engine, bank: AdapterBank, recipe: Recipe, root: Path, model_path: Path,
+                 max_cached: int = 256):
+        self.engine, self.bank, self.recipe = engine, bank, recipe
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.fingerprint, self.shapes = folder_fingerprint(model_path, engine.model_id)
+        self.max_cached = max_cached
+        self._lock = threading.Lock()
+
+    def key(self, doc) -> str:
+        return adapter_key(self.fingerprint, self.recipe.fingerprint(), doc.content_hash)
+
+    def has(self, doc) -> bool:
+        return self.bank.has(self.key(doc))
+
+    def forget(self, doc) -> bool:
+        return self.bank.remove(self.key(doc))
+
+    def build_document(self, doc) -> bool:  # pragma: no cover - refused before it is called
+        raise AdapterError("adapters are trained by the torch engine: knowmux ingest --build adapters")
+
+    def row_adapters(self, docs: list, scales: list[float]):
+        usable, missing, corrupt = [], [], []
+        for doc, s in zip(docs, scales):
+            key = self.key(doc)
+            if not self.bank.has(key):
+                missing.append(doc.id)
+                continue
+            try:
+                w = self.bank.load(key, doc.id, self.fingerprint, self.shapes)
+            except AdapterError as e:
+                log.warning("%s; removed, rebuild it with the torch engine", e)
+                self.bank.remove(key)
+                missing.append(doc.id)
+                corrupt.append(doc.id)
+                continue
+            usable.append((key, s, w))
+        if not usable:
+            return None, 0, missing, corrupt
+        rank = sum(w.rank for _, _, w in usable)
+        if rank > self.engine.max_lora_rank:
+            raise AdapterError(f"{len(usable)} adapters of total rank {rank} exceed the vllm engine's "
+                               f"max_lora_rank {self.engine.max_lora_rank}; lower top_k")
+        name = hashlib.sha256(json.dumps([(k, s) for k, s, _ in usable]).encode()).hexdigest()[:24]
+        folder = self.root / name
+        if not (folder / "adapter_model.safetensors").exists():
+            self._write(folder, usable, rank)
+        from vllm.lora.request import LoRARequest
+
+        req = LoRARequest(lora_name=name, lora_int_id=int(name[:7], 16) + 1, lora_path=str(folder))
+        return VLLMLora(req, rank), len(usable), missing, corrupt
+
+    def _write(self, folder: Path, usable: list, rank: int) -> None:
+        tensors = {}
+        layers = sorted({layer for _, _, w in usable for layer, _ in w.deltas})
+        for layer in layers:
+            for proj in PROJECTIONS:
+                a_parts, b_parts = [], []
+                for _, s, w in usable:
+                    a, b = w.deltas[(layer, proj)]
+                    a_parts.append(a * (w.scale * s))  # fold (alpha / r) * scale into A
+                    b_parts.append(b)
+                prefix = f"base_model.model.model.layers.{layer}.mlp.{proj}"
+                tensors[f"{prefix}.lora_A.weight"] = torch.cat(a_parts, 0).contiguous()
+                tensors[f"{prefix}.lora_B.weight"] = torch.cat(b_parts, 1).contiguous()
+        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,
+                  "target_modules": list(PROJECTIONS), "lora_dropout": 0.0, "bias": "none",
+                  "fan_in_fan_out": False, "base_model_name_or_path": self.engine.model_id}
+        with self._lock:
+            tmp = Path(tempfile.mkdtemp(prefix="tmp-", dir=self.root))
+            try:
+                save_file(tensors, str(tmp / "adapter_model.safetensors"))
+                (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1))
+                if folder.exists():
+                    shutil.rmtree(folder)
+                os.replace(tmp, folder)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self._prune()
+
+    def _prune(self) -> None:
+        folders = sorted((p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("tmp-")),
+                         key=lambda p: p.stat().st_mtime)
+        for p in folders[:max(0, len(folders) - self.max_cached)]:
+            shutil.rmtree(p, ignore_errors=True)

