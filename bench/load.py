@@ -90,13 +90,13 @@ async def level(client, model, concurrency, requests, strategy, max_tokens, top_
             "mean_prompt_tokens": statistics.mean(r["prompt_tokens"] for r in results)}
 
 
-async def run(url, model, levels, requests, strategy, max_tokens, top_k, inline_rag) -> list[dict]:
+async def run(url, model, levels, requests, strategy, max_tokens, top_k, inline_rag, offset: int = 1) -> list[dict]:
     import openai
 
     rag = InlineRag(inline_rag, top_k) if inline_rag else None
     client = openai.AsyncOpenAI(base_url=url.rstrip("/") + "/v1", api_key="unused", max_retries=0, timeout=600)
     await one_request(client, model, [{"role": "user", "content": "warm up"}], strategy, 4, top_k)
-    out, offset = [], 1  # consecutive slices of the question list, one per level
+    out = []  # consecutive slices of the question list from `offset`, one per level
     for c in levels:
         out.append(await level(client, model, c, requests, strategy, max_tokens, top_k, rag, offset))
         offset += c * requests
@@ -107,8 +107,9 @@ async def run(url, model, levels, requests, strategy, max_tokens, top_k, inline_
     return out
 
 
-def main_levels(url, model, levels, requests, strategy, max_tokens, inline_rag, top_k: int = 3) -> list[dict]:
-    return asyncio.run(run(url, model, levels, requests, strategy, max_tokens, top_k, inline_rag))
+def main_levels(url, model, levels, requests, strategy, max_tokens, inline_rag, top_k: int = 3,
+                offset: int = 1) -> list[dict]:
+    return asyncio.run(run(url, model, levels, requests, strategy, max_tokens, top_k, inline_rag, offset))
 
 
 def main(argv=None) -> None:

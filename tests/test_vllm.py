@@ -47,7 +47,7 @@ def shared_data(tmp_path_factory, embedder, real_engine):
 
     kb.upsert([Document(d["id"], d["text"], d["title"]) for d in DOCS])
     pipe = Pipeline(real_engine, kb, Settings(data_dir=data), data_dir=data)
-    pipe.builder("adapters")(kb.store.get("zorbl"))
+    pipe.builder("adapters").build_document(kb.store.get("zorbl"))
     kb.close()
     return data
 
