@@ -97,15 +97,11 @@ def cmd_setup(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import uvicorn
-
+    from .api.app import create_app
+    from .api.auth import Keys, check_exposure
     from .strategies import STRATEGIES
 
-    from .api.app import create_app
-
     settings = _settings(args)
-    from .api.auth import Keys, check_exposure
-
     check_exposure(settings, Keys.from_settings(settings))  # before the model loads
     if settings.experiments is not None:  # a bad file stops the start with its line, before the model loads
         from .router.experiments import parse
@@ -113,9 +109,19 @@ def cmd_serve(args) -> int:
         parse(Path(settings.experiments).read_text(encoding="utf-8"), ["auto", *STRATEGIES], str(settings.experiments))
     if settings.default_strategy not in ("auto", *STRATEGIES):
         raise ValueError(f"unknown default strategy {settings.default_strategy!r}")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=5)
-    return 0
+    app = create_app(settings)
+    serve_app(app, settings.host, settings.port, settings.log_level)
+    return 1 if app.state.engine_died else 0
+
+
+def serve_app(app, host: str, port: int, log_level: str = "info") -> None:
+    """uvicorn with a handle for the engine watchdog to ask for a graceful shutdown."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=5))
+    app.state.request_exit = lambda: setattr(server, "should_exit", True)
+    server.run()
 
 
 def cmd_ingest(args) -> int:

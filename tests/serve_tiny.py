@@ -8,16 +8,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:
-    import uvicorn
-
     from server.api.app import create_app
+    from server.cli import serve_app
     from server.config import Settings
     from server.runtime import Runtime
     from tests.tiny import tiny_engine
 
     data_dir, port = sys.argv[1], int(sys.argv[2])
     rt = Runtime.build(Settings.from_env(env={}, data_dir=data_dir, port=port), engine=tiny_engine())
-    uvicorn.run(create_app(runtime=rt), host="127.0.0.1", port=port, log_level="warning")
+    if os.environ.get("KNOWMUX_TEST_BREAK_ENGINE"):  # the engine thread dies at its first request
+        def broken_step():
+            raise RuntimeError("simulated engine crash")
+
+        rt.engine.worker.step = broken_step
+    app = create_app(runtime=rt, exit_on_engine_death=True)
+    serve_app(app, "127.0.0.1", port, "warning")
+    sys.exit(1 if app.state.engine_died else 0)
 
 
 if __name__ == "__main__":

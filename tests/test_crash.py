@@ -16,10 +16,10 @@ from tests.conftest import _free_port
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _start(data_dir: Path, log):
+def _start(data_dir: Path, log, **env):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tests.serve_tiny", str(data_dir), str(port)], cwd=ROOT,
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -92,3 +92,21 @@ def test_sigkill_mid_build_loses_nothing_acknowledged_and_resumes(tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
         log.close()
+
+
+def test_a_dead_engine_gives_503s_then_a_clean_nonzero_exit(tmp_path):
+    """Never a hung server: the in-flight request fails, the next gets 503, and the process
+    shuts down cleanly with exit status 1 for its supervisor to restart it."""
+    with open(tmp_path / "server.log", "w") as log:
+        proc, url = _start(tmp_path / "data", log, KNOWMUX_TEST_BREAK_ENGINE="1")
+        try:
+            body = {"model": "knowmux", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+            first = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+            assert first.status_code in (500, 503)
+            second = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+            assert second.status_code == 503 and second.headers["retry-after"]
+            assert proc.wait(timeout=60) == 1
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert "shutting down so a supervisor can restart" in (tmp_path / "server.log").read_text()
