@@ -64,6 +64,7 @@ class JobManager:
         self._jobs: dict[str, Job] = {}
         self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="knowmux-jobs")
         self._lock = threading.Lock()
+        self._closing = threading.Event()
 
     def submit(self, kind: str, doc_ids: list[str], build_one: BuildOne) -> Job:
         """Queue a job; returns once its record is on disk (so it survives a crash)."""
@@ -114,6 +115,8 @@ class JobManager:
         job.started_at = job.started_at or time.time()
         self._save(job)
         for doc_id in job.doc_ids[start:]:
+            if self._closing.is_set():  # shutting down: the record stays "running" and resumes next start
+                return
             try:
                 if build_one(doc_id):
                     job.built += 1
@@ -140,5 +143,9 @@ class JobManager:
             log.warning("ignoring unreadable job record %s: %s", path.name, e)
             return None
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait_s: float = 30.0) -> None:
+        """Stop after the document in flight; unfinished jobs resume at the next start."""
+        self._closing.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        for t in list(getattr(self._pool, "_threads", ())):
+            t.join(timeout=wait_s)

@@ -50,6 +50,7 @@ class LiveServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(timeout=30)
+        self.runtime.jobs.shutdown()
         if self.owns_engine:
             self.runtime.engine.shutdown()
         self.runtime.kb.close()

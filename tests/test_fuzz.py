@@ -5,7 +5,9 @@ the engine must stay healthy. KNOWMUX_FUZZ_EXAMPLES sets the cases per operation
 mode (25 in the suite); KNOWMUX_FUZZ_MODEL=real runs it against SmolLM2 instead
 (`make fuzz` does both with 300 cases)."""
 
+import json
 import os
+from collections import Counter
 
 import pytest
 import schemathesis
@@ -13,6 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
 EXAMPLES = int(os.environ.get("KNOWMUX_FUZZ_EXAMPLES", "25"))
+SEEN: Counter = Counter()  # responses by status class, over the whole module (printed, and saved with
+# KNOWMUX_FUZZ_REPORT=path)
 DOCS = [{"id": "zorbl", "title": "Zorbl", "text": "Zorbl is a purple cat who lives on the moon base Tycho."}]
 
 
@@ -38,6 +42,12 @@ def fuzz_server(tmp_path_factory, embedder):
     httpx.post(srv.url + "/v1/documents", json={"documents": DOCS}).raise_for_status()
     yield srv
     srv.__exit__(None, None, None)
+    summary = {"model": os.environ.get("KNOWMUX_FUZZ_MODEL", "tiny"), "examples_per_case": EXAMPLES,
+               "requests": sum(SEEN.values()), "by_status": dict(sorted(SEEN.items()))}
+    print(f"\nfuzz summary: {summary}")
+    if os.environ.get("KNOWMUX_FUZZ_REPORT"):
+        with open(os.environ["KNOWMUX_FUZZ_REPORT"], "w") as f:
+            json.dump(summary, f, indent=1)
 
 
 def _schema():
@@ -64,6 +74,7 @@ def test_no_5xx_and_openai_shaped_errors(op, mode, fuzz_server):
         if case.path == "/v1/builds" and isinstance(case.body, dict) and case.body.get("kind") == "adapters":
             case.body["kind"] = "kv"  # adapter training takes seconds per document; its input checks are shared
         response = case.call(base_url=fuzz_server.url, timeout=60)
+        SEEN[str(response.status_code)] += 1
         assert response.status_code < 500, (case.method, case.path, case.body, response.text[:500])
         if 400 <= response.status_code < 500 and response.status_code != 405:
             err = response.json().get("error")
