@@ -47,6 +47,7 @@ def test_arm_assignment_is_deterministic_and_follows_the_weights():
     ("[experiments.x]\narms = [ { name = \"a\", strategy = \"rag\" }, { name = \"a\", strategy = \"rag\" } ]",
      "used twice"),
     ("[experiments.x]\narms = [ { name = \"a\", strategy = \"rag\", colour = 1 } ]", "unknown parameter"),
+    ("[experiments.x]\narms = [ { name = \"a\", strategy = \"rag\", top_k = 0 } ]", "top_k must be"),
     ("[experiments.x]\narms = [ { name = \"../a\", strategy = \"rag\" } ]", "'name' must be"),
     ("[experiments.x\narms = 1", "line 1"),
     ("[experiments.x]\narms = [ { name = \"a\",\n strategy = rag } ]", "line 2"),

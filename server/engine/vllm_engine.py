@@ -202,8 +202,13 @@ class VLLMEngine:
                                         seed=s.seed, stop=list(s.stop) or None, ignore_eos=s.ignore_eos,
                                         output_kind=RequestOutputKind.DELTA)
                 lora = r.req.rows[0].adapters
-                self.llm.add_request(rid, {"prompt_token_ids": list(r.req.rows[0].prompt_ids)}, params,
-                                     lora_request=lora.request if lora is not None else None)
+                try:
+                    self.llm.add_request(rid, {"prompt_token_ids": list(r.req.rows[0].prompt_ids)}, params,
+                                         lora_request=lora.request if lora is not None else None)
+                except Exception as exc:  # vLLM refused this request (input checks): fail it alone
+                    log.warning("vllm refused %s: %s", rid, exc)
+                    self._emit(r, TokenEvent("", finish_reason="error", error=f"vllm refused the request: {exc}"))
+                    continue
                 r.t_admit = time.perf_counter()
                 self._live[rid] = r
             gone = [rid for rid in aborts if rid in self._live]

@@ -115,6 +115,8 @@ def parse(text: str, known_strategies: list[str], source: str = "experiments") -
                     raise ExperimentError(f"{at}: unknown parameter {k!r}; an arm may set {', '.join(ARM_PARAMS)}")
                 if isinstance(v, bool) or not isinstance(v, ARM_PARAMS[k]):
                     raise ExperimentError(f"{at}: {k} has the wrong type ({type(v).__name__})")
+                if k == "top_k" and not 1 <= v <= 100:
+                    raise ExperimentError(f"{at}: top_k must be between 1 and 100")
             arms.append(Arm(arm_name, strategy, float(weight), params))
         extra = set(body) - {"arms"}
         if extra:

@@ -142,13 +142,14 @@ class Router:
             if f.confidence_gain < 0:
                 return Decision("rag+ckplug", f"context lowers confidence (gain {f.confidence_gain:.2f}): "
                                               "rag+ckplug", "probe", f, hits, est)
-        if self.classifier is not None:
+        clf = self.classifier  # one reference: a reload may swap it meanwhile
+        if clf is not None:
             try:
-                choice = self.classifier.choose(f.vector(), candidates)
+                choice = clf.choose(f.vector(), candidates)
             except ClassifierError as e:  # e.g. a classifier trained with another embedder
                 log.warning("router classifier not usable for this request: %s", e)
                 choice = None
-            floor = float(self.classifier.info.get("min_confidence", 0.0))
+            floor = float(clf.info.get("min_confidence", 0.0))
             if choice is not None and choice[1] >= floor:
                 s, p = choice
                 return Decision(s, f"classifier: {s} (p={p:.2f})", "classifier", f, hits, est)
