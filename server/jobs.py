@@ -123,6 +123,8 @@ class JobManager:
                 else:
                     job.skipped += 1
             except Exception as e:  # one bad document does not stop the job
+                if self._closing.is_set():  # failed because we are shutting down: redo it on resume
+                    return
                 log.warning("%s build of %s failed: %s", job.kind, doc_id, e)
                 job.errors.append({"doc_id": doc_id, "error": f"{type(e).__name__}: {e}"})
             job.done += 1

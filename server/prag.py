@@ -60,7 +60,7 @@ class PragService:
             for p in model.parameters():  # the served copy holds views of the engine's fused weights
                 p.data = p.data.contiguous()
             self._trainer = LoraTrainer(model, self.engine.tokenizer, self.recipe, self.fingerprint,
-                                        run=lambda fn: self.engine.worker.call(fn).result())
+                                        run=lambda fn: self.engine.worker.call(fn, background=True).result())
         return self._trainer
 
     def build_document(self, doc) -> bool:

@@ -374,3 +374,34 @@ def test_a_request_whose_prefix_does_not_fit_fails_alone():
         pass
     assert bad.finish == "error" and "does not fit" in bad.events[-1].error
     assert ok.finish == "length"
+
+
+def test_background_calls_yield_to_live_requests():
+    """Training steps (background calls) run at once when idle, at most one per interval
+    while requests decode; ordinary calls still run at the next step."""
+    eng = tiny_engine(WorkerLimits(background_interval_s=30.0))
+    eng.start()
+    try:
+        out = Collector()
+        tokens_at = {}
+
+        def mark(name):
+            def fn():
+                tokens_at[name] = len(out.events)
+            return fn
+
+        eng.worker.submit(GenRequest("long", [RowSpec(PROMPTS[0])], greedy(200)), out)
+        first = eng.worker.call(mark("bg1"), background=True)
+        second = eng.worker.call(mark("bg2"), background=True)
+        normal = eng.worker.call(mark("normal"))
+        second.result(timeout=60)
+        first.result(timeout=60)
+        normal.result(timeout=60)
+        assert out.finish == "length"
+        assert tokens_at["normal"] < 200  # an ordinary call is not held back
+        assert tokens_at["bg1"] < 200  # the first background call may run (none ran in the interval)
+        assert tokens_at["bg2"] >= 200  # the second waits until nothing is decoding
+        idle = eng.worker.call(lambda: "ran", background=True)
+        assert idle.result(timeout=10) == "ran"  # idle engine: at once, no interval
+    finally:
+        eng.shutdown()

@@ -41,6 +41,7 @@ class WorkerLimits:
     max_queue: int = 64  # sequences waiting for admission; more get QueueFull (429)
     step_token_budget: int = 512  # tokens per forward pass (prefill chunk size)
     prefix_cache_tokens: int = 16384  # automatic prefix cache (0 = off); 46 KB per token on SmolLM2 fp32
+    background_interval_s: float = 1.0  # while requests run, at most one background call (a training step) per interval
 
 
 @dataclass
@@ -91,6 +92,8 @@ class EngineWorker:
         self._cv = threading.Condition()
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._calls: collections.deque[tuple[Callable, Future]] = collections.deque()
+        self._background: collections.deque[tuple[Callable, Future]] = collections.deque()
+        self._last_background = 0.0
         self._running: list[_Seq] = []
         self._kv_in_flight = 0
         self._stop = False
@@ -135,10 +138,15 @@ class EngineWorker:
             self._cv.notify()
         return Handle(self, seq)
 
-    def call(self, fn: Callable[[], object]) -> Future:
+    def call(self, fn: Callable[[], object], background: bool = False) -> Future:
         """Run ``fn()`` on the engine thread at the next step boundary (one call per step,
         so live requests keep decoding between calls); its result or exception lands in
-        the returned Future. On a worker that was never started, runs it at once."""
+        the returned Future. On a worker that was never started, runs it at once.
+
+        ``background`` calls (adapter training steps, long and many) yield to serving: they
+        run at once when nothing is decoding, otherwise at most one per
+        ``limits.background_interval_s``, so a build slows live requests by a bounded duty
+        cycle instead of putting a training step between every two decode steps."""
         fut: Future = Future()
         if self._thread is None:
             self._run_call(fn, fut)
@@ -146,7 +154,7 @@ class EngineWorker:
         with self._cv:
             if not self.alive:
                 raise EngineUnavailable(self.last_error or "the engine is not running", retry_after=5)
-            self._calls.append((fn, fut))
+            (self._background if background else self._calls).append((fn, fut))
             self._cv.notify()
         return fut
 
@@ -188,8 +196,9 @@ class EngineWorker:
                 self._stop = True
                 stranded = list(self._running) + list(self._waiting)
                 self._waiting.clear()
-                calls = list(self._calls)
+                calls = list(self._calls) + list(self._background)
                 self._calls.clear()
+                self._background.clear()
             for _, fut in calls:
                 if fut.set_running_or_notify_cancel():
                     fut.set_exception(EngineUnavailable(self.last_error or "engine shut down"))
@@ -199,13 +208,21 @@ class EngineWorker:
     def _serve(self) -> None:
         while True:
             with self._cv:
-                while not self._stop and not self._waiting and not self._running and not self._calls:
+                while (not self._stop and not self._waiting and not self._running and not self._calls
+                       and not self._background):
                     self._cv.wait()
                 if self._stop:
                     break
                 call = self._calls.popleft() if self._calls else None
+                background = False
+                busy = self._running or self._waiting
+                if call is None and self._background and (
+                        not busy or time.perf_counter() - self._last_background >= self.limits.background_interval_s):
+                    call, background = self._background.popleft(), True
             if call is not None:
                 self._run_call(*call)
+                if background:  # the interval counts from the end of a background call
+                    self._last_background = time.perf_counter()
             self.step()
 
     def step(self) -> bool:

@@ -1,0 +1,93 @@
+"""How much does an adapter build slow down live serving? Measured side by side.
+
+    python -m bench.build_interference       # -> bench/results/build_interference.json
+
+One `knowmux serve` with the bundled NQ sample. The same load (C clients at once, one
+`direct` request each, greedy, ignore_eos, --max-tokens) runs twice on fresh questions:
+first with the server idle, then while a build job trains adapters for --docs documents
+(each optimiser step runs on the engine thread between serving steps). Reports
+aggregate tokens/s, TTFT and latency for both, and the build's own progress meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from bench import load
+from bench.batching import stop, wait_ready
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", help="default: a fresh temporary folder (a reused one may resume an old build)")
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--requests", type=int, default=6, help="per client, one after another")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--docs", type=int, default=6)
+    ap.add_argument("--port", type=int, default=8125)
+    ap.add_argument("--out", default="bench/results/build_interference.json")
+    a = ap.parse_args(argv)
+    a.data_dir = a.data_dir or tempfile.mkdtemp(prefix="knowmux-interference-")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    knowmux = Path(sys.executable).with_name("knowmux")
+    subprocess.run([knowmux, "ingest", "bench/data/nq_open_sample/corpus.jsonl", "--data-dir", a.data_dir],
+                   check=True, env=env)
+    url = f"http://127.0.0.1:{a.port}"
+    proc = subprocess.Popen([knowmux, "serve", "--data-dir", a.data_dir, "--port", str(a.port), "--log-level",
+                             "warning"], env=env)
+    n = a.clients * a.requests
+    try:
+        wait_ready(url, proc)
+        idle = load.main_levels(url, "knowmux", [a.clients], a.requests, "direct", a.max_tokens, None, offset=1)[0]
+        ids = [json.loads(line)["id"] for line in open("bench/data/nq_open_sample/corpus.jsonl")][-a.docs:]
+        job = httpx.post(url + "/v1/builds", json={"kind": "adapters", "doc_ids": ids}, timeout=60).json()
+        time.sleep(2)  # let the build get past its first document's setup
+        progress = {}
+
+        def watch():
+            while True:
+                try:
+                    v = httpx.get(f"{url}/v1/jobs/{job['id']}", timeout=30).json()
+                except httpx.HTTPError:  # the server is being stopped
+                    return
+                progress.update(v)
+                if v["status"] in ("done", "failed"):
+                    return
+                time.sleep(0.5)
+
+        threading.Thread(target=watch, daemon=True).start()
+        done_before = progress.get("done", 0)
+        busy = load.main_levels(url, "knowmux", [a.clients], a.requests, "direct", a.max_tokens, None,
+                                offset=1 + n)[0]
+        done_during = progress.get("done", 0) - done_before
+        busy_status = progress.get("status")
+    finally:
+        stop(proc)
+    report = {"when": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "command": "python -m bench.build_interference " + " ".join(sys.argv[1:] if argv is None else argv),
+              "clients": a.clients, "requests_per_client": a.requests, "max_tokens": a.max_tokens,
+              "idle": idle, "during_build": busy, "build_docs_finished_during_load": done_during,
+              "build_status_at_end": busy_status,
+              "slowdown_tokens_per_s": idle["tokens_per_s"] / busy["tokens_per_s"]}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("idle", "during_build")}, indent=1))
+    for name in ("idle", "during_build"):
+        r = report[name]
+        print(f"{name:13} {r['tokens_per_s']:6.1f} tok/s  ttft p50 {r['ttft_p50_s']:.2f}s p95 {r['ttft_p95_s']:.2f}s  "
+              f"latency p50 {r['latency_p50_s']:.2f}s p95 {r['latency_p95_s']:.2f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
