@@ -8,7 +8,6 @@ came from the model.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -78,14 +77,8 @@ def cloze_pairs(passage: str, n: int) -> list[dict]:
 
 
 def augment(passage: str, generate: Generate, max_new_tokens: int = 256) -> Augmentation:
-    """The rewrite and the QA pairs are independent: both prompts are sent at once, so a
-    batching engine decodes them together (about the time of the longer one, not the sum)."""
-    with cf.ThreadPoolExecutor(2) as pool:
-        rewrite_f = pool.submit(generate, REWRITE_PROMPT.format(passage=passage), max_new_tokens)
-        qa_f = pool.submit(generate, QA_PROMPT.format(passage=passage), max_new_tokens)
-        rewrite = rewrite_f.result().strip() or passage
-        qa_text = qa_f.result()
-    qa = [{**p, "source": "model"} for p in parse_qa(qa_text)][:3]
+    rewrite = generate(REWRITE_PROMPT.format(passage=passage), max_new_tokens).strip() or passage
+    qa = [{**p, "source": "model"} for p in parse_qa(generate(QA_PROMPT.format(passage=passage), max_new_tokens))][:3]
     if len(qa) < 3:
         qa += cloze_pairs(passage, 3 - len(qa))
     return Augmentation(passage, rewrite, qa)

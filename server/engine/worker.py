@@ -44,14 +44,14 @@ class WorkerLimits:
     background_interval_s: float = 1.0  # while requests run, at most one background call (a training step) per interval
 
 
-@dataclass
+@dataclass(eq=False)
 class _Row:
     spec: RowSpec
     cache: RowCache
     pending: list[int]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the running list removes exactly this sequence
 class _Seq:
     req: GenRequest
     sink: Sink
