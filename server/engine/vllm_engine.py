@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 from ..errors import EngineUnavailable, InvalidRequest, QueueFull
 from .types import GenRequest, Timings, TokenEvent
-from .worker import Sink, WorkerLimits
+from .worker import LoopThread, Sink, WorkerLimits
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,9 @@ class _Req:
         self.done = False
 
 
-class VLLMEngine:
+class VLLMEngine(LoopThread):
     name = "vllm"
+    thread_name = "knowmux-vllm"
     supports_logits_hook = False
 
     def __init__(self, llm_engine, tokenizer, model_id: str, max_context: int, limits: WorkerLimits,
@@ -106,21 +107,6 @@ class VLLMEngine:
     # ---- any thread ----------------------------------------------------------------
     def observe_steps(self, callback) -> None:
         self.on_step = callback
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="knowmux-vllm", daemon=True)
-        self._thread.start()
-
-    def shutdown(self) -> None:
-        with self._cv:
-            self._stop = True
-            self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-    @property
-    def alive(self) -> bool:
-        return not self._stop and (self._thread is None or self._thread.is_alive())
 
     def submit(self, req: GenRequest, sink: Sink) -> _Handle:
         if len(req.rows) != 1 or req.logits_hook is not None:

@@ -84,7 +84,33 @@ class Handle:
             self._worker._wake()
 
 
-class EngineWorker:
+class LoopThread:
+    """The one thread that owns an engine: start, stop, and whether it still runs.
+    Subclasses provide ``_loop`` and set ``_cv`` (a Condition), ``_stop`` and ``_thread``."""
+
+    thread_name = "knowmux-engine"
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine thread has stopped or died (never started counts as alive:
+        tests step a worker by hand)."""
+        if self._stop:
+            return False
+        return self._thread is None or self._thread.is_alive()
+
+
+class EngineWorker(LoopThread):
     def __init__(self, runner: LlamaRunner, tokenizer, eos_ids: set[int], limits: WorkerLimits,
                  on_step: Optional[Callable[[int, int, float], None]] = None):
         self.runner, self.tokenizer, self.eos_ids, self.limits = runner, tokenizer, eos_ids, limits
@@ -104,17 +130,6 @@ class EngineWorker:
         self.prefix_cache = PrefixCache(max_tokens=limits.prefix_cache_tokens) if limits.prefix_cache_tokens else None
 
     # ---- any thread -------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="knowmux-engine", daemon=True)
-        self._thread.start()
-
-    def shutdown(self) -> None:
-        with self._cv:
-            self._stop = True
-            self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
     def submit(self, req: GenRequest, sink: Sink) -> Handle:
         """Queue a request. Raises InvalidRequest (cannot ever fit), QueueFull, EngineUnavailable."""
         if not req.rows or any(not r.prompt_ids for r in req.rows):
@@ -166,14 +181,6 @@ class EngineWorker:
             fut.set_result(fn())
         except BaseException as exc:  # handed to the caller, never kills the engine
             fut.set_exception(exc)
-
-    @property
-    def alive(self) -> bool:
-        """False once the engine thread has stopped or died (never started counts as alive:
-        tests step a worker by hand)."""
-        if self._stop:
-            return False
-        return self._thread is None or self._thread.is_alive()
 
     def stats(self) -> dict:
         return {"queue": len(self._waiting), "running": len(self._running), "kv_in_flight": self._kv_in_flight,
