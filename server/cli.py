@@ -99,15 +99,15 @@ def cmd_setup(args) -> int:
 def cmd_serve(args) -> int:
     from .api.app import create_app
     from .api.auth import Keys, check_exposure
-    from .strategies import STRATEGIES
+    from .strategies import NAMES
 
     settings = _settings(args)
     check_exposure(settings, Keys.from_settings(settings))  # before the model loads
     if settings.experiments is not None:  # a bad file stops the start with its line, before the model loads
         from .router.experiments import parse
 
-        parse(Path(settings.experiments).read_text(encoding="utf-8"), ["auto", *STRATEGIES], str(settings.experiments))
-    if settings.default_strategy not in ("auto", *STRATEGIES):
+        parse(Path(settings.experiments).read_text(encoding="utf-8"), list(NAMES), str(settings.experiments))
+    if settings.default_strategy not in NAMES:
         raise ValueError(f"unknown default strategy {settings.default_strategy!r}")
     app = create_app(settings)
     serve_app(app, settings.host, settings.port, settings.log_level)
@@ -170,6 +170,8 @@ def build(settings: Settings, kb, doc_ids: list[str], kinds: list[str]) -> None:
         pipeline = Pipeline(engine, kb, settings, data_dir=settings.data_dir)
         for kind in kinds:
             service = pipeline.builder(kind)
+            if service is None:
+                raise ValueError(f"the {engine.name} engine cannot build {kind}; use --engine torch")
             built = skipped = 0
             t0 = time.perf_counter()
             for doc_id in tqdm(dict.fromkeys(doc_ids), desc=kind, unit="doc"):

@@ -20,9 +20,7 @@ from .engine.types import GenRequest, SamplingParams
 from .errors import ContextLengthExceeded, InvalidRequest, UnknownExperiment
 from .prompt import PromptBuilder
 from .router import Experiments, Router
-from .strategies import STRATEGIES, Plan, Query, StrategyContext, get_strategy
-
-AUTO = "auto"
+from .strategies import AUTO, NAMES, STRATEGIES, Plan, Query, StrategyContext, get_strategy
 
 
 @dataclass(frozen=True)
@@ -75,33 +73,30 @@ class Pipeline:
         self.engine, self.kb, self.settings = engine, kb, settings
         self.prompts = PromptBuilder(engine.tokenizer)
         kv = prag = None
-        if data_dir is not None and hasattr(engine, "runner"):  # KV injection and row deltas need our forward
+        builds_adapters = False  # training needs the torch engine; vllm only serves what it trained
+        if data_dir is not None:
             from adapters.bank import AdapterBank
             from adapters.recipe import get_recipe
 
-            from .kv.service import KVService
-            from .kv.store import KVStore
-            from .prag import PragService
+            bank, recipe = AdapterBank(data_dir / "adapters"), get_recipe(settings.adapter_recipe)
+            if hasattr(engine, "runner"):  # KV injection and row deltas need our forward
+                from .kv.service import KVService
+                from .kv.store import KVStore
+                from .prag import PragService
 
-            kv = KVService(engine, self.prompts, KVStore(data_dir / "kv", settings.kv_memory_bytes))
-            prag = PragService(engine, self.prompts, AdapterBank(data_dir / "adapters"),
-                               get_recipe(settings.adapter_recipe))
-        builds_adapters = prag is not None
-        if data_dir is not None and getattr(engine, "name", "") == "vllm":  # prag through vLLM's LoRA
-            from adapters.bank import AdapterBank
-            from adapters.recipe import get_recipe
+                kv = KVService(engine, self.prompts, KVStore(data_dir / "kv", settings.kv_memory_bytes))
+                prag, builds_adapters = PragService(engine, self.prompts, bank, recipe), True
+            elif engine.name == "vllm":  # prag through vLLM's LoRA requests
+                from .prag_vllm import VLLMPragService
 
-            from .prag_vllm import VLLMPragService
-
-            prag = VLLMPragService(engine, AdapterBank(data_dir / "adapters"), get_recipe(settings.adapter_recipe),
-                                   data_dir / "combined", engine.model_path)
+                prag = VLLMPragService(engine, bank, recipe, data_dir / "combined", engine.model_path)
         self.kv, self.prag = kv, prag
         self._builders = {"kv": kv, "adapters": prag if builds_adapters else None}
         self.ctx = StrategyContext(kb=kb, prompts=self.prompts, kv=kv, kv_recompute=settings.kv_recompute,
                                    prag=prag)
         self.max_context = min(settings.max_context or engine.max_context, engine.max_context)
         probe = None
-        if settings.router_probe and hasattr(engine, "runner"):
+        if settings.router_probe and getattr(engine, "supports_logits_hook", False):
             from .router.probe import ConfidenceProbe
 
             probe = ConfidenceProbe(engine, self.prompts)
@@ -126,7 +121,11 @@ class Pipeline:
                 if service is not None and service.forget(doc)]
 
     def known_strategies(self) -> list[str]:
-        return [AUTO, *STRATEGIES]
+        return list(NAMES)
+
+    def routable_strategies(self) -> list[str]:
+        """What a request to this server may name and have run: auto and the supported strategies."""
+        return [AUTO, *self.supported]
 
     def supported_strategies(self) -> list[str]:
         """What this engine can run: KV injection and row adapters need the torch engine's

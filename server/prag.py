@@ -20,7 +20,7 @@ import time
 from typing import Optional
 
 from adapters.augment import augment, deterministic
-from adapters.bank import AdapterBank, AdapterError, adapter_key
+from adapters.bank import AdapterBank, AdapterError, LoraWeights, adapter_key
 from adapters.recipe import Recipe
 from adapters.train import LoraTrainer, training_sequences
 
@@ -32,7 +32,40 @@ from .kv.service import model_fingerprint
 log = logging.getLogger(__name__)
 
 
-class PragService:
+class StoredAdapters:
+    """What the prag services of both engines share: the adapter bank, keyed by model
+    fingerprint, recipe and document content, and the rule that a damaged adapter is
+    removed and reported, never used. Subclasses set ``bank``, ``recipe``,
+    ``fingerprint`` and ``shapes`` (projection -> (out, in) of the base model)."""
+
+    bank: AdapterBank
+    recipe: Recipe
+    fingerprint: str
+    shapes: dict
+
+    def key(self, doc) -> str:
+        return adapter_key(self.fingerprint, self.recipe.fingerprint(), doc.content_hash)
+
+    def has(self, doc) -> bool:
+        return self.bank.has(self.key(doc))
+
+    def forget(self, doc) -> bool:
+        return self.bank.remove(self.key(doc))
+
+    def load(self, doc) -> LoraWeights:
+        """The stored weights. When they fail their checks (checksum, base model, shapes)
+        they are removed, so the document reads as missing (skipped or refused per
+        on_missing) and its next build trains it afresh, and AdapterError is raised."""
+        key = self.key(doc)
+        try:
+            return self.bank.load(key, doc.id, self.fingerprint, self.shapes)
+        except AdapterError as e:
+            log.warning("%s; removed: the next adapter build of the document trains it afresh", e)
+            self.bank.remove(key)
+            raise
+
+
+class PragService(StoredAdapters):
     def __init__(self, engine, prompts, bank: AdapterBank, recipe: Recipe, cache_size: int = 256):
         self.engine, self.prompts, self.bank, self.recipe = engine, prompts, bank, recipe
         self.runner = engine.runner
@@ -44,9 +77,6 @@ class PragService:
         self._train_lock = threading.Lock()
         self._cache: collections.OrderedDict[str, AdapterSet] = collections.OrderedDict()
         self._cache_size = cache_size
-
-    def key(self, doc) -> str:
-        return adapter_key(self.fingerprint, self.recipe.fingerprint(), doc.content_hash)
 
     # ---- building ---------------------------------------------------------------------
     def generate(self, prompt: str, max_tokens: int) -> str:
@@ -85,9 +115,8 @@ class PragService:
 
     # ---- serving ------------------------------------------------------------------------
     def adapter_set(self, doc) -> Optional[AdapterSet]:
-        """The document's adapter as engine deltas; None when not built. When the stored one
-        fails its checks (checksum, base model, shapes) it is removed and AdapterError raised:
-        the caller reports it, and the next build of the document trains it afresh."""
+        """The document's adapter as engine deltas; None when not built; AdapterError (after
+        removing it) when the stored one is damaged (``load``)."""
         key = self.key(doc)
         hit = self._cache.get(key)
         if hit is not None:
@@ -95,14 +124,7 @@ class PragService:
             return hit
         if not self.bank.has(key):
             return None
-        try:
-            w = self.bank.load(key, doc.id, self.fingerprint, self.shapes)
-        except AdapterError as e:
-            # never serve from a damaged adapter: drop it, so the document reads as missing
-            # (skipped or refused per on_missing) and the next build of it trains it afresh
-            log.warning("%s; removed, rebuild with a build job (POST /v1/builds kind=adapters)", e)
-            self.bank.remove(key)
-            raise
+        w = self.load(doc)
         aset = AdapterSet({k: (a, b * w.scale) for k, (a, b) in w.deltas.items()}, name=doc.id)
         self._cache[key] = aset
         while len(self._cache) > self._cache_size:
@@ -127,12 +149,8 @@ class PragService:
         return (AdapterSet.combine(sets, used) if sets else None), len(sets), missing, corrupt
 
     def forget(self, doc) -> bool:
-        key = self.key(doc)
-        self._cache.pop(key, None)
-        return self.bank.remove(key)
-
-    def has(self, doc) -> bool:
-        return self.bank.has(self.key(doc))
+        self._cache.pop(self.key(doc), None)
+        return super().forget(doc)
 
     def describe(self, doc) -> dict:
         key = self.key(doc)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -27,14 +26,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from adapters.bank import AdapterBank, AdapterError, adapter_key
-from adapters.recipe import Recipe
+from adapters.bank import AdapterBank, AdapterError
+from adapters.recipe import TARGET_MODULES, Recipe
 
 from .engine.vllm_engine import VLLMLora
 from .kv.service import fingerprint_of
+from .prag import StoredAdapters
 
-log = logging.getLogger(__name__)
-PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def folder_fingerprint(path: Path, model_id: str) -> tuple[str, dict]:
@@ -50,7 +48,7 @@ def folder_fingerprint(path: Path, model_id: str) -> tuple[str, dict]:
     return fp, shapes
 
 
-class VLLMPragService:
+class VLLMPragService(StoredAdapters):
     def __init__(self, engine, bank: AdapterBank, recipe: Recipe, root: Path, model_path: Path,
                  max_cached: int = 256):
         self.engine, self.bank, self.recipe = engine, bank, recipe
@@ -60,34 +58,19 @@ class VLLMPragService:
         self.max_cached = max_cached
         self._lock = threading.Lock()
 
-    def key(self, doc) -> str:
-        return adapter_key(self.fingerprint, self.recipe.fingerprint(), doc.content_hash)
-
-    def has(self, doc) -> bool:
-        return self.bank.has(self.key(doc))
-
-    def forget(self, doc) -> bool:
-        return self.bank.remove(self.key(doc))
-
-    def build_document(self, doc) -> bool:  # pragma: no cover - refused before it is called
-        raise AdapterError("adapters are trained by the torch engine: knowmux ingest --build adapters")
-
     def row_adapters(self, docs: list, scales: list[float]):
         usable, missing, corrupt = [], [], []
         for doc, s in zip(docs, scales):
-            key = self.key(doc)
-            if not self.bank.has(key):
+            if not self.has(doc):
                 missing.append(doc.id)
                 continue
             try:
-                w = self.bank.load(key, doc.id, self.fingerprint, self.shapes)
-            except AdapterError as e:
-                log.warning("%s; removed, rebuild it with the torch engine", e)
-                self.bank.remove(key)
+                w = self.load(doc)
+            except AdapterError:  # damaged: removed by load, never used
                 missing.append(doc.id)
                 corrupt.append(doc.id)
                 continue
-            usable.append((key, s, w))
+            usable.append((self.key(doc), s, w))
         if not usable:
             return None, 0, missing, corrupt
         rank = sum(w.rank for _, _, w in usable)
@@ -107,7 +90,7 @@ class VLLMPragService:
         tensors = {}
         layers = sorted({layer for _, _, w in usable for layer, _ in w.deltas})
         for layer in layers:
-            for proj in PROJECTIONS:
+            for proj in TARGET_MODULES:
                 a_parts, b_parts = [], []
                 for _, s, w in usable:
                     a, b = w.deltas[(layer, proj)]
@@ -117,7 +100,7 @@ class VLLMPragService:
                 tensors[f"{prefix}.lora_A.weight"] = torch.cat(a_parts, 0).contiguous()
                 tensors[f"{prefix}.lora_B.weight"] = torch.cat(b_parts, 1).contiguous()
         config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,
-                  "target_modules": list(PROJECTIONS), "lora_dropout": 0.0, "bias": "none",
+                  "target_modules": list(TARGET_MODULES), "lora_dropout": 0.0, "bias": "none",
                   "fan_in_fan_out": False, "base_model_name_or_path": self.engine.model_id}
         with self._lock:
             tmp = Path(tempfile.mkdtemp(prefix="tmp-", dir=self.root))

@@ -24,14 +24,14 @@ async def models(rt=Depends(get_runtime)):
     return {"object": "list", "data": [{
         "id": rt.settings.served_model_name, "object": "model", "created": int(rt.started_at), "owned_by": "knowmux",
         "root": rt.engine.model_id, "max_model_len": rt.pipeline.max_context, "engine": rt.engine.name,
-        "strategies": ["auto", *rt.pipeline.supported]}]}
+        "strategies": rt.pipeline.routable_strategies()}]}
 
 
 @router.get("/health")
 async def health(rt=Depends(get_runtime)):
     ok, reason = rt.engine.health()
     body = {"status": "ok" if ok else "unhealthy", "engine": rt.engine.name, "reason": reason,
-            "strategies": ["auto", *rt.pipeline.supported],
+            "strategies": rt.pipeline.routable_strategies(),
             "documents": rt.kb.count() if rt.kb is not None else 0, **rt.engine.stats()}
     return JSONResponse(body, status_code=200 if ok else 503)
 
@@ -58,20 +58,16 @@ async def add_documents(body: DocumentsRequest, rt=Depends(get_runtime), who: Pr
             cls = PayloadTooLarge if e.too_large else InvalidRequest
             raise cls(str(e), param=f"documents[{i}]") from None
     for kind in body.build:
-        _builder(rt, kind)  # refuse before writing anything
+        rt.builder(kind)  # refuse before writing anything
     t0 = time.perf_counter()
     results = await asyncio.to_thread(rt.kb.upsert, docs)
     out = {"object": "list", "data": [{"id": i, "status": st} for i, st in results],
            "elapsed_ms": round((time.perf_counter() - t0) * 1e3, 1)}
-    jobs = [rt.jobs.submit(kind, [i for i, _ in results], _builder(rt, kind)).view() for kind in body.build]
+    jobs = [rt.jobs.submit(kind, [i for i, _ in results], rt.builder(kind)).view() for kind in body.build]
     if jobs:
         out["jobs"] = jobs
         out["job"] = jobs[0]
     return out
-
-
-def _builder(rt, kind: str):
-    return rt.builder(kind)
 
 
 @router.post("/v1/retrieve", dependencies=[Depends(require_client)])
@@ -86,7 +82,7 @@ async def retrieve(body: RetrieveRequest, rt=Depends(get_runtime)):
 @router.post("/v1/builds", dependencies=[Depends(require_admin)])
 async def start_build(body: BuildRequest, rt=Depends(get_runtime)):
     """Build artefacts (KV caches, adapters) of stored documents in a background job."""
-    build_one = _builder(rt, body.kind)
+    build_one = rt.builder(body.kind)
     known = await asyncio.to_thread(rt.kb.get_many, body.doc_ids)
     unknown = [d for d in body.doc_ids if d not in known]
     if unknown:

@@ -28,10 +28,7 @@ async def _exit_when_engine_dies(app, rt, every_s: float = 2.0) -> None:
     exits non-zero, for a supervisor (systemd, Docker, Kubernetes) to restart it."""
     while True:
         await asyncio.sleep(every_s)
-        alive = getattr(rt.engine, "alive", None)
-        if alive is None and hasattr(rt.engine, "worker"):
-            alive = rt.engine.worker.alive
-        if alive is False:
+        if not rt.engine.alive:
             log.critical("the %s engine is dead (%s); shutting down so a supervisor can restart the server",
                          rt.engine.name, rt.engine.health()[1])
             app.state.engine_died = True  # `knowmux serve` exits with status 1

@@ -2,7 +2,8 @@
 
 An engine has ``tokenizer``, ``model_id``, ``max_context``, ``start()``, ``shutdown()``,
 ``submit(GenRequest, sink) -> Handle`` (thread-safe; raises QueueFull, EngineUnavailable,
-InvalidRequest), ``stats() -> dict`` and ``health() -> (ok, reason)``.
+InvalidRequest), ``stats() -> dict``, ``health() -> (ok, reason)`` and ``alive`` (False once
+its thread has died or stopped).
 """
 
 from __future__ import annotations

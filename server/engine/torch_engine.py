@@ -63,6 +63,10 @@ class TorchEngine:
     def stats(self) -> dict:
         return self.worker.stats()
 
+    @property
+    def alive(self) -> bool:
+        return self.worker.alive
+
     def health(self) -> tuple[bool, str]:
         """(ok, reason). A failed step leaves the engine serving (ok, with the last error
         as the reason); a dead engine thread is not ok."""

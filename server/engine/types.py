@@ -66,6 +66,12 @@ class Timings:
     decode_ms: float = 0.0  # first token -> finish
     ttft_ms: float = 0.0  # submit -> first token
 
+    @classmethod
+    def between(cls, submit: float, admit: float, first: float, end: float) -> "Timings":
+        """From perf_counter() instants (seconds) of a request's life."""
+        return cls(queued_ms=(admit - submit) * 1e3, prefill_ms=(first - admit) * 1e3,
+                   decode_ms=(end - first) * 1e3, ttft_ms=(first - submit) * 1e3)
+
 
 @dataclass
 class TokenEvent:

@@ -32,7 +32,7 @@ from .worker import LoopThread, Sink, WorkerLimits
 log = logging.getLogger(__name__)
 
 
-def _in_process_env(threads: Optional[int]) -> None:
+def _in_process_env() -> None:
     """vLLM's settings for one in-process CPU engine; set before vllm is imported."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU
@@ -65,11 +65,12 @@ class VLLMEngine(LoopThread):
     thread_name = "knowmux-vllm"
     supports_logits_hook = False
 
-    def __init__(self, llm_engine, tokenizer, model_id: str, max_context: int, limits: WorkerLimits,
+    def __init__(self, llm_engine, tokenizer, model_path: Path, max_context: int, limits: WorkerLimits,
                  max_lora_rank: int = 0):
         self.llm = llm_engine
         self.tokenizer = tokenizer
-        self.model_id = model_id
+        self.model_path = Path(model_path)  # the adapters' model fingerprint is read from it
+        self.model_id = self.model_path.name
         self.max_context = max_context
         self.limits = limits
         self.max_lora_rank = max_lora_rank
@@ -86,7 +87,7 @@ class VLLMEngine(LoopThread):
     @classmethod
     def from_folder(cls, path: Path, limits: WorkerLimits = WorkerLimits(), threads: Optional[int] = None,
                     max_model_len: int = 2048, max_lora_rank: int = 16, max_loras: int = 8) -> "VLLMEngine":
-        _in_process_env(threads)
+        _in_process_env()  # vLLM-CPU binds its own threads: ``threads`` does not apply
         try:
             from vllm import EngineArgs
             from vllm.v1.engine.llm_engine import LLMEngine
@@ -100,9 +101,7 @@ class VLLMEngine(LoopThread):
                           max_lora_rank=max_lora_rank or 16, max_loras=max_loras, seed=0)
         llm = LLMEngine.from_engine_args(args)
         tok = AutoTokenizer.from_pretrained(path)
-        eng = cls(llm, tok, Path(path).name, max_model_len, limits, max_lora_rank)
-        eng.model_path = Path(path)
-        return eng
+        return cls(llm, tok, path, max_model_len, limits, max_lora_rank)
 
     # ---- any thread ----------------------------------------------------------------
     def observe_steps(self, callback) -> None:
@@ -223,19 +222,13 @@ class VLLMEngine(LoopThread):
                     finish = {"stop": "stop", "length": "length", "abort": "cancelled"}.get(finish, finish)
                     self._live.pop(out.request_id, None)
                     self._emit(r, TokenEvent(c.text, list(c.token_ids), finish, r.prompt_tokens, r.n_out,
-                                             self._timings(r, now),
+                                             Timings.between(r.t_submit, r.t_admit or r.t_submit,
+                                                             r.t_first or now, now),
                                              cached_tokens=out.num_cached_tokens or 0))
                 elif c.text or c.token_ids:
                     self._emit(r, TokenEvent(c.text, list(c.token_ids)))
             if self.on_step is not None:
                 self.on_step(tokens, len(self._live), now - t0)
-
-    @staticmethod
-    def _timings(r: _Req, now: float) -> Timings:
-        first = r.t_first or now
-        admit = r.t_admit or r.t_submit
-        return Timings(queued_ms=(admit - r.t_submit) * 1e3, prefill_ms=(first - admit) * 1e3,
-                       decode_ms=(now - first) * 1e3, ttft_ms=(first - r.t_submit) * 1e3)
 
     @staticmethod
     def _emit(r: _Req, ev: TokenEvent) -> None:

@@ -353,10 +353,7 @@ class EngineWorker(LoopThread):
             self._kv_in_flight -= seq.req.kv_tokens_needed
         seq.rows = []  # frees the KV cache at once
         now = time.perf_counter()
-        first = seq.t_first or now
-        admit = seq.t_admit or now
-        timings = Timings(queued_ms=(admit - seq.t_submit) * 1e3, prefill_ms=(first - admit) * 1e3,
-                          decode_ms=(now - first) * 1e3, ttft_ms=(first - seq.t_submit) * 1e3)
+        timings = Timings.between(seq.t_submit, seq.t_admit or now, seq.t_first or now, now)
         if reason != "error" and not text:
             text = seq.detok.flush()
         try:

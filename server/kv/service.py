@@ -103,17 +103,19 @@ class KVService:
             pos += e.n_tokens
         return KVPrefix(torch.cat(parts, dim=3), 0)
 
+    def doc_key(self, doc) -> str:
+        return self.key(self._ids(doc))
+
     def _ids(self, doc) -> list[int]:
         return self.prompts.passage_ids(Passage(doc.id, doc.title, doc.text))
 
     def forget(self, doc) -> bool:
         """Remove the document's stored cache (its content is no longer in the store)."""
-        return self.store.remove(self.key(self._ids(doc)))
+        return self.store.remove(self.doc_key(doc))
 
     def has(self, doc) -> bool:
         """Whether the document's cache is stored (memory or disk), without loading it."""
-        key = self.key(self._ids(doc))
-        return self.store.contains(key)
+        return self.store.contains(self.doc_key(doc))
 
     def build_document(self, doc) -> bool:
         """Compute and store one document's cache unless stored; True if it was built now."""

@@ -16,6 +16,8 @@ STRATEGIES = {
     "prag": "server.strategies.prag:Prag",
     "prag+rag": "server.strategies.prag:PragRag",
 }
+AUTO = "auto"  # not a strategy: asks the router (server.router) to choose one
+NAMES = (AUTO, *STRATEGIES)  # what a request, an experiment arm or the server default may name
 # what "+ckplug" can modify: strategies that put retrieved context in the prompt
 _CKPLUG_BASES = ("rag", "kv")
 
@@ -29,7 +31,7 @@ def get_strategy(name: str) -> Strategy:
             f"{name!r}: +ckplug reweights between decoding with and without retrieved context in the prompt, "
             f"and {base!r} has no such context to weigh; use it with rag", param="strategy")
     if name not in STRATEGIES:
-        raise UnknownStrategy(f"unknown strategy {name!r}; known strategies: auto, {', '.join(STRATEGIES)}",
+        raise UnknownStrategy(f"unknown strategy {name!r}; known strategies: {', '.join(NAMES)}",
                               param="strategy")
     if name not in _instances:
         module, cls = STRATEGIES[name].split(":")
