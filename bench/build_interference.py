@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -24,7 +22,7 @@ from pathlib import Path
 import httpx
 
 from bench import load
-from bench.batching import stop, wait_ready
+from bench.run import SAMPLE_CORPUS, Server, ingest_sample
 
 
 def main(argv=None) -> int:
@@ -34,22 +32,17 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=6, help="per client, one after another")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--docs", type=int, default=6)
-    ap.add_argument("--port", type=int, default=8125)
     ap.add_argument("--out", default="bench/results/build_interference.json")
     a = ap.parse_args(argv)
     a.data_dir = a.data_dir or tempfile.mkdtemp(prefix="knowmux-interference-")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    knowmux = Path(sys.executable).with_name("knowmux")
-    subprocess.run([knowmux, "ingest", "bench/data/nq_open_sample/corpus.jsonl", "--data-dir", a.data_dir],
-                   check=True, env=env)
-    url = f"http://127.0.0.1:{a.port}"
-    proc = subprocess.Popen([knowmux, "serve", "--data-dir", a.data_dir, "--port", str(a.port), "--log-level",
-                             "warning"], env=env)
+    ingest_sample(a.data_dir)
+    server = Server(Path(a.data_dir), None, Path(a.data_dir) / "server.log")
+    url = server.url
     n = a.clients * a.requests
     try:
-        wait_ready(url, proc)
+        server.wait()
         idle = load.main_levels(url, "knowmux", [a.clients], a.requests, "direct", a.max_tokens, None, offset=1)[0]
-        ids = [json.loads(line)["id"] for line in open("bench/data/nq_open_sample/corpus.jsonl")][-a.docs:]
+        ids = [json.loads(line)["id"] for line in open(SAMPLE_CORPUS)][-a.docs:]
         job = httpx.post(url + "/v1/builds", json={"kind": "adapters", "doc_ids": ids}, timeout=60).json()
         time.sleep(2)  # let the build get past its first document's setup
         progress = {}
@@ -72,7 +65,7 @@ def main(argv=None) -> int:
         done_during = progress.get("done", 0) - done_before
         busy_status = progress.get("status")
     finally:
-        stop(proc)
+        server.stop()
     report = {"when": time.strftime("%Y-%m-%d %H:%M:%S"),
               "command": "python -m bench.build_interference " + " ".join(sys.argv[1:] if argv is None else argv),
               "clients": a.clients, "requests_per_client": a.requests, "max_tokens": a.max_tokens,

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from bench import load
-from bench.batching import stop, wait_ready
-from bench.run import build, retrievable
+from bench.run import Server, build, ingest_sample, retrievable
 
 C1_REQUESTS, C8 = 3, 8
 
@@ -42,30 +40,25 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default="runs/engines-data")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--port", type=int, default=8124)
     ap.add_argument("--out", default="bench/results/engines.json")
     a = ap.parse_args(argv)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    knowmux = Path(sys.executable).with_name("knowmux")
-    subprocess.run([knowmux, "ingest", "bench/data/nq_open_sample/corpus.jsonl", "--data-dir", a.data_dir],
-                   check=True, env=env)
-    url = f"http://127.0.0.1:{a.port}"
+    ingest_sample(a.data_dir)
     results, build_info = {}, None
     for engine in ("torch", "vllm"):
-        proc = subprocess.Popen([knowmux, "serve", "--engine", engine, "--data-dir", a.data_dir, "--port",
-                                 str(a.port), "--log-level", "warning"], env=env)
+        server = Server(Path(a.data_dir), None, Path(tempfile.gettempdir()) / f"knowmux-engines-{engine}.log",
+                        ["--engine", engine])
         try:
-            wait_ready(url, proc)
+            server.wait()
             if engine == "torch":  # adapters of what the questions retrieve (top-1), trained once
                 questions = ["warm up"] + load.load_questions(C1_REQUESTS + C8, 1)
-                targets = retrievable(url, questions, 1)
+                targets = retrievable(server.url, questions, 1)
                 t0 = time.time()
-                job = build(url, "adapters", targets)
+                job = build(server.url, "adapters", targets)
                 build_info = {"documents": len(targets), "built": job["built"], "wall_s": round(time.time() - t0, 1)}
                 print(f"adapters: {build_info}", flush=True)
-            results[engine] = measure(url, a.max_tokens)
+            results[engine] = measure(server.url, a.max_tokens)
         finally:
-            stop(proc)
+            server.stop()
     report = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "max_tokens": a.max_tokens, "build": build_info,
               "command": "python -m bench.engines " + " ".join(sys.argv[1:] if argv is None else argv),
               "results": results}

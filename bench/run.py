@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from bench import metrics as M
 from bench.datasets import DISTRACTORS, Conflict, Dataset, DatasetError, Question, load, load_generic
@@ -36,17 +36,21 @@ class BenchError(RuntimeError):
     pass
 
 
+KNOWMUX = str(Path(sys.executable).with_name("knowmux"))
+SAMPLE_CORPUS = Path(__file__).parent / "data" / "nq_open_sample" / "corpus.jsonl"
+
+
 # ---- the server ----------------------------------------------------------------------
 class Server:
     """A knowmux server this run started (or None for --url)."""
 
-    def __init__(self, data_dir: Path, model: Optional[str], log_path: Path):
+    def __init__(self, data_dir: Path, model: Optional[str], log_path: Path, extra_args: Sequence[str] = ()):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        cmd = [str(Path(sys.executable).with_name("knowmux")), "serve", "--data-dir", str(data_dir), "--port",
-               str(port), "--log-level", "warning"] + (["--model", model] if model else [])
+        cmd = [KNOWMUX, "serve", "--data-dir", str(data_dir), "--port", str(port), "--log-level", "warning",
+               *(["--model", model] if model else []), *extra_args]
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -73,6 +77,12 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
+
+
+def ingest_sample(data_dir) -> None:
+    """`knowmux ingest` the bundled NQ sample corpus into ``data_dir`` (the speed benchmarks' corpus)."""
+    subprocess.run([KNOWMUX, "ingest", str(SAMPLE_CORPUS), "--data-dir", str(data_dir)], check=True,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 def server_info(url: str) -> dict:

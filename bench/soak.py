@@ -153,13 +153,10 @@ def main(argv=None) -> int:
     if a.url:
         url, pid = a.url.rstrip("/"), a.pid
     else:
-        from bench.run import Server
+        from bench.run import Server, ingest_sample
 
         data_dir = Path(tempfile.mkdtemp(prefix="knowmux-soak-"))
-        import subprocess
-
-        subprocess.run([str(Path(sys.executable).with_name("knowmux")), "ingest",
-                        "bench/data/nq_open_sample/corpus.jsonl", "--data-dir", str(data_dir)], check=True)
+        ingest_sample(data_dir)
         server = Server(data_dir, None, Path(tempfile.gettempdir()) / "knowmux-soak-server.log")
         server.wait()
         url, pid = server.url, server.proc.pid
