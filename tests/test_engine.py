@@ -139,6 +139,66 @@ def test_batched_logits_equal_single_row_logits_within_tolerance():
         torch.testing.assert_close(packed[i], s, atol=1e-4, rtol=1e-4)
 
 
+def test_pooled_decode_rows_attend_in_one_call_with_the_private_rows_logits():
+    """Decode rows in pool slots (with a gap of a free slot between them) beside a prefill
+    chunk and a private-cache decode row: every row's logits equal its own private run."""
+    runner = LlamaRunner(tiny_model())
+    pool = runner.new_pool(slots=4, row_tokens=64)
+
+    def prefilled(prompt, cache):
+        runner.forward(torch.tensor(prompt), [Segment(cache, 0, len(prompt))])
+        return cache
+
+    gap = pool.acquire(8)
+    pooled = [prefilled(PROMPTS[0], pool.acquire(64))]
+    pool.release(gap)  # slot 0 free, slot 1 used
+    pooled.append(prefilled(PROMPTS[1], pool.acquire(64)))  # takes slot 0 again
+    pooled.append(prefilled(PROMPTS[3], pool.acquire(64)))  # slot 2
+    assert [c.slot for c in pooled] == [1, 0, 2]
+    private = [prefilled(p, runner.new_cache(64)) for p in (PROMPTS[0], PROMPTS[1], PROMPTS[3])]
+    odd = prefilled(PROMPTS[2], runner.new_cache(64))
+    odd_ref = prefilled(PROMPTS[2], runner.new_cache(64))
+    fresh, fresh_ref = runner.new_cache(64), runner.new_cache(64)
+
+    ids = [17, 18, 19, 20] + PROMPTS[0]
+    segs = [Segment(c, i, 1, want_logits=True) for i, c in enumerate(pooled)]
+    segs += [Segment(odd, 3, 1, want_logits=True), Segment(fresh, 4, len(PROMPTS[0]), want_logits=True)]
+    got = runner.forward(torch.tensor(ids), segs)
+    for i, c in enumerate(private + [odd_ref]):
+        want = runner.forward(torch.tensor([ids[i]]), [Segment(c, 0, 1, want_logits=True)])[0]
+        torch.testing.assert_close(got[i], want, atol=1e-4, rtol=1e-4)
+    want = runner.forward(torch.tensor(PROMPTS[0]), [Segment(fresh_ref, 0, len(PROMPTS[0]), want_logits=True)])[0]
+    torch.testing.assert_close(got[4], want, atol=1e-4, rtol=1e-4)
+    assert [c.length for c in pooled] == [len(PROMPTS[0]) + 1, len(PROMPTS[1]) + 1, len(PROMPTS[3]) + 1]
+
+
+def test_pool_slots_are_reused_and_oversized_rows_get_private_caches():
+    runner = LlamaRunner(tiny_model())
+    pool = runner.new_pool(slots=2, row_tokens=16)
+    a, b = pool.acquire(16), pool.acquire(10)
+    assert (a.slot, b.slot) == (0, 1) and pool.acquire(4) is None  # full
+    assert pool.acquire(17) is None  # larger than a slot
+    pool.release(a)
+    pool.release(a)  # idempotent
+    assert pool.free_slots == 1
+    with pytest.raises(IndexError):  # a released cache cannot touch the slot's new owner
+        a.write(0, 0, torch.zeros(1, 2, 16), torch.zeros(1, 2, 16))
+    # through the engine: a request too long for a slot still runs, beside pooled rows
+    limits = WorkerLimits(pool_row_tokens=16)
+    long_prompt = PROMPTS[1]  # 37 tokens + 4 > 16
+    alone_long, _ = run_alone(long_prompt, 4, limits)
+    alone_short, _ = run_alone(PROMPTS[0], 4, limits)
+    eng = tiny_engine(limits)
+    seen = {0: [], 1: []}
+    cs = [Collector(), Collector()]
+    eng.worker.submit(GenRequest("l", [RowSpec(long_prompt)], greedy(4), recording_hook(seen[0])), cs[0])
+    eng.worker.submit(GenRequest("s", [RowSpec(PROMPTS[0])], greedy(4), recording_hook(seen[1])), cs[1])
+    while eng.worker.step():
+        pass
+    assert seen == {0: alone_long, 1: alone_short}
+    assert eng.worker.kv_pool.free_slots == 2 * limits.max_batch_size  # every slot back
+
+
 def test_cancelled_row_leaves_the_others_unchanged():
     alone = run_alone(PROMPTS[0], 10)[0]
     eng = tiny_engine()

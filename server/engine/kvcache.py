@@ -5,11 +5,19 @@ Each row of the running batch owns one ``RowCache``: a tensor of shape
 fill length. Keys are stored *after* rotary embedding, at the positions they were
 computed for. A ``KVPrefix`` is a span exported from a cache (or loaded from the KV
 store) that another row imports at its start.
+
+A ``KVPool`` holds the caches of the running batch in one tensor
+``[n_layers, 2, slots, n_kv_heads, row_tokens, head_dim]``: a pooled ``RowCache`` is a
+view of one slot, with the same interface, and rows that decode in the same step can
+be attended to in one batched call over the slot axis (``LlamaRunner.forward``) instead
+of one call per row. The memory is only committed as slots are written.
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -38,6 +46,8 @@ class RowCache:
         self.kv = torch.empty(n_layers, 2, n_kv_heads, capacity, head_dim, dtype=dtype)
         self.length = 0  # tokens written for every layer so far
         self.pos_offset = pos_offset  # rotary position of slot 0 (slot i sits at pos_offset + i)
+        self.pool: Optional["KVPool"] = None  # set when the storage is a slot of a pool
+        self.slot = -1
 
     @property
     def capacity(self) -> int:
@@ -70,3 +80,35 @@ class RowCache:
         if not 0 <= start <= end <= self.length:
             raise IndexError(f"export [{start}, {end}) outside filled length {self.length}")
         return KVPrefix(self.kv[:, :, :, start:end].clone(), start_pos=start)
+
+
+class KVPool:
+    """Fixed-size slots of one tensor, handed out as ``RowCache`` views (lowest slot first,
+    so the running batch stays in a compact slot range). Engine thread only."""
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, slots: int, row_tokens: int,
+                 dtype: torch.dtype = torch.float32):
+        self.kv = torch.empty(n_layers, 2, slots, n_kv_heads, row_tokens, head_dim, dtype=dtype)
+        self.row_tokens = row_tokens
+        self._free = list(range(slots))  # a heap
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def acquire(self, capacity: int, pos_offset: int = 0) -> Optional[RowCache]:
+        """A cache in a free slot, or None when none is free or ``capacity`` exceeds a slot."""
+        if capacity > self.row_tokens or not self._free:
+            return None
+        slot = heapq.heappop(self._free)
+        cache = RowCache.__new__(RowCache)
+        cache.kv = self.kv[:, :, slot]  # [n_layers, 2, n_kv_heads, row_tokens, head_dim] view
+        cache.length, cache.pos_offset, cache.pool, cache.slot = 0, pos_offset, self, slot
+        return cache
+
+    def release(self, cache: RowCache) -> None:
+        """Give the slot back (idempotent); the cache must not be used afterwards."""
+        if cache.pool is self and cache.slot >= 0:
+            heapq.heappush(self._free, cache.slot)
+            cache.slot, cache.pool = -1, None
+            cache.kv = cache.kv[:, :, :, :0]  # a stale reference now fails loudly instead of reading another row

@@ -4,7 +4,9 @@ The weights come from a transformers model; the forward is ours, so that one ste
 mix rows of different lengths and phases (a prefill chunk of one row beside single
 decode tokens of others), each row with its own KV cache, injected prefix and
 low-rank deltas. All tokens of a step are packed into one [T, hidden] tensor: the
-linear layers run once for everyone, attention runs per row over that row's cache.
+linear layers run once for everyone. Attention of the single-token (decode) rows whose
+caches live in one ``KVPool`` runs as one padded call over the pool's slot range;
+prefill chunks and rows with private caches attend one row at a time.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .kvcache import RowCache
+from .kvcache import KVPool, RowCache
 from .lora import AdapterSet, apply_deltas
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -146,6 +148,9 @@ class LlamaRunner:
     def new_cache(self, capacity: int, pos_offset: int = 0) -> RowCache:
         return RowCache(self.n_layers, self.n_kv_heads, self.head_dim, capacity, self.dtype, pos_offset)
 
+    def new_pool(self, slots: int, row_tokens: int) -> KVPool:
+        return KVPool(self.n_layers, self.n_kv_heads, self.head_dim, slots, row_tokens, self.dtype)
+
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [T, head_dim] for integer positions [T] (model's own rope scaling)."""
         dummy = torch.empty(1, 1, self.head_dim, dtype=self.dtype)
@@ -230,6 +235,8 @@ class LlamaRunner:
                                for s in segments])
         cos, sin = self.rope(positions)
         any_lora = any(s.adapters is not None for s in segments)
+        pooled = _PooledDecode.of(segments, H, D, self.dtype)
+        rest = [s for s in segments if pooled is None or s not in pooled]
         x = F.embedding(input_ids, self.embed)
         attn = torch.empty(T, H, D, dtype=x.dtype)
         for li, L in enumerate(self.layers):
@@ -242,7 +249,9 @@ class LlamaRunner:
             q = apply_rope(qkv[:, :H * D].view(T, H, D), cos, sin)
             k = apply_rope(qkv[:, H * D:(H + Hkv) * D].view(T, Hkv, D), cos, sin)
             v = qkv[:, (H + Hkv) * D:].view(T, Hkv, D)
-            for seg in segments:
+            if pooled is not None:
+                pooled.attend(li, q, k, v, attn, Hkv != H)
+            for seg in rest:
                 s, e, past = seg.start, seg.start + seg.n, seg.cache.length
                 seg.cache.write(li, past, k[s:e], v[s:e])
                 kk, vv = seg.cache.view(li, past + seg.n)
@@ -279,3 +288,54 @@ class LlamaRunner:
             return torch.empty(0, self.vocab_size)
         xl = F.rms_norm(x[last], (self.hidden,), self.norm, self.eps)
         return self.lm_head(xl).float()
+
+
+class _PooledDecode:
+    """The step's single-token rows whose caches are slots of one pool, attended together.
+
+    For pool slots lo..hi (every slot in the range, running or not) the keys and values
+    of layer ``li`` are one strided view ``[hi-lo+1, Hkv, Lmax, D]``; each member's query
+    goes in its slot's line of a padded ``[hi-lo+1, H, 1, D]`` query, and a boolean mask
+    lets it see exactly its own ``length + 1`` keys. Lines of slots that are not members
+    see key 0 only (their output is discarded; an all-false mask line would give NaN).
+    The keys and values of the new tokens are written with one indexed store per layer.
+    """
+
+    def __init__(self, members: list[Segment], pool: KVPool, heads: int, head_dim: int, dtype):
+        self.members = set(id(s) for s in members)
+        self.pool = pool
+        slots = [s.cache.slot for s in members]
+        self.lo, hi = min(slots), max(slots)
+        lengths = [s.cache.length + 1 for s in members]
+        self.width = max(lengths)
+        self.tok = torch.tensor([s.start for s in members])
+        self.slots = torch.tensor(slots)
+        self.pos = torch.tensor([s.cache.length for s in members])
+        self.rel = self.slots - self.lo
+        n = hi - self.lo + 1
+        seen = torch.ones(n, dtype=torch.long)  # key count per line
+        seen[self.rel] = torch.tensor(lengths)
+        self.mask = (torch.arange(self.width)[None, :] < seen[:, None])[:, None, None, :]
+        self.q = torch.zeros(n, heads, 1, head_dim, dtype=dtype)
+
+    def __contains__(self, seg: Segment) -> bool:
+        return id(seg) in self.members
+
+    @classmethod
+    def of(cls, segments: list[Segment], heads: int, head_dim: int, dtype) -> Optional["_PooledDecode"]:
+        members = [s for s in segments if s.n == 1 and s.cache.pool is not None]
+        if members:
+            pool = members[0].cache.pool
+            members = [s for s in members if s.cache.pool is pool]
+        return cls(members, pool, heads, head_dim, dtype) if members else None
+
+    def attend(self, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+               gqa: bool) -> None:
+        keys, values = self.pool.kv[li, 0], self.pool.kv[li, 1]  # [slots, Hkv, row_tokens, D]
+        keys[self.slots, :, self.pos] = k[self.tok]
+        values[self.slots, :, self.pos] = v[self.tok]
+        self.q[self.rel, :, 0] = q[self.tok]
+        span = slice(self.lo, self.lo + self.q.shape[0])
+        o = F.scaled_dot_product_attention(self.q, keys[span, :, :self.width], values[span, :, :self.width],
+                                           attn_mask=self.mask, enable_gqa=gqa)
+        out[self.tok] = o[self.rel, :, 0]

@@ -42,6 +42,7 @@ class WorkerLimits:
     step_token_budget: int = 512  # tokens per forward pass (prefill chunk size)
     prefix_cache_tokens: int = 16384  # automatic prefix cache (0 = off); 46 KB per token on SmolLM2 fp32
     background_interval_s: float = 1.0  # while requests run, at most one background call (a training step) per interval
+    pool_row_tokens: int = 2048  # KV slot size of the shared pool (2 slots per batch place); longer rows get a private cache
 
 
 @dataclass(eq=False)
@@ -128,6 +129,11 @@ class EngineWorker(LoopThread):
         self.steps = 0
         self.last_step_tokens = 0
         self.prefix_cache = PrefixCache(max_tokens=limits.prefix_cache_tokens) if limits.prefix_cache_tokens else None
+        # Row caches come from one pool so that decode rows attend in one batched call; two
+        # slots per place in the batch (CK-PLUG requests run two rows). Pages are committed
+        # only as slots fill, lowest slots first.
+        self.kv_pool = runner.new_pool(2 * limits.max_batch_size, limits.pool_row_tokens) \
+            if limits.pool_row_tokens else None
 
     # ---- any thread -------------------------------------------------------------
     def submit(self, req: GenRequest, sink: Sink) -> Handle:
@@ -184,7 +190,8 @@ class EngineWorker(LoopThread):
 
     def stats(self) -> dict:
         return {"queue": len(self._waiting), "running": len(self._running), "kv_in_flight": self._kv_in_flight,
-                "steps": self.steps, "last_step_tokens": self.last_step_tokens}
+                "steps": self.steps, "last_step_tokens": self.last_step_tokens,
+                "kv_pool_free_slots": self.kv_pool.free_slots if self.kv_pool is not None else 0}
 
     def _wake(self) -> None:
         with self._cv:
@@ -278,7 +285,9 @@ class EngineWorker(LoopThread):
     def _allocate(self, seq: _Seq) -> None:
         for spec in seq.req.rows:
             pre = spec.prefix.length if spec.prefix is not None else 0
-            cache = self.runner.new_cache(pre + len(spec.prompt_ids) + seq.req.sampling.max_tokens)
+            capacity = pre + len(spec.prompt_ids) + seq.req.sampling.max_tokens
+            cache = (self.kv_pool.acquire(capacity) if self.kv_pool is not None else None) \
+                or self.runner.new_cache(capacity)
             prefix = spec.prefix
             if prefix is None and spec.adapters is None and self.prefix_cache is not None:
                 prefix = self.prefix_cache.lookup(spec.prompt_ids)
@@ -351,6 +360,9 @@ class EngineWorker(LoopThread):
         if seq in self._running:
             self._running.remove(seq)
             self._kv_in_flight -= seq.req.kv_tokens_needed
+        if self.kv_pool is not None:
+            for row in seq.rows:
+                self.kv_pool.release(row.cache)
         seq.rows = []  # frees the KV cache at once
         now = time.perf_counter()
         timings = Timings.between(seq.t_submit, seq.t_admit or now, seq.t_first or now, now)
