@@ -144,6 +144,7 @@ def test_pooled_decode_rows_attend_in_one_call_with_the_private_rows_logits():
     chunk and a private-cache decode row: every row's logits equal its own private run."""
     runner = LlamaRunner(tiny_model())
     pool = runner.new_pool(slots=4, row_tokens=64)
+    pool.kv.fill_(float("nan"))  # never-written memory may hold anything; masked positions must not leak it
 
     def prefilled(prompt, cache):
         runner.forward(torch.tensor(prompt), [Segment(cache, 0, len(prompt))])
@@ -465,3 +466,28 @@ def test_background_calls_yield_to_live_requests():
         assert idle.result(timeout=10) == "ran"  # idle engine: at once, no interval
     finally:
         eng.shutdown()
+
+
+def test_plan_step_always_moves_every_running_batch():
+    """Random running batches (pairs included, any budget): the plan is never empty and
+    never feeds more than a row holds; a regression test for a held-back pair that once
+    left a step with nothing to run."""
+    import random
+
+    from server.engine.scheduler import plan_step
+
+    class Row:
+        def __init__(self, n):
+            self.pending = list(range(n))
+
+    class Seq:
+        def __init__(self, rows):
+            self.rows = rows
+
+    rng = random.Random(0)
+    for _ in range(20000):
+        running = [Seq([Row(rng.choice([1, 1, 2, 3, 17, 511, 600])) for _ in range(rng.choice([1, 1, 2]))])
+                   for _ in range(rng.randint(1, 4))]
+        plans = plan_step(running, rng.choice([1, 2, 3, 8, 512]))
+        assert plans
+        assert all(0 < p.n <= len(p.row.pending) for p in plans)

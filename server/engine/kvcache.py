@@ -91,6 +91,18 @@ class KVPool:
         self.kv = torch.empty(n_layers, 2, slots, n_kv_heads, row_tokens, head_dim, dtype=dtype)
         self.row_tokens = row_tokens
         self._free = list(range(slots))  # a heap
+        # Positions 0..clean[s]-1 of slot s hold finite numbers (written or zeroed once). A
+        # batched attention reads a row's slot past its own length (masked out, weight 0),
+        # and 0 * NaN from never-written memory would still poison it.
+        self.clean = [0] * slots
+
+    def ensure_clean(self, slot: int, start: int, end: int) -> None:
+        """Make positions ``start..end-1`` of a slot finite, zeroing only what was never clean
+        (``start``: the first position the row has not written)."""
+        lo = max(self.clean[slot], start)
+        if lo < end:
+            self.kv[:, :, slot, :, lo:end].zero_()
+        self.clean[slot] = max(self.clean[slot], end)
 
     @property
     def free_slots(self) -> int:

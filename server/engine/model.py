@@ -289,6 +289,75 @@ class LlamaRunner:
         xl = F.rms_norm(x[last], (self.hidden,), self.norm, self.eps)
         return self.lm_head(xl).float()
 
+    def lora_losses(self, input_ids: torch.Tensor, segments: list["TrainSegment"]) -> torch.Tensor:
+        """Training forward for many LoRA adapters at once, with autograd.
+
+        ``input_ids`` [T] packs the segments' sequences; each segment is one sequence with
+        its own trainable deltas on the feed-forward projections. The linear layers run
+        once over all T tokens; attention is causal within each segment; each segment's
+        delta ``scale * (x A^T) B^T`` is added to its own tokens only. Returns each
+        segment's mean next-token cross-entropy on its labelled tokens (HF's shift:
+        position i predicts label i+1), [n_segments], 0 where a segment has no label.
+        Their sum's gradient for each adapter is exactly the gradient of its own loss, as
+        if it were trained alone. Logits are computed only where there is a label (most
+        of a QA sequence is prompt); the base weights get no gradient.
+        """
+        H, Hkv, D, I = self.n_heads, self.n_kv_heads, self.head_dim, self.intermediate
+        T = input_ids.shape[0]
+        positions = torch.cat([torch.arange(s.n) for s in segments])
+        cos, sin = self.rope(positions)
+        x = F.embedding(input_ids, self.embed.detach())
+
+        def delta(inp: torch.Tensor, li: int, name: str) -> torch.Tensor:
+            parts = []
+            for seg in segments:
+                a, b = seg.deltas[(li, name)]
+                parts.append((inp[seg.start:seg.start + seg.n] @ a.T) @ b.T * seg.scale)
+            return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+        for li, L in enumerate(self.layers):
+            h = F.rms_norm(x, (self.hidden,), L.ln1.detach(), self.eps)
+            qkv = h @ L.qkv.t if L.qkv.bias is None else torch.addmm(L.qkv.bias, h, L.qkv.t)
+            q = apply_rope(qkv[:, :H * D].view(T, H, D), cos, sin)
+            k = apply_rope(qkv[:, H * D:(H + Hkv) * D].view(T, Hkv, D), cos, sin)
+            v = qkv[:, (H + Hkv) * D:].view(T, Hkv, D)
+            outs = []
+            for seg in segments:
+                sl = slice(seg.start, seg.start + seg.n)
+                o = F.scaled_dot_product_attention(q[sl].transpose(0, 1)[None], k[sl].transpose(0, 1)[None],
+                                                   v[sl].transpose(0, 1)[None], is_causal=True,
+                                                   enable_gqa=Hkv != H)
+                outs.append(o[0].transpose(0, 1))
+            flat = torch.cat(outs).reshape(T, H * D)
+            x = x + (flat @ L.o.t if L.o.bias is None else torch.addmm(L.o.bias, flat, L.o.t))
+            h = F.rms_norm(x, (self.hidden,), L.ln2.detach(), self.eps)
+            gu = h @ L.gu.t if L.gu.bias is None else torch.addmm(L.gu.bias, h, L.gu.t)
+            act = F.silu(gu[:, :I] + delta(h, li, "gate_proj")) * (gu[:, I:] + delta(h, li, "up_proj"))
+            down = act @ L.down.t if L.down.bias is None else torch.addmm(L.down.bias, act, L.down.t)
+            x = x + down + delta(act, li, "down_proj")
+        losses = []
+        for seg in segments:
+            at = torch.nonzero(seg.labels[1:] != -100).flatten()
+            if at.numel() == 0:
+                losses.append(x.new_zeros(()))
+                continue
+            hidden = F.rms_norm(x[seg.start + at], (self.hidden,), self.norm.detach(), self.eps)
+            losses.append(F.cross_entropy(hidden @ self.lm_head.t, seg.labels[1:][at]))
+        return torch.stack(losses)
+
+
+@dataclass
+class TrainSegment:
+    """One training sequence in a packed ``lora_losses`` batch: tokens ``start..start+n-1``,
+    its labels [n] (-100 = no loss), and its adapter's trainable (A [r, in], B [out, r])
+    per (layer, projection), scaled by ``scale`` (alpha / r)."""
+
+    start: int
+    n: int
+    labels: torch.Tensor
+    deltas: dict
+    scale: float
+
 
 class _PooledDecode:
     """The step's single-token rows whose caches are slots of one pool, attended together.
@@ -308,6 +377,8 @@ class _PooledDecode:
         self.lo, hi = min(slots), max(slots)
         lengths = [s.cache.length + 1 for s in members]
         self.width = max(lengths)
+        for s in members:  # the span read past a row's own keys must be finite (masked, weight 0)
+            pool.ensure_clean(s.cache.slot, s.cache.length, self.width)
         self.tok = torch.tensor([s.start for s in members])
         self.slots = torch.tensor(slots)
         self.pos = torch.tensor([s.cache.length for s in members])
