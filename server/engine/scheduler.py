@@ -31,6 +31,10 @@ class RowPlan:
 
 
 def plan_step(running: Sequence[SeqLike], budget: int) -> list[RowPlan]:
+    """Every running sequence needs at least one pending token in each row (the worker
+    guarantees it); then the plan is never empty: if the budget is too small for any
+    prefill to move (a pair whose held-back row eats it), the first prefill takes
+    what it needs to move, as decodes do, since the budget is a soft cap."""
     decoding = [s for s in running if all(len(r.pending) == 1 for r in s.rows)]
     prefilling = [s for s in running if not all(len(r.pending) == 1 for r in s.rows)]
     plans: list[RowPlan] = []
@@ -41,16 +45,26 @@ def plan_step(running: Sequence[SeqLike], budget: int) -> list[RowPlan]:
     for s in prefilling:
         if left <= 0:
             break
-        takes = []
-        for r in s.rows:
-            n = min(len(r.pending), max(left, 0))
-            left -= n
-            takes.append([r, n])
-        finishing = all(n == len(r.pending) for r, n in takes)
-        for r, n in takes:
-            if not finishing and n == len(r.pending):
-                n -= 1  # hold the last token until every row of the request can finish
-                left += 1
-            if n > 0:
-                plans.append(RowPlan(s, r, n, finishing))
+        plans.extend(_prefill(s, left))
+        left = budget - sum(p.n for p in plans)
+    if not plans and prefilling:
+        s = prefilling[0]
+        plans = _prefill(s, sum(len(r.pending) for r in s.rows))
+    return plans
+
+
+def _prefill(s: SeqLike, left: int) -> list[RowPlan]:
+    """The rows of one prefilling sequence within ``left`` tokens."""
+    takes = []
+    for r in s.rows:
+        n = min(len(r.pending), max(left, 0))
+        left -= n
+        takes.append([r, n])
+    finishing = all(n == len(r.pending) for r, n in takes)
+    plans = []
+    for r, n in takes:
+        if not finishing and n == len(r.pending):
+            n -= 1  # hold the last token until every row of the request can finish
+        if n > 0:
+            plans.append(RowPlan(s, r, n, finishing))
     return plans

@@ -193,6 +193,11 @@ class EngineWorker(LoopThread):
                 "steps": self.steps, "last_step_tokens": self.last_step_tokens,
                 "kv_pool_free_slots": self.kv_pool.free_slots if self.kv_pool is not None else 0}
 
+    @property
+    def busy(self) -> bool:
+        """Requests are running or waiting (read from any thread; a snapshot)."""
+        return bool(self._running or self._waiting)
+
     def _wake(self) -> None:
         with self._cv:
             self._cv.notify()
@@ -301,7 +306,14 @@ class EngineWorker(LoopThread):
 
     def _forward_and_sample(self) -> None:
         t0 = time.perf_counter()
+        for seq in [s for s in self._running if not s.rows or any(not r.pending for r in s.rows)]:
+            # a broken invariant (every running row has a token to feed): fail this request alone, loudly
+            log.error("request %s has rows with nothing to feed (pending %s); failing it",
+                      seq.req.request_id, [len(r.pending) for r in seq.rows])
+            self._finish(seq, "error", error="internal error: the request had nothing left to compute")
         plans = plan_step(self._running, self.limits.step_token_budget)
+        if not plans:
+            return
         ids: list[int] = []
         segments: list[Segment] = []
         for p in plans:
