@@ -1,15 +1,21 @@
-"""Training one document's LoRA with peft, from a shared initialisation.
+"""Training documents' LoRAs from a shared initialisation, in peft's format.
 
 Every document's adapter starts from the same random init per (model, rank, alpha)
 (Parametric RAG), so adapters of different documents live in comparable bases. The
-trainer wraps its own copy of the model once and resets the LoRA weights to that init
-for each document. ``run(fn)`` executes one optimiser step; the server passes its
-engine thread's executor so that training yields to serving between steps.
+trainer wraps its own copy of the model with peft once: that gives the init and writes
+adapters in peft's format. ``train`` trains one document through peft's forward (the
+reference). ``train_many`` trains several documents at once through the engine's
+packed forward (``LlamaRunner.lora_losses``): step j of every document runs in one
+batch, each sequence with its own adapter, and one AdamW over all their tensors, which
+is exactly each document's own training (AdamW is elementwise; a parameter without a
+gradient is skipped) with bigger matrix products. ``run(fn)`` executes a piece of work;
+the server passes its engine thread's executor so that training yields to serving.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -109,8 +115,91 @@ class LoraTrainer:
                 "last_epoch_loss": sum(losses[-len(data):]) / len(data) if data else None,
                 "train_s": time.perf_counter() - t0, "tokens": sum(len(i) for i, _ in data)}
 
-    def save(self, folder) -> None:
+    def save(self, folder, weights: Optional[dict] = None) -> None:
+        """Write the adapter in peft's format: the peft model's current LoRA weights, or
+        ``weights`` (a peft state dict, as ``train_many`` returns) loaded into it first."""
+        if weights is not None:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.model, weights)
         self.model.save_pretrained(str(folder))
+
+    _KEY = re.compile(r"layers\.(\d+)\..*\.(\w+_proj)\.lora_([AB])\.weight$")
+
+    def train_many(self, docs: list[list[Sequence]], runner,
+                   tokens_per_call: Callable[[], int] = lambda: 4096) -> list[tuple[dict, dict]]:
+        """Train one adapter per document (a list of its sequences), all at once.
+
+        ``runner``: the engine's ``LlamaRunner`` (the served weights, never modified).
+        Step j of an epoch feeds sequence j of every document; a step is cut into pieces
+        of at most ``tokens_per_call()`` tokens (read before each step, so a server can ask
+        for short pieces while requests are live), each piece one ``run`` call whose
+        gradients accumulate, the optimiser stepping after the last. Returns, per document,
+        (its peft state dict, stats).
+        """
+        from server.engine.model import TrainSegment
+
+        t0 = time.perf_counter()
+        scale = self.recipe.alpha / self.recipe.rank
+        data = [[encode(self.tokenizer, s) for s in seqs] for seqs in docs]
+        params: list[dict] = []  # per document: peft key -> trainable tensor
+        deltas: list[dict] = []  # per document: (layer, projection) -> (A, B)
+        for _ in docs:
+            p = {k: v.detach().clone().requires_grad_(True) for k, v in self._init.items()}
+            d: dict = {}
+            for k, v in p.items():
+                m = self._KEY.search(k)
+                if m is None:
+                    raise ValueError(f"unexpected adapter tensor {k}")
+                li, proj, which = int(m.group(1)), m.group(2), m.group(3)
+                a, b = d.get((li, proj), (None, None))
+                d[(li, proj)] = (v, b) if which == "A" else (a, v)
+            params.append(p)
+            deltas.append(d)
+        opt = torch.optim.AdamW([t for p in params for t in p.values()], lr=self.recipe.lr, weight_decay=0.0)
+        losses: list[list[float]] = [[] for _ in docs]
+
+        def piece(items: list[int], j: int, last: bool) -> list[float]:
+            ids, segs, start = [], [], 0
+            for k in items:
+                x, labels = data[k][j]
+                segs.append(TrainSegment(start, len(x), labels, deltas[k], scale))
+                ids.append(x)
+                start += len(x)
+            per_seq = runner.lora_losses(torch.cat(ids), segs)
+            per_seq.sum().backward()
+            if last:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return per_seq.detach().tolist()
+
+        steps = max((len(d) for d in data), default=0)
+        for _ in range(self.recipe.epochs):
+            for j in range(steps):
+                items = [k for k in range(len(docs)) if j < len(data[k])]
+                budget, pieces, cur, n = max(1, tokens_per_call()), [], [], 0
+                for k in items:  # a sequence longer than the budget goes alone
+                    size = len(data[k][j][0])
+                    if cur and n + size > budget:
+                        pieces.append(cur)
+                        cur, n = [], 0
+                    cur.append(k)
+                    n += size
+                pieces.append(cur)
+                for pi, its in enumerate(pieces):
+                    got = self.run(lambda its=its, j=j, last=pi == len(pieces) - 1: piece(its, j, last))
+                    for k, loss in zip(its, got):
+                        losses[k].append(loss)
+        elapsed = time.perf_counter() - t0
+        out = []
+        for k, seqs in enumerate(data):
+            n = len(seqs)
+            stats = {"steps": len(losses[k]), "first_loss": losses[k][0] if losses[k] else None,
+                     "last_epoch_loss": sum(losses[k][-n:]) / n if n else None,
+                     "train_s": elapsed / len(docs), "trained_with": len(docs),
+                     "tokens": sum(len(i) for i, _ in seqs)}
+            out.append(({k: v.detach() for k, v in params[k].items()}, stats))
+        return out
 
     @torch.inference_mode()
     def answer_logprob(self, question: str, answer: str, with_adapter: bool = True) -> float:

@@ -1,6 +1,6 @@
 """Which adapter recipe injects knowledge into the served model? Measured, not assumed.
 
-    python -m bench.prag_recipes [--recipes paper,passage-4ep,...] [--out bench/results/prag_recipes.json]
+    python -m bench.prag_recipes [--recipes paper,passage-4ep,...] [--groups 1,4] [--out bench/results/prag_recipes.json]
 
 Four documents about invented people (facts the model cannot know), two closed-book
 questions each. For every recipe: build each document's adapter with the real
@@ -9,6 +9,8 @@ training from the shared init), then ask each question with the question alone a
 that document's adapter applied (what `prag` does with a perfect retriever), greedy.
 Reports facts answered (answer contained), the mean per-token log-probability gain of
 the gold answer with the adapter over without, and build seconds per document.
+``--groups``: build the documents one at a time (1) or together (4: augmentations in one
+engine batch, the four LoRAs trained in one packed batch); each size is a separate row.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ DOCS = [
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipes", default="paper,passage-4ep,cloze-4ep,cloze-4ep-lr3e-3,passage-only-4ep")
+    ap.add_argument("--groups", default="1", help="comma-separated build group sizes")
     ap.add_argument("--out", default="bench/results/prag_recipes.json")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -72,13 +75,15 @@ def main() -> None:
             return generate_blocking(engine, req, timeout=600)[0]
 
         baseline = {q: ask(q, None) for _, _, _, qs in DOCS for q, _ in qs}
-        for name in a.recipes.split(","):
+        for name, group in [(n, int(g)) for n in a.recipes.split(",") for g in a.groups.split(",")]:
             recipe = get_recipe(name)
             with tempfile.TemporaryDirectory() as d:
-                svc = PragService(engine, prompts, AdapterBank(Path(d)), recipe)
+                svc = PragService(engine, prompts, AdapterBank(Path(d)), recipe, build_group=group)
                 t0 = time.perf_counter()
-                for doc in docs:
-                    svc.build_document(doc)
+                for g in range(0, len(docs), group):
+                    failed = [r for r in svc.build_documents(docs[g:g + group]) if isinstance(r, Exception)]
+                    if failed:
+                        raise failed[0]
                 build_s = (time.perf_counter() - t0) / len(docs)
                 metas = [svc.bank.meta(svc.key(doc)) for doc in docs]
                 hits, gains, answers = 0, [], {}
@@ -94,14 +99,14 @@ def main() -> None:
                         hits += contains(out, gold) > 0
                         gains.append(trainer.answer_logprob(q, gold[0]) -
                                      trainer.answer_logprob(q, gold[0], with_adapter=False))
-            rows.append({"recipe": name, "settings": recipe.__dict__, "facts_answered": hits,
+            rows.append({"recipe": name, "group": group, "settings": recipe.__dict__, "facts_answered": hits,
                          "questions": sum(len(q) for *_, q in DOCS), "mean_logprob_gain": sum(gains) / len(gains),
                          "build_s_per_doc": build_s,
                          "augment_s_per_doc": sum(m["augment_s"] for m in metas) / len(metas),
                          "train_s_per_doc": sum(m["train_s"] for m in metas) / len(metas),
                          "answers": answers})
             r = rows[-1]
-            print(f"{name:18} {r['facts_answered']}/{r['questions']} facts  logprob gain {r['mean_logprob_gain']:+.2f}"
+            print(f"{name:18} group {group}  {r['facts_answered']}/{r['questions']} facts  logprob gain {r['mean_logprob_gain']:+.2f}"
                   f"  build {r['build_s_per_doc']:.1f} s/doc (augment {r['augment_s_per_doc']:.1f}, "
                   f"train {r['train_s_per_doc']:.1f})", flush=True)
         direct_hits = sum(contains(baseline[q], gold) > 0 for *_, qs in DOCS for q, gold in qs)

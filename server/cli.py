@@ -146,26 +146,29 @@ def cmd_ingest(args) -> int:
         total = kb.count()
         print(f"{args.file}: {rep.created} created, {rep.updated} updated, {rep.unchanged} unchanged; "
               f"{total} documents in {settings.data_dir}")
-        if builds:
-            build(settings, kb, [d.id for d in docs], builds)
+        if builds and build(settings, kb, [d.id for d in docs], builds):
+            return 1
     finally:
         kb.close()
     return 0
 
 
-def build(settings: Settings, kb, doc_ids: list[str], kinds: list[str]) -> None:
+def build(settings: Settings, kb, doc_ids: list[str], kinds: list[str]) -> int:
     """Build each document's artefacts; what is stored already is skipped, so an
-    interrupted build (crash, Ctrl-C) loses at most the document in flight."""
+    interrupted build (crash, Ctrl-C) loses at most the group in flight (one document for
+    KV caches, ``adapter_build_group`` for adapters). Returns how many failed."""
     import time
 
     from tqdm import tqdm
 
     from .engine import engine_class
+    from .jobs import build_each
     from .modelfiles import resolve_model
     from .pipeline import Pipeline
 
     engine = engine_class(settings.engine).from_folder(resolve_model(settings.model), threads=settings.threads)
     engine.start()
+    n_failed = 0
     try:
         pipeline = Pipeline(engine, kb, settings, data_dir=settings.data_dir)
         for kind in kinds:
@@ -173,17 +176,31 @@ def build(settings: Settings, kb, doc_ids: list[str], kinds: list[str]) -> None:
             if service is None:
                 raise ValueError(f"the {engine.name} engine cannot build {kind}; use --engine torch")
             built = skipped = 0
+            failed: list[str] = []
             t0 = time.perf_counter()
-            for doc_id in tqdm(dict.fromkeys(doc_ids), desc=kind, unit="doc"):
-                if service.build_document(kb.store.get(doc_id)):
-                    built += 1
-                else:
-                    skipped += 1
+            todo = list(dict.fromkeys(doc_ids))
+            group = getattr(service, "build_group", 1)
+            with tqdm(total=len(todo), desc=kind, unit="doc") as bar:
+                for g in range(0, len(todo), group):
+                    ids = todo[g:g + group]
+                    for doc_id, result in zip(ids, build_each(service, [kb.store.get(i) for i in ids])):
+                        if isinstance(result, Exception):
+                            failed.append(f"{doc_id}: {type(result).__name__}: {result}")
+                        elif result:
+                            built += 1
+                        else:
+                            skipped += 1
+                    bar.update(len(ids))
             dt = time.perf_counter() - t0
             print(f"{kind}: {built} built, {skipped} already stored" +
+                  (f", {len(failed)} failed" if failed else "") +
                   (f"; {dt / built:.2f} s per built document" if built else ""))
+            for line in failed:
+                print(f"  failed {line}", file=sys.stderr)
+            n_failed += len(failed)
     finally:
         engine.shutdown()
+    return n_failed
 
 
 if __name__ == "__main__":

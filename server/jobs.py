@@ -28,7 +28,32 @@ from indexes.vector import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 JOB_ID = re.compile(r"^job-[0-9a-f]{12}$")
-BuildOne = Callable[[str], bool]
+
+
+class Builder:
+    """Builds one kind of artefact for documents, ``group`` at a time: ``build(doc_ids)``
+    returns per document True (built now), False (already stored) or the exception that
+    failed it. A job runs its documents in groups, so a crash redoes at most one group."""
+
+    def __init__(self, build: Callable[[list[str]], list], group: int = 1):
+        self.build, self.group = build, max(1, group)
+
+    def __call__(self, doc_ids: list[str]) -> list:
+        return self.build(doc_ids)
+
+
+def build_each(service, docs: list) -> list:
+    """``service.build_documents(docs)`` when the service builds groups, else
+    ``build_document`` per document; exceptions are returned in place, not raised."""
+    if hasattr(service, "build_documents"):
+        return service.build_documents(docs)
+    out: list = []
+    for doc in docs:
+        try:
+            out.append(service.build_document(doc))
+        except Exception as e:
+            out.append(e)
+    return out
 
 
 @dataclass
@@ -66,13 +91,13 @@ class JobManager:
         self._lock = threading.Lock()
         self._closing = threading.Event()
 
-    def submit(self, kind: str, doc_ids: list[str], build_one: BuildOne) -> Job:
+    def submit(self, kind: str, doc_ids: list[str], build: Builder) -> Job:
         """Queue a job; returns once its record is on disk (so it survives a crash)."""
         job = Job(f"job-{uuid.uuid4().hex[:12]}", kind, list(doc_ids))
         self._save(job)
         with self._lock:
             self._jobs[job.id] = job
-        self._pool.submit(self._run, job, build_one)
+        self._pool.submit(self._run, job, build)
         return job
 
     def get(self, job_id: str) -> Optional[Job]:
@@ -84,7 +109,7 @@ class JobManager:
             job = self._read(self.folder / f"{job_id}.json")
         return job
 
-    def resume(self, builder: Callable[[str], BuildOne]) -> list[Job]:
+    def resume(self, builder: Callable[[str], Builder]) -> list[Job]:
         """Pick up the jobs a previous process left unfinished. ``builder(kind)`` gives the
         build function of a kind (or raises if this server cannot build it)."""
         if self.folder is None:
@@ -95,7 +120,7 @@ class JobManager:
             if job is None or job.status not in ("queued", "running"):
                 continue
             try:
-                build_one = builder(job.kind)
+                build = builder(job.kind)
             except Exception as e:  # e.g. an engine that cannot build this kind
                 job.status, job.finished_at = "failed", time.time()
                 job.errors.append({"doc_id": None, "error": f"not resumable here: {e}"})
@@ -105,29 +130,35 @@ class JobManager:
             self._save(job)
             with self._lock:
                 self._jobs[job.id] = job
-            self._pool.submit(self._run, job, build_one, job.done)
+            self._pool.submit(self._run, job, build, job.done)
             out.append(job)
             log.info("resuming %s build %s at document %d of %d", job.kind, job.id, job.done, len(job.doc_ids))
         return out
 
-    def _run(self, job: Job, build_one: BuildOne, start: int = 0) -> None:
+    def _run(self, job: Job, build: Builder, start: int = 0) -> None:
         job.status = "running"
         job.started_at = job.started_at or time.time()
         self._save(job)
-        for doc_id in job.doc_ids[start:]:
+        todo = job.doc_ids[start:]
+        for g in range(0, len(todo), build.group):
             if self._closing.is_set():  # shutting down: the record stays "running" and resumes next start
                 return
+            group = todo[g:g + build.group]
             try:
-                if build_one(doc_id):
+                results = build(group)
+            except Exception as e:  # the whole group failed
+                results = [e] * len(group)
+            if self._closing.is_set() and any(isinstance(r, Exception) for r in results):
+                return  # failed because we are shutting down: redo the group on resume
+            for doc_id, result in zip(group, results):
+                if isinstance(result, Exception):  # one bad document does not stop the job
+                    log.warning("%s build of %s failed: %s", job.kind, doc_id, result)
+                    job.errors.append({"doc_id": doc_id, "error": f"{type(result).__name__}: {result}"})
+                elif result:
                     job.built += 1
                 else:
                     job.skipped += 1
-            except Exception as e:  # one bad document does not stop the job
-                if self._closing.is_set():  # failed because we are shutting down: redo it on resume
-                    return
-                log.warning("%s build of %s failed: %s", job.kind, doc_id, e)
-                job.errors.append({"doc_id": doc_id, "error": f"{type(e).__name__}: {e}"})
-            job.done += 1
+                job.done += 1
             self._save(job)
         job.status = "failed" if job.errors and not job.built and not job.skipped else "done"
         job.finished_at = time.time()

@@ -1,9 +1,11 @@
 """Parametric RAG on the torch engine: building adapters and serving them as row deltas.
 
-Building (a job, or ``knowmux ingest --build adapters``): the served model writes the
-augmentation through the engine (batched with live traffic), then a LoRA is trained on
-a private copy of the model, each optimiser step run on the engine thread between
-serving steps, and saved in peft's format (adapters.bank). Serving: the retrieved
+Building (a job, or ``knowmux ingest --build adapters``) takes documents in groups
+(``build_group``, 8 by default): the served model writes every document's augmentation
+at once (one engine batch, shared with live traffic), then the group's LoRAs are trained
+together through the engine's packed forward over the served weights, in pieces run on
+the engine thread between serving steps (short pieces while requests are live), and
+each is saved in peft's format (adapters.bank). Serving: the retrieved
 documents' adapters are loaded (memory LRU in front of the bank), turned into
 (A, (alpha/r) B) pairs and combined by concatenation, the exact sum of their deltas;
 the engine applies them to the request's row only, so the base weights never change.
@@ -12,6 +14,7 @@ the engine applies them to the request's row only, so the base weights never cha
 from __future__ import annotations
 
 import collections
+import concurrent.futures as cf
 import copy
 import json
 import logging
@@ -66,8 +69,14 @@ class StoredAdapters:
 
 
 class PragService(StoredAdapters):
-    def __init__(self, engine, prompts, bank: AdapterBank, recipe: Recipe, cache_size: int = 256):
+    # Tokens per training piece (one engine-thread call): short while requests are live,
+    # so a build holds serving up for about a second at a time; long when idle.
+    TRAIN_TOKENS_BUSY, TRAIN_TOKENS_IDLE = 256, 1024
+
+    def __init__(self, engine, prompts, bank: AdapterBank, recipe: Recipe, cache_size: int = 256,
+                 build_group: int = 8):
         self.engine, self.prompts, self.bank, self.recipe = engine, prompts, bank, recipe
+        self.build_group = max(1, build_group)
         self.runner = engine.runner
         self.fingerprint = model_fingerprint(self.runner, engine.model_id)
         r = self.runner
@@ -93,25 +102,65 @@ class PragService(StoredAdapters):
                                         run=lambda fn: self.engine.worker.call(fn, background=True).result())
         return self._trainer
 
+    def _train_tokens(self) -> int:
+        return self.TRAIN_TOKENS_BUSY if self.engine.worker.busy else self.TRAIN_TOKENS_IDLE
+
+    def _augment(self, doc):
+        passage = f"{doc.title}\n{doc.text}" if doc.title else doc.text
+        if not self.recipe.model_augmentation:
+            return deterministic(passage)
+        return augment(passage, self.generate, self.recipe.max_new_tokens)
+
+    def build_documents(self, docs: list) -> list:
+        """Build the adapters of a group of documents together. Per document: True (built
+        now), False (already stored) or the exception that failed it (the others go on)."""
+        results: list = [None] * len(docs)
+        todo = []
+        for i, doc in enumerate(docs):
+            if self.bank.has(self.key(doc)):
+                results[i] = False
+            else:
+                todo.append(i)
+        if not todo:
+            return results
+        t0 = time.perf_counter()
+        with cf.ThreadPoolExecutor(len(todo), thread_name_prefix="knowmux-augment") as ex:
+            futures = {i: ex.submit(self._augment, docs[i]) for i in todo}  # one engine batch
+        augs = {}
+        for i, fut in futures.items():
+            try:
+                augs[i] = fut.result()
+            except Exception as e:
+                results[i] = e
+        t_aug = (time.perf_counter() - t0) / len(todo)  # wall time shared by the group
+        if not augs:
+            return results
+        with self._train_lock:  # one trainer, one group at a time
+            trainer = self.trainer()
+            ok = list(augs)
+            trained = trainer.train_many([training_sequences(augs[i], self.recipe) for i in ok], self.runner,
+                                         self._train_tokens)
+            for i, (weights, stats) in zip(ok, trained):
+                doc = docs[i]
+                try:
+                    self.bank.save(self.key(doc), lambda folder, w=weights: trainer.save(folder, w),
+                                   augs[i].to_json(), {
+                                       "doc_id": doc.id, "model": self.fingerprint, "model_id": self.engine.model_id,
+                                       "recipe": self.recipe.__dict__, "content_hash": doc.content_hash,
+                                       "augment_s": round(t_aug, 3),
+                                       **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()},
+                                       "built_at": time.time()})
+                    results[i] = True
+                except Exception as e:
+                    results[i] = e
+        return results
+
     def build_document(self, doc) -> bool:
         """Augment, train and store one document's adapter unless stored; True if built now."""
-        key = self.key(doc)
-        if self.bank.has(key):
-            return False
-        t0 = time.perf_counter()
-        passage = f"{doc.title}\n{doc.text}" if doc.title else doc.text
-        aug = augment(passage, self.generate, self.recipe.max_new_tokens) if self.recipe.model_augmentation \
-            else deterministic(passage)
-        t_aug = time.perf_counter() - t0
-        with self._train_lock:  # one trainer, one document at a time
-            trainer = self.trainer()
-            stats = trainer.train(training_sequences(aug, self.recipe))
-            self.bank.save(key, trainer.save, aug.to_json(), {
-                "doc_id": doc.id, "model": self.fingerprint, "model_id": self.engine.model_id,
-                "recipe": self.recipe.__dict__, "content_hash": doc.content_hash, "augment_s": round(t_aug, 3),
-                **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()},
-                "built_at": time.time()})
-        return True
+        result = self.build_documents([doc])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     # ---- serving ------------------------------------------------------------------------
     def adapter_set(self, doc) -> Optional[AdapterSet]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from .api.auth import Keys, check_exposure
 from .config import Settings
 from .errors import StrategyUnavailable
-from .jobs import JobManager
+from .jobs import Builder, JobManager, build_each
 from .metrics import Metrics
 from .pipeline import Pipeline
 
@@ -59,20 +59,24 @@ class Runtime:
         return cls(settings, engine, kb, Pipeline(engine, kb, settings, data_dir=settings.data_dir), Metrics(), keys,
                    JobManager(settings.data_dir / "jobs"))
 
-    def builder(self, kind: str):
-        """doc_id -> built now? for a build kind ("kv", "adapters"); raises
-        StrategyUnavailable when this engine cannot build it."""
+    def builder(self, kind: str) -> Builder:
+        """The builder of a kind ("kv", "adapters") for jobs; raises StrategyUnavailable
+        when this engine cannot build it."""
         service = self.pipeline.builder(kind)
         if service is None:
             raise StrategyUnavailable(f"the {self.engine.name} engine cannot build {kind}", param="build")
 
-        def build_one(doc_id: str) -> bool:
-            doc = self.kb.store.get(doc_id)
-            if doc is None:
-                raise LookupError("the document was deleted before its build")
-            return service.build_document(doc)
+        def build(doc_ids: list[str]) -> list:
+            docs = {i: self.kb.store.get(i) for i in doc_ids}  # a repeated id is built once
+            live = [i for i in docs if docs[i] is not None]
+            built = dict(zip(live, build_each(service, [docs[i] for i in live])))
+            out, seen = [], set()
+            for i in doc_ids:
+                out.append(False if i in seen else built.get(i, LookupError("the document was deleted before its build")))
+                seen.add(i)
+            return out
 
-        return build_one
+        return Builder(build, getattr(service, "build_group", 1))
 
     def start(self) -> None:
         self.engine.observe_steps(self.metrics.on_step)

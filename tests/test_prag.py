@@ -115,6 +115,40 @@ def test_training_on_an_invented_fact_lowers_its_loss():
     assert trainer.answer_logprob(q, a) == pytest.approx(before, abs=1e-4)
 
 
+def test_training_many_documents_at_once_equals_training_each_alone():
+    """train_many (the engine's packed forward, several adapters per batch, steps cut into
+    pieces) gives each document the adapter peft's own training gives it alone."""
+    import copy
+
+    from peft import get_peft_model_state_dict
+
+    tok = tiny_tokenizer()
+    recipe = get_recipe("passage-4ep", epochs=2, lr=3e-3)
+    served = tiny_model()
+    runner = LlamaRunner(served)
+    model = copy.deepcopy(served)
+    for p in model.parameters():
+        p.data = p.data.contiguous()
+    trainer = LoraTrainer(model, tok, recipe, "fp")
+    docs = [[Sequence("Who is Zorbl?", "a purple cat"), Sequence("", "Zorbl is a purple cat.")],
+            [Sequence("Where is Quib?", "under the old bridge"), Sequence("What does Quib eat?", "plums"),
+             Sequence("", "Quib lives under the old bridge and eats plums.")]]
+    alone = []
+    for seqs in docs:
+        stats = trainer.train(seqs)
+        alone.append(({k: v.detach().clone() for k, v in get_peft_model_state_dict(trainer.model).items()}, stats))
+    together = trainer.train_many(docs, runner, tokens_per_call=lambda: 40)  # forces several pieces per step
+    for (want, s_want), (got, s_got) in zip(alone, together):
+        assert set(got) == set(want)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=2e-4, rtol=2e-3)
+        assert s_got["steps"] == s_want["steps"] and s_got["trained_with"] == 2
+        assert s_got["first_loss"] == pytest.approx(s_want["first_loss"], rel=1e-4)
+        assert s_got["last_epoch_loss"] == pytest.approx(s_want["last_epoch_loss"], rel=1e-3)
+    assert any(float(v.abs().max()) > 0 for k, v in together[0][0].items() if "lora_B" in k)  # it trained
+    assert all(p.grad is None for p in served.parameters())  # the served weights got no gradient
+
+
 def test_recipe_sequences_and_augmentation_parsing():
     from adapters.augment import Augmentation
 

@@ -82,13 +82,13 @@ async def retrieve(body: RetrieveRequest, rt=Depends(get_runtime)):
 @router.post("/v1/builds", dependencies=[Depends(require_admin)])
 async def start_build(body: BuildRequest, rt=Depends(get_runtime)):
     """Build artefacts (KV caches, adapters) of stored documents in a background job."""
-    build_one = rt.builder(body.kind)
+    build = rt.builder(body.kind)
     known = await asyncio.to_thread(rt.kb.get_many, body.doc_ids)
     unknown = [d for d in body.doc_ids if d not in known]
     if unknown:
         raise NotFound(f"no document with id {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1
                                                                else ""), param="doc_ids")
-    return rt.jobs.submit(body.kind, body.doc_ids, build_one).view()
+    return rt.jobs.submit(body.kind, body.doc_ids, build).view()
 
 
 @router.get("/v1/jobs/{job_id}", dependencies=[Depends(require_admin)])
