@@ -47,6 +47,19 @@ def training_sequences(aug: Augmentation, recipe: Recipe) -> list[Sequence]:
     return seqs
 
 
+@dataclass(frozen=True)
+class PackedSequence:
+    """One sequence of a packed training batch, as the runner's ``lora_losses`` reads it:
+    tokens ``start..start+n-1``, labels [n] (-100 = no loss), the adapter's trainable
+    (A, B) per (layer, projection) and its scale alpha / r."""
+
+    start: int
+    n: int
+    labels: torch.Tensor
+    deltas: dict
+    scale: float
+
+
 def encode(tokenizer, seq: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
     """input ids [n] and labels [n] (-100 on the prompt: the loss is on the target only)."""
     if seq.prompt:
@@ -130,15 +143,14 @@ class LoraTrainer:
                    tokens_per_call: Callable[[], int] = lambda: 4096) -> list[tuple[dict, dict]]:
         """Train one adapter per document (a list of its sequences), all at once.
 
-        ``runner``: the engine's ``LlamaRunner`` (the served weights, never modified).
+        ``runner``: anything with ``lora_losses(ids, packed_sequences)``, here the engine's
+        ``LlamaRunner`` over the served weights (never modified).
         Step j of an epoch feeds sequence j of every document; a step is cut into pieces
         of at most ``tokens_per_call()`` tokens (read before each step, so a server can ask
         for short pieces while requests are live), each piece one ``run`` call whose
         gradients accumulate, the optimiser stepping after the last. Returns, per document,
         (its peft state dict, stats).
         """
-        from server.engine.model import TrainSegment
-
         t0 = time.perf_counter()
         scale = self.recipe.alpha / self.recipe.rank
         data = [[encode(self.tokenizer, s) for s in seqs] for seqs in docs]
@@ -163,7 +175,7 @@ class LoraTrainer:
             ids, segs, start = [], [], 0
             for k in items:
                 x, labels = data[k][j]
-                segs.append(TrainSegment(start, len(x), labels, deltas[k], scale))
+                segs.append(PackedSequence(start, len(x), labels, deltas[k], scale))
                 ids.append(x)
                 start += len(x)
             per_seq = runner.lora_losses(torch.cat(ids), segs)

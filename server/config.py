@@ -36,6 +36,7 @@ class Settings:
     max_body_bytes: int = 16 * 1024 * 1024
     kv_memory_bytes: int = 512 * 1024 * 1024  # memory LRU in front of the on-disk KV store
     adapter_recipe: str = "passage-4ep"  # adapters.recipe.PRESETS
+    adapter_build_group: int = 8  # documents whose adapters are augmented and trained together
     kv_recompute: float = 0.0  # default CacheBlend fraction of non-exact passage tokens recomputed by `kv`
     # routing: the strategy when a request names none, the router's rules, A/B experiments
     default_strategy: str = "auto"

@@ -85,7 +85,8 @@ class Pipeline:
                 from .prag import PragService
 
                 kv = KVService(engine, self.prompts, KVStore(data_dir / "kv", settings.kv_memory_bytes))
-                prag, builds_adapters = PragService(engine, self.prompts, bank, recipe), True
+                prag = PragService(engine, self.prompts, bank, recipe, build_group=settings.adapter_build_group)
+                builds_adapters = True
             elif engine.name == "vllm":  # prag through vLLM's LoRA requests
                 from .prag_vllm import VLLMPragService
 

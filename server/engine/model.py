@@ -289,11 +289,13 @@ class LlamaRunner:
         xl = F.rms_norm(x[last], (self.hidden,), self.norm, self.eps)
         return self.lm_head(xl).float()
 
-    def lora_losses(self, input_ids: torch.Tensor, segments: list["TrainSegment"]) -> torch.Tensor:
+    def lora_losses(self, input_ids: torch.Tensor, segments: list) -> torch.Tensor:
         """Training forward for many LoRA adapters at once, with autograd.
 
         ``input_ids`` [T] packs the segments' sequences; each segment is one sequence with
-        its own trainable deltas on the feed-forward projections. The linear layers run
+        its own trainable deltas on the feed-forward projections: it has ``start``, ``n``
+        (its tokens in the packed batch), ``labels`` [n] (-100 = no loss), ``deltas``
+        {(layer, projection): (A [r, in], B [out, r])} and ``scale`` (alpha / r). The linear layers run
         once over all T tokens; attention is causal within each segment; each segment's
         delta ``scale * (x A^T) B^T`` is added to its own tokens only. Returns each
         segment's mean next-token cross-entropy on its labelled tokens (HF's shift:
@@ -344,19 +346,6 @@ class LlamaRunner:
             hidden = F.rms_norm(x[seg.start + at], (self.hidden,), self.norm.detach(), self.eps)
             losses.append(F.cross_entropy(hidden @ self.lm_head.t, seg.labels[1:][at]))
         return torch.stack(losses)
-
-
-@dataclass
-class TrainSegment:
-    """One training sequence in a packed ``lora_losses`` batch: tokens ``start..start+n-1``,
-    its labels [n] (-100 = no loss), and its adapter's trainable (A [r, in], B [out, r])
-    per (layer, projection), scaled by ``scale`` (alpha / r)."""
-
-    start: int
-    n: int
-    labels: torch.Tensor
-    deltas: dict
-    scale: float
 
 
 class _PooledDecode:
