@@ -34,11 +34,13 @@ class Sequence:
 
 def training_sequences(aug: Augmentation, recipe: Recipe) -> list[Sequence]:
     """The paper's 5 sequences (QA1, QA2 with the passage and with the rewrite; QA3
-    without a passage), plus the passage itself when the recipe says so."""
+    without a passage), plus the passage itself when the recipe says so. A recipe may
+    keep one of the two contexts (``qa_contexts``)."""
     seqs: list[Sequence] = []
     if recipe.qa_sequences:
+        contexts = [{"passage": aug.passage, "rewrite": aug.rewrite}[c] for c in recipe.qa_contexts]
         for pair in aug.qa[:2]:
-            for context in (aug.passage, aug.rewrite):
+            for context in contexts:
                 seqs.append(Sequence(f"{context}\n\nQuestion: {pair['question']}", pair["answer"]))
         for pair in aug.qa[2:3]:
             seqs.append(Sequence(f"Question: {pair['question']}", pair["answer"]))

@@ -157,6 +157,10 @@ def test_recipe_sequences_and_augmentation_parsing():
     assert [s.prompt.split("\n\n")[0] for s in seqs[:4]] == ["P.", "R.", "P.", "R."] and len(seqs) == 5
     assert seqs[4].prompt == "Question: q2"
     assert len(training_sequences(aug, get_recipe("passage-4ep"))) == 6
+    lean = training_sequences(aug, get_recipe("passage-4ep-lean"))
+    assert [s.prompt.split("\n\n")[0] for s in lean] == ["P.", "P.", "Question: q2", ""] and lean[3].target == "P."
+    # a setting added later leaves the keys of adapters stored before it unchanged
+    assert get_recipe("passage-4ep").fingerprint() == "bada754289f593a8"
     assert parse_qa('junk [{"question": "Q1?", "answer": "A1"}] tail') == [{"question": "Q1?", "answer": "A1"}]
     assert parse_qa('{"question": "Q?", "answer": "A",') == [{"question": "Q?", "answer": "A"}]
     assert parse_qa("no pairs here") == []
