@@ -5,9 +5,10 @@ so doing a document twice costs a lookup). Model work goes through the engine th
 between steps, so serving keeps going while a job runs.
 
 Job records are written to ``DATA_DIR/jobs/{id}.json`` (atomically) when submitted and
-after every document. A server that dies mid-job (crash, SIGKILL, power) finds the
-unfinished records when it starts again and resumes them: what was built stays built,
-the document in flight is redone, nothing else is lost.
+after every group of documents (one for KV caches, ``adapter_build_group`` for
+adapters, whose augmentation and training run together). A server that dies mid-job
+(crash, SIGKILL, power) finds the unfinished records when it starts again and resumes
+them: what was built stays built, the group in flight is redone, nothing else is lost.
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ class JobManager:
             return None
 
     def shutdown(self, wait_s: float = 30.0) -> None:
-        """Stop after the document in flight; unfinished jobs resume at the next start."""
+        """Stop after the group in flight; unfinished jobs resume at the next start."""
         self._closing.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
         for t in list(getattr(self._pool, "_threads", ())):

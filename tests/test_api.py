@@ -248,3 +248,30 @@ def test_usage_reports_prompt_tokens_served_by_the_prefix_cache(server):
     c.chat.completions.create(**kw)
     again = c.chat.completions.create(**kw)
     assert again.usage.prompt_tokens_details.cached_tokens >= 16
+
+
+def test_jobs_build_in_groups_and_count_each_document(tmp_path):
+    """A builder with group 3 gets the documents three at a time; per-document results
+    (built, stored already, failed) are counted and the record on disk says so."""
+    import json
+    import time as _time
+
+    from server.jobs import Builder, JobManager
+
+    calls = []
+
+    def build(ids):
+        calls.append(list(ids))
+        return [ValueError("bad doc") if i == "d4" else i != "d2" for i in ids]
+
+    jobs = JobManager(tmp_path)
+    job = jobs.submit("adapters", [f"d{i}" for i in range(7)], Builder(build, group=3))
+    deadline = _time.time() + 10
+    while jobs.get(job.id).status in ("queued", "running") and _time.time() < deadline:
+        _time.sleep(0.02)
+    done = jobs.get(job.id)
+    assert calls == [["d0", "d1", "d2"], ["d3", "d4", "d5"], ["d6"]]
+    assert (done.status, done.done, done.built, done.skipped) == ("done", 7, 5, 1)
+    assert done.errors == [{"doc_id": "d4", "error": "ValueError: bad doc"}]
+    assert json.loads((tmp_path / f"{job.id}.json").read_text())["done"] == 7
+    jobs.shutdown()

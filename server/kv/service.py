@@ -13,7 +13,10 @@ All model computation runs on the engine thread (``worker.call``), between steps
 
 from __future__ import annotations
 
+import collections
+
 import hashlib
+import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -54,6 +57,10 @@ class KVService:
         self.fingerprint = model_fingerprint(self.runner, engine.model_id)
         self.dtype = str(self.runner.dtype).replace("torch.", "")
         self._head: Optional[tuple[list[int], KVPrefix]] = None
+        # (doc id, content hash) -> store key: the router asks `has` for every hit of every
+        # `auto` request, and the key needs the passage tokenised
+        self._doc_keys: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
+        self._keys_lock = threading.Lock()
 
     # ---- computation (engine thread) ----------------------------------------------
     def _prefill_span(self, prefix: Optional[KVPrefix], ids: list[int]) -> KVPrefix:
@@ -73,6 +80,7 @@ class KVService:
         ids = self.prompts.layout_head()
         if self._head is None or self._head[0] != ids:
             self._head = (ids, self._on_engine(lambda: self._prefill_span(None, ids)))
+            self._doc_keys.clear()
         return self._head
 
     def key(self, passage_ids: list[int]) -> str:
@@ -104,7 +112,18 @@ class KVService:
         return KVPrefix(torch.cat(parts, dim=3), 0)
 
     def doc_key(self, doc) -> str:
-        return self.key(self._ids(doc))
+        memo = (doc.id, doc.content_hash)
+        with self._keys_lock:  # requests are planned on several threads
+            key = self._doc_keys.get(memo)
+            if key is not None:
+                self._doc_keys.move_to_end(memo)
+                return key
+        key = self.key(self._ids(doc))
+        with self._keys_lock:
+            self._doc_keys[memo] = key
+            if len(self._doc_keys) > 65536:
+                self._doc_keys.popitem(last=False)
+        return key
 
     def _ids(self, doc) -> list[int]:
         return self.prompts.passage_ids(Passage(doc.id, doc.title, doc.text))
