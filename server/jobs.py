@@ -47,7 +47,10 @@ def build_each(service, docs: list) -> list:
     """``service.build_documents(docs)`` when the service builds groups, else
     ``build_document`` per document; exceptions are returned in place, not raised."""
     if hasattr(service, "build_documents"):
-        return service.build_documents(docs)
+        try:
+            return service.build_documents(docs)
+        except Exception as e:  # the group failed as a whole (e.g. training)
+            return [e] * len(docs)
     out: list = []
     for doc in docs:
         try:

@@ -115,12 +115,14 @@ class PragService(StoredAdapters):
         """Build the adapters of a group of documents together. Per document: True (built
         now), False (already stored) or the exception that failed it (the others go on)."""
         results: list = [None] * len(docs)
-        todo = []
+        todo, keys = [], set()
         for i, doc in enumerate(docs):
-            if self.bank.has(self.key(doc)):
+            key = self.key(doc)
+            if key in keys or self.bank.has(key):  # stored, or the same content earlier in the group
                 results[i] = False
             else:
                 todo.append(i)
+                keys.add(key)
         if not todo:
             return results
         t0 = time.perf_counter()

@@ -72,7 +72,8 @@ class Runtime:
             built = dict(zip(live, build_each(service, [docs[i] for i in live])))
             out, seen = [], set()
             for i in doc_ids:
-                out.append(False if i in seen else built.get(i, LookupError("the document was deleted before its build")))
+                gone = LookupError("the document was deleted before its build")
+                out.append(False if i in seen else built.get(i, gone))
                 seen.add(i)
             return out
 

@@ -295,8 +295,8 @@ class LlamaRunner:
         ``input_ids`` [T] packs the segments' sequences; each segment is one sequence with
         its own trainable deltas on the feed-forward projections: it has ``start``, ``n``
         (its tokens in the packed batch), ``labels`` [n] (-100 = no loss), ``deltas``
-        {(layer, projection): (A [r, in], B [out, r])} and ``scale`` (alpha / r). The linear layers run
-        once over all T tokens; attention is causal within each segment; each segment's
+        {(layer, projection): (A [r, in], B [out, r])} and ``scale`` (alpha / r). The
+        linear layers run once over all T tokens; attention is causal within each segment; each segment's
         delta ``scale * (x A^T) B^T`` is added to its own tokens only. Returns each
         segment's mean next-token cross-entropy on its labelled tokens (HF's shift:
         position i predicts label i+1), [n_segments], 0 where a segment has no label.

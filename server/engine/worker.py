@@ -42,7 +42,8 @@ class WorkerLimits:
     step_token_budget: int = 512  # tokens per forward pass (prefill chunk size)
     prefix_cache_tokens: int = 16384  # automatic prefix cache (0 = off); 46 KB per token on SmolLM2 fp32
     background_interval_s: float = 1.0  # while requests run, at most one background call (a training step) per interval
-    pool_row_tokens: int = 2048  # KV slot size of the shared pool (2 slots per batch place); longer rows get a private cache
+    # KV slot size of the shared pool (2 slots per batch place); a longer row gets a private cache
+    pool_row_tokens: int = 2048
 
 
 @dataclass(eq=False)
