@@ -90,7 +90,8 @@ class PragService(StoredAdapters):
     # ---- building ---------------------------------------------------------------------
     def generate(self, prompt: str, max_tokens: int) -> str:
         ids = self.prompts.plain([{"role": "user", "content": prompt}])
-        req = GenRequest(f"augment-{time.monotonic_ns()}", [RowSpec(ids)], SamplingParams(max_tokens=max_tokens))
+        req = GenRequest(f"augment-{time.monotonic_ns()}", [RowSpec(ids)], SamplingParams(max_tokens=max_tokens),
+                         background=True)
         return generate_blocking(self.engine, req, timeout=600)[0]
 
     def trainer(self) -> LoraTrainer:

@@ -1,6 +1,7 @@
 """The engine on a tiny random Llama: equivalence with transformers, batching, cancellation, limits."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -466,6 +467,26 @@ def test_background_calls_yield_to_live_requests():
         assert idle.result(timeout=10) == "ran"  # idle engine: at once, no interval
     finally:
         eng.shutdown()
+
+
+def test_background_generation_yields_to_live_requests_and_keeps_its_tokens():
+    """A build's generation (background request) advances at most once per interval while a
+    live request runs, then at full speed; its tokens are those it gets alone."""
+    alone_bg, _ = run_alone(PROMPTS[1], 6)
+    eng = tiny_engine(WorkerLimits(background_interval_s=3600.0))
+    eng.worker._last_background = time.perf_counter()  # the interval has just started
+    seen_bg, seen_live = [], []
+    bg, live = Collector(), Collector()
+    eng.worker.submit(GenRequest("bg", [RowSpec(PROMPTS[1])], greedy(6), recording_hook(seen_bg), background=True), bg)
+    eng.worker.submit(GenRequest("live", [RowSpec(PROMPTS[0])], greedy(5), recording_hook(seen_live)), live)
+    assert eng.worker.busy
+    while live.finish is None:
+        assert eng.worker.step()
+    assert not bg.events and not seen_bg  # held back for the whole live request
+    assert not eng.worker.busy  # only background work left
+    while eng.worker.step():
+        pass
+    assert seen_bg == alone_bg and bg.finish == "length"
 
 
 def test_plan_step_always_moves_every_running_batch():

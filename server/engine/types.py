@@ -49,6 +49,9 @@ class GenRequest:
     rows: list[RowSpec]
     sampling: SamplingParams
     logits_hook: Optional[LogitsHook] = None
+    # background work (an adapter build's augmentation): while live requests run, its rows
+    # advance at most once per the worker's background interval, as training pieces do
+    background: bool = False
 
     @property
     def kv_tokens_needed(self) -> int:

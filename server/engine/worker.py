@@ -196,8 +196,8 @@ class EngineWorker(LoopThread):
 
     @property
     def busy(self) -> bool:
-        """Requests are running or waiting (read from any thread; a snapshot)."""
-        return bool(self._running or self._waiting)
+        """Live (not background) requests are running or waiting (from any thread; a snapshot)."""
+        return any(not s.req.background for s in self._running) or any(not s.req.background for s in self._waiting)
 
     def _wake(self) -> None:
         with self._cv:
@@ -235,7 +235,7 @@ class EngineWorker(LoopThread):
                     break
                 call = self._calls.popleft() if self._calls else None
                 background = False
-                busy = self._running or self._waiting
+                busy = self.busy
                 if call is None and self._background and (
                         not busy or time.perf_counter() - self._last_background >= self.limits.background_interval_s):
                     call, background = self._background.popleft(), True
@@ -312,7 +312,7 @@ class EngineWorker(LoopThread):
             log.error("request %s has rows with nothing to feed (pending %s); failing it",
                       seq.req.request_id, [len(r.pending) for r in seq.rows])
             self._finish(seq, "error", error="internal error: the request had nothing left to compute")
-        plans = plan_step(self._running, self.limits.step_token_budget)
+        plans = plan_step(self._plannable(), self.limits.step_token_budget)
         if not plans:
             return
         ids: list[int] = []
@@ -335,6 +335,21 @@ class EngineWorker(LoopThread):
         self.last_step_tokens = len(ids)
         if self.on_step is not None:
             self.on_step(len(ids), len(segments), time.perf_counter() - t0)
+
+    def _plannable(self) -> list[_Seq]:
+        """The sequences this step advances. Background ones (build augmentation) yield to
+        live ones: while a live request runs and none waits for a place, they join a step
+        at most once per ``background_interval_s``, the same duty cycle as background calls
+        (a live request queued behind them lets them run, to free their places)."""
+        background = [s for s in self._running if s.req.background]
+        if not background or len(background) == len(self._running) or \
+                any(not s.req.background for s in self._waiting):
+            return self._running
+        now = time.perf_counter()
+        if now - self._last_background >= self.limits.background_interval_s:
+            self._last_background = now
+            return self._running
+        return [s for s in self._running if not s.req.background]
 
     def _emit_token(self, seq: _Seq, logits: torch.Tensor) -> None:
         final = seq.req.logits_hook(logits) if seq.req.logits_hook is not None else logits[0]
