@@ -27,14 +27,18 @@ class Recipe:
     passage_sequence: bool = False  # also train on the passage itself (plain LM loss)
     qa_sequences: bool = True  # the paper's 5 QA sequences
     qa_contexts: tuple[str, ...] = ("passage", "rewrite")  # QA1 and QA2 are trained with each of these in the prompt
+    top_layers: float = 1.0  # share of the layers, from the top, that get adapters (the backward stops below them)
     max_new_tokens: int = 256  # for the model-written augmentation
 
     def fingerprint(self) -> str:
         d = asdict(self)
-        if self.qa_contexts == ("passage", "rewrite"):  # added later: adapters stored before keep their keys
-            d.pop("qa_contexts")
+        for name, default in _ADDED_LATER.items():  # at their defaults: adapters stored before keep their keys
+            if getattr(self, name) == default:
+                d.pop(name)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
+
+_ADDED_LATER = {"qa_contexts": ("passage", "rewrite"), "top_layers": 1.0}
 
 PRESETS = {
     "paper": Recipe("paper"),
@@ -50,6 +54,8 @@ PRESETS = {
                                model_augmentation=False),
     # fewer training tokens: QA1 and QA2 with the passage only (not again with the rewrite): 4 sequences, not 6
     "passage-4ep-lean": Recipe("passage-4ep-lean", lr=1e-3, epochs=4, passage_sequence=True, qa_contexts=("passage",)),
+    # adapters on the upper half of the layers only: the backward pass stops halfway
+    "passage-4ep-top-half": Recipe("passage-4ep-top-half", lr=1e-3, epochs=4, passage_sequence=True, top_layers=0.5),
     # the passage alone, as plain language modelling
     "passage-only-4ep": Recipe("passage-only-4ep", lr=1e-3, epochs=4, passage_sequence=True, qa_sequences=False,
                                model_augmentation=False),

@@ -95,8 +95,11 @@ class LoraTrainer:
         self.tokenizer, self.recipe = tokenizer, recipe
         self.run = run or (lambda fn: fn())
         torch.manual_seed(init_seed(model_fingerprint, recipe))
+        n_layers = model.config.num_hidden_layers
+        first = n_layers - max(1, round(recipe.top_layers * n_layers))
         config = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=0.0,
-                            target_modules=list(TARGET_MODULES), task_type="CAUSAL_LM")
+                            target_modules=list(TARGET_MODULES), task_type="CAUSAL_LM",
+                            layers_to_transform=list(range(first, n_layers)) if first > 0 else None)
         self.model = get_peft_model(model, config)
         self._init = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
 

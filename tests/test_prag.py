@@ -115,15 +115,17 @@ def test_training_on_an_invented_fact_lowers_its_loss():
     assert trainer.answer_logprob(q, a) == pytest.approx(before, abs=1e-4)
 
 
-def test_training_many_documents_at_once_equals_training_each_alone():
+@pytest.mark.parametrize("preset", ["passage-4ep", "passage-4ep-top-half"])
+def test_training_many_documents_at_once_equals_training_each_alone(preset):
     """train_many (the engine's packed forward, several adapters per batch, steps cut into
-    pieces) gives each document the adapter peft's own training gives it alone."""
+    pieces) gives each document the adapter peft's own training gives it alone; also when
+    the recipe puts adapters on the upper layers only."""
     import copy
 
     from peft import get_peft_model_state_dict
 
     tok = tiny_tokenizer()
-    recipe = get_recipe("passage-4ep", epochs=2, lr=3e-3)
+    recipe = get_recipe(preset, epochs=2, lr=3e-3)
     served = tiny_model()
     runner = LlamaRunner(served)
     model = copy.deepcopy(served)
@@ -146,6 +148,8 @@ def test_training_many_documents_at_once_equals_training_each_alone():
         assert s_got["first_loss"] == pytest.approx(s_want["first_loss"], rel=1e-4)
         assert s_got["last_epoch_loss"] == pytest.approx(s_want["last_epoch_loss"], rel=1e-3)
     assert any(float(v.abs().max()) > 0 for k, v in together[0][0].items() if "lora_B" in k)  # it trained
+    layers = {int(k.split("layers.")[1].split(".")[0]) for k in together[0][0]}
+    assert layers == ({0, 1} if recipe.top_layers == 1.0 else {1})  # the tiny model has 2 layers
     assert all(p.grad is None for p in served.parameters())  # the served weights got no gradient
 
 

@@ -310,12 +310,15 @@ class LlamaRunner:
         cos, sin = self.rope(positions)
         x = F.embedding(input_ids, self.embed.detach())
 
-        def delta(inp: torch.Tensor, li: int, name: str) -> torch.Tensor:
+        def delta(y: torch.Tensor, inp: torch.Tensor, li: int, name: str) -> torch.Tensor:
+            """y plus each segment's delta (a layer without adapters: y itself)."""
             parts = []
             for seg in segments:
-                a, b = seg.deltas[(li, name)]
-                parts.append((inp[seg.start:seg.start + seg.n] @ a.T) @ b.T * seg.scale)
-            return torch.cat(parts) if len(parts) > 1 else parts[0]
+                ab = seg.deltas.get((li, name))
+                if ab is None:
+                    return y  # the recipe leaves this layer out (for every segment: one recipe per batch)
+                parts.append((inp[seg.start:seg.start + seg.n] @ ab[0].T) @ ab[1].T * seg.scale)
+            return y + (torch.cat(parts) if len(parts) > 1 else parts[0])
 
         for li, L in enumerate(self.layers):
             h = F.rms_norm(x, (self.hidden,), L.ln1.detach(), self.eps)
@@ -334,9 +337,9 @@ class LlamaRunner:
             x = x + (flat @ L.o.t if L.o.bias is None else torch.addmm(L.o.bias, flat, L.o.t))
             h = F.rms_norm(x, (self.hidden,), L.ln2.detach(), self.eps)
             gu = h @ L.gu.t if L.gu.bias is None else torch.addmm(L.gu.bias, h, L.gu.t)
-            act = F.silu(gu[:, :I] + delta(h, li, "gate_proj")) * (gu[:, I:] + delta(h, li, "up_proj"))
+            act = F.silu(delta(gu[:, :I], h, li, "gate_proj")) * delta(gu[:, I:], h, li, "up_proj")
             down = act @ L.down.t if L.down.bias is None else torch.addmm(L.down.bias, act, L.down.t)
-            x = x + down + delta(act, li, "down_proj")
+            x = x + delta(down, act, li, "down_proj")
         losses = []
         for seg in segments:
             at = torch.nonzero(seg.labels[1:] != -100).flatten()
