@@ -85,6 +85,10 @@ class _Proj:
         """x [T, in] -> [T, out]."""
         if self.packed is not None and 1 < x.shape[0] <= self.PACKED_MAX_ROWS:
             return torch.ops.mkl._mkl_linear(x, self.packed, self.t.t(), self.bias, x.shape[0])
+        return self.plain(x)
+
+    def plain(self, x: torch.Tensor) -> torch.Tensor:
+        """The product without MKL's packed path (which has no autograd): for training."""
         return torch.addmm(self.bias, x, self.t) if self.bias is not None else x @ self.t
 
 
@@ -322,7 +326,7 @@ class LlamaRunner:
 
         for li, L in enumerate(self.layers):
             h = F.rms_norm(x, (self.hidden,), L.ln1.detach(), self.eps)
-            qkv = h @ L.qkv.t if L.qkv.bias is None else torch.addmm(L.qkv.bias, h, L.qkv.t)
+            qkv = L.qkv.plain(h)
             q = apply_rope(qkv[:, :H * D].view(T, H, D), cos, sin)
             k = apply_rope(qkv[:, H * D:(H + Hkv) * D].view(T, Hkv, D), cos, sin)
             v = qkv[:, (H + Hkv) * D:].view(T, Hkv, D)
@@ -334,11 +338,11 @@ class LlamaRunner:
                                                    enable_gqa=Hkv != H)
                 outs.append(o[0].transpose(0, 1))
             flat = torch.cat(outs).reshape(T, H * D)
-            x = x + (flat @ L.o.t if L.o.bias is None else torch.addmm(L.o.bias, flat, L.o.t))
+            x = x + L.o.plain(flat)
             h = F.rms_norm(x, (self.hidden,), L.ln2.detach(), self.eps)
-            gu = h @ L.gu.t if L.gu.bias is None else torch.addmm(L.gu.bias, h, L.gu.t)
+            gu = L.gu.plain(h)
             act = F.silu(delta(gu[:, :I], h, li, "gate_proj")) * delta(gu[:, I:], h, li, "up_proj")
-            down = act @ L.down.t if L.down.bias is None else torch.addmm(L.down.bias, act, L.down.t)
+            down = L.down.plain(act)
             x = x + delta(down, act, li, "down_proj")
         losses = []
         for seg in segments:
@@ -347,7 +351,7 @@ class LlamaRunner:
                 losses.append(x.new_zeros(()))
                 continue
             hidden = F.rms_norm(x[seg.start + at], (self.hidden,), self.norm.detach(), self.eps)
-            losses.append(F.cross_entropy(hidden @ self.lm_head.t, seg.labels[1:][at]))
+            losses.append(F.cross_entropy(self.lm_head.plain(hidden), seg.labels[1:][at]))
         return torch.stack(losses)
 
 
