@@ -43,11 +43,21 @@ class RowCache:
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int,
                  dtype: torch.dtype = torch.float32, pos_offset: int = 0):
-        self.kv = torch.empty(n_layers, 2, n_kv_heads, capacity, head_dim, dtype=dtype)
+        self._bind(torch.empty(n_layers, 2, n_kv_heads, capacity, head_dim, dtype=dtype), pos_offset)
+
+    def _bind(self, kv: torch.Tensor, pos_offset: int, pool: Optional["KVPool"] = None, slot: int = -1) -> None:
+        self.kv = kv
         self.length = 0  # tokens written for every layer so far
         self.pos_offset = pos_offset  # rotary position of slot 0 (slot i sits at pos_offset + i)
-        self.pool: Optional["KVPool"] = None  # set when the storage is a slot of a pool
-        self.slot = -1
+        self.pool = pool  # set when the storage is a slot of a pool
+        self.slot = slot
+
+    @classmethod
+    def over(cls, kv: torch.Tensor, pos_offset: int, pool: "KVPool", slot: int) -> "RowCache":
+        """An empty cache whose storage is ``kv`` (a pool slot's view)."""
+        cache = cls.__new__(cls)
+        cache._bind(kv, pos_offset, pool, slot)
+        return cache
 
     @property
     def capacity(self) -> int:
@@ -113,10 +123,7 @@ class KVPool:
         if capacity > self.row_tokens or not self._free:
             return None
         slot = heapq.heappop(self._free)
-        cache = RowCache.__new__(RowCache)
-        cache.kv = self.kv[:, :, slot]  # [n_layers, 2, n_kv_heads, row_tokens, head_dim] view
-        cache.length, cache.pos_offset, cache.pool, cache.slot = 0, pos_offset, self, slot
-        return cache
+        return RowCache.over(self.kv[:, :, slot], pos_offset, self, slot)  # [L, 2, Hkv, row_tokens, D] view
 
     def release(self, cache: RowCache) -> None:
         """Give the slot back (idempotent); the cache must not be used afterwards."""
