@@ -235,9 +235,7 @@ class EngineWorker(LoopThread):
                     break
                 call = self._calls.popleft() if self._calls else None
                 background = False
-                busy = self.busy
-                if call is None and self._background and (
-                        not busy or time.perf_counter() - self._last_background >= self.limits.background_interval_s):
+                if call is None and self._background and (not self.busy or self._background_due()):
                     call, background = self._background.popleft(), True
             if call is not None:
                 self._run_call(*call)
@@ -345,11 +343,15 @@ class EngineWorker(LoopThread):
         if not background or len(background) == len(self._running) or \
                 any(not s.req.background for s in self._waiting):
             return self._running
-        now = time.perf_counter()
-        if now - self._last_background >= self.limits.background_interval_s:
-            self._last_background = now
+        if self._background_due():
+            self._last_background = time.perf_counter()
             return self._running
         return [s for s in self._running if not s.req.background]
+
+    def _background_due(self) -> bool:
+        """Background work's turn while live requests run: one per ``background_interval_s``,
+        shared by background calls (training pieces) and background rows (augmentation)."""
+        return time.perf_counter() - self._last_background >= self.limits.background_interval_s
 
     def _emit_token(self, seq: _Seq, logits: torch.Tensor) -> None:
         final = seq.req.logits_hook(logits) if seq.req.logits_hook is not None else logits[0]
