@@ -14,7 +14,6 @@ All model computation runs on the engine thread (``worker.call``), between steps
 from __future__ import annotations
 
 import collections
-
 import hashlib
 import threading
 import time
