@@ -162,7 +162,7 @@ def build(settings: Settings, kb, doc_ids: list[str], kinds: list[str]) -> int:
     from tqdm import tqdm
 
     from .engine import engine_class
-    from .jobs import build_each
+    from .jobs import build_ids
     from .modelfiles import resolve_model
     from .pipeline import Pipeline
 
@@ -183,7 +183,7 @@ def build(settings: Settings, kb, doc_ids: list[str], kinds: list[str]) -> int:
             with tqdm(total=len(todo), desc=kind, unit="doc") as bar:
                 for g in range(0, len(todo), group):
                     ids = todo[g:g + group]
-                    for doc_id, result in zip(ids, build_each(service, [kb.store.get(i) for i in ids])):
+                    for doc_id, result in zip(ids, build_ids(service, kb, ids)):
                         if isinstance(result, Exception):
                             failed.append(f"{doc_id}: {type(result).__name__}: {result}")
                         elif result:

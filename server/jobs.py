@@ -43,6 +43,20 @@ class Builder:
         return self.build(doc_ids)
 
 
+def build_ids(service, kb, doc_ids: list[str]) -> list:
+    """Build the documents ``doc_ids`` (fetched in one query) with ``service``: per id True
+    (built now), False (already stored, or the id repeated) or the exception that failed
+    it, ``LookupError`` for a document no longer stored."""
+    docs = kb.get_many(list(dict.fromkeys(doc_ids)))
+    live = [i for i in dict.fromkeys(doc_ids) if i in docs]
+    built = dict(zip(live, build_each(service, [docs[i] for i in live])))
+    out, seen = [], set()
+    for i in doc_ids:
+        out.append(False if i in seen else built.get(i, LookupError("the document was deleted before its build")))
+        seen.add(i)
+    return out
+
+
 def build_each(service, docs: list) -> list:
     """``service.build_documents(docs)`` when the service builds groups, else
     ``build_document`` per document; exceptions are returned in place, not raised."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from .api.auth import Keys, check_exposure
 from .config import Settings
 from .errors import StrategyUnavailable
-from .jobs import Builder, JobManager, build_each
+from .jobs import Builder, JobManager, build_ids
 from .metrics import Metrics
 from .pipeline import Pipeline
 
@@ -66,18 +66,7 @@ class Runtime:
         if service is None:
             raise StrategyUnavailable(f"the {self.engine.name} engine cannot build {kind}", param="build")
 
-        def build(doc_ids: list[str]) -> list:
-            docs = {i: self.kb.store.get(i) for i in doc_ids}  # a repeated id is built once
-            live = [i for i in docs if docs[i] is not None]
-            built = dict(zip(live, build_each(service, [docs[i] for i in live])))
-            out, seen = [], set()
-            for i in doc_ids:
-                gone = LookupError("the document was deleted before its build")
-                out.append(False if i in seen else built.get(i, gone))
-                seen.add(i)
-            return out
-
-        return Builder(build, getattr(service, "build_group", 1))
+        return Builder(lambda doc_ids: build_ids(service, self.kb, doc_ids), getattr(service, "build_group", 1))
 
     def start(self) -> None:
         self.engine.observe_steps(self.metrics.on_step)
