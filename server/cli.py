@@ -158,11 +158,12 @@ def build(settings: Settings, kb, doc_ids: list[str], kinds: list[str]) -> int:
     interrupted build (crash, Ctrl-C) loses at most the group in flight (one document for
     KV caches, ``adapter_build_group`` for adapters). Returns how many failed."""
     import time
+    from collections import Counter
 
     from tqdm import tqdm
 
     from .engine import engine_class
-    from .jobs import build_ids
+    from .jobs import build_ids, outcome
     from .modelfiles import resolve_model
     from .pipeline import Pipeline
 
@@ -175,7 +176,7 @@ def build(settings: Settings, kb, doc_ids: list[str], kinds: list[str]) -> int:
             service = pipeline.builder(kind)
             if service is None:
                 raise ValueError(f"the {engine.name} engine cannot build {kind}; use --engine torch")
-            built = skipped = 0
+            counts: Counter = Counter()
             failed: list[str] = []
             t0 = time.perf_counter()
             todo = list(dict.fromkeys(doc_ids))
@@ -184,13 +185,11 @@ def build(settings: Settings, kb, doc_ids: list[str], kinds: list[str]) -> int:
                 for g in range(0, len(todo), group):
                     ids = todo[g:g + group]
                     for doc_id, result in zip(ids, build_ids(service, kb, ids)):
-                        if isinstance(result, Exception):
+                        counts[outcome(result)] += 1
+                        if outcome(result) == "failed":
                             failed.append(f"{doc_id}: {type(result).__name__}: {result}")
-                        elif result:
-                            built += 1
-                        else:
-                            skipped += 1
                     bar.update(len(ids))
+            built, skipped = counts["built"], counts["skipped"]
             dt = time.perf_counter() - t0
             print(f"{kind}: {built} built, {skipped} already stored" +
                   (f", {len(failed)} failed" if failed else "") +

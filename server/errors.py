@@ -55,6 +55,14 @@ class StrategyUnavailable(KnowmuxError):
     code = "strategy_unavailable"
 
 
+class Conflict(KnowmuxError):
+    """The request is valid but the resource's state does not allow it (e.g. cancelling a
+    finished job)."""
+
+    type = "invalid_request_error"
+    code = "conflict"
+
+
 class QueueFull(KnowmuxError):
     type = "rate_limit_error"
     code = "queue_full"

@@ -9,6 +9,8 @@ after every group of documents (one for KV caches, ``adapter_build_group`` for
 adapters, whose augmentation and training run together). A server that dies mid-job
 (crash, SIGKILL, power) finds the unfinished records when it starts again and resumes
 them: what was built stays built, the group in flight is redone, nothing else is lost.
+A cancelled job stops before its next group (the group in flight finishes and what it
+built is kept) and is never resumed.
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ def build_ids(service, kb, doc_ids: list[str]) -> list:
     return out
 
 
+def outcome(result) -> str:
+    """What one document's build result means: "failed", "built" or "skipped" (stored already)."""
+    return "failed" if isinstance(result, BaseException) else "built" if result else "skipped"
+
+
 def build_each(service, docs: list) -> list:
     """``service.build_documents(docs)`` when the service builds groups, else
     ``build_document`` per document; exceptions are returned in place, not raised."""
@@ -79,7 +86,7 @@ class Job:
     id: str
     kind: str  # "kv" | "adapters"
     doc_ids: list[str]
-    status: str = "queued"  # queued | running | done | failed
+    status: str = "queued"  # queued | running | done | failed | cancelled
     done: int = 0
     built: int = 0
     skipped: int = 0
@@ -127,6 +134,31 @@ class JobManager:
             job = self._read(self.folder / f"{job_id}.json")
         return job
 
+    def recent(self, limit: int = 20) -> list[Job]:
+        """The newest ``limit`` jobs, this process's and those recorded by earlier ones."""
+        with self._lock:
+            jobs = dict(self._jobs)
+        if self.folder is not None:
+            for path in self.folder.glob("job-*.json"):
+                if path.stem not in jobs:
+                    job = self._read(path)
+                    if job is not None:
+                        jobs[job.id] = job
+        return sorted(jobs.values(), key=lambda j: (j.created_at, j.id), reverse=True)[:limit]
+
+    def cancel(self, job_id: str) -> Optional[Job]:
+        """Cancel a queued or running job (None: no such job). A running job stops before
+        its next group. ``Job.status`` says whether it was cancelled or had already ended."""
+        job = self.get(job_id)
+        if job is None:
+            return None
+        with self._lock:
+            if job.status in ("queued", "running"):
+                job.status = "cancelled"
+                job.finished_at = job.finished_at or time.time()
+                self._save(job)
+        return job
+
     def resume(self, builder: Callable[[str], Builder]) -> list[Job]:
         """Pick up the jobs a previous process left unfinished. ``builder(kind)`` gives the
         build function of a kind (or raises if this server cannot build it)."""
@@ -154,12 +186,19 @@ class JobManager:
         return out
 
     def _run(self, job: Job, build: Builder, start: int = 0) -> None:
-        job.status = "running"
-        job.started_at = job.started_at or time.time()
-        self._save(job)
+        with self._lock:
+            if job.status == "cancelled":  # cancelled while queued
+                return
+            job.status = "running"
+            job.started_at = job.started_at or time.time()
+            self._save(job)
         todo = job.doc_ids[start:]
         for g in range(0, len(todo), build.group):
             if self._closing.is_set():  # shutting down: the record stays "running" and resumes next start
+                return
+            if job.status == "cancelled":
+                log.info("%s build %s cancelled after %d of %d documents", job.kind, job.id, job.done,
+                         len(job.doc_ids))
                 return
             group = todo[g:g + build.group]
             try:
@@ -169,18 +208,23 @@ class JobManager:
             if self._closing.is_set() and any(isinstance(r, Exception) for r in results):
                 return  # failed because we are shutting down: redo the group on resume
             for doc_id, result in zip(group, results):
-                if isinstance(result, Exception):  # one bad document does not stop the job
+                what = outcome(result)
+                if what == "failed":  # one bad document does not stop the job
                     log.warning("%s build of %s failed: %s", job.kind, doc_id, result)
                     job.errors.append({"doc_id": doc_id, "error": f"{type(result).__name__}: {result}"})
-                elif result:
+                elif what == "built":
                     job.built += 1
                 else:
                     job.skipped += 1
                 job.done += 1
+            with self._lock:
+                self._save(job)
+        with self._lock:
+            if job.status == "cancelled":  # during the last group
+                return
+            job.status = "failed" if job.errors and not job.built and not job.skipped else "done"
+            job.finished_at = time.time()
             self._save(job)
-        job.status = "failed" if job.errors and not job.built and not job.skipped else "done"
-        job.finished_at = time.time()
-        self._save(job)
 
     def _save(self, job: Job) -> None:
         if self.folder is not None:

@@ -250,6 +250,67 @@ def test_usage_reports_prompt_tokens_served_by_the_prefix_cache(server):
     assert again.usage.prompt_tokens_details.cached_tokens >= 16
 
 
+def test_a_cancelled_job_stops_before_its_next_group_and_is_not_resumed(tmp_path):
+    """Cancelling a running job lets the group in flight finish (what it built stays
+    built) and starts no other; a queued job never starts; a restart resumes neither;
+    the listing shows the newest first."""
+    import threading
+    import time as _time
+
+    from server.jobs import Builder, JobManager
+
+    calls, entered, release = [], threading.Event(), threading.Event()
+
+    def build(ids):
+        calls.append(list(ids))
+        entered.set()
+        release.wait(10)
+        return [True] * len(ids)
+
+    jobs = JobManager(tmp_path)
+    running = jobs.submit("adapters", ["a", "b", "c", "d"], Builder(build, group=2))
+    queued = jobs.submit("kv", ["e"], Builder(build))
+    assert entered.wait(10)
+    assert jobs.cancel(queued.id).status == "cancelled"
+    assert jobs.cancel(running.id).status == "cancelled"
+    release.set()
+    sentinel = jobs.submit("kv", ["z"], Builder(build))  # jobs run one at a time, in order
+    deadline = _time.time() + 10
+    while jobs.get(sentinel.id).status != "done" and _time.time() < deadline:
+        _time.sleep(0.02)
+    jobs.shutdown()
+    assert calls == [["a", "b"], ["z"]]  # the group in flight finished; the cancelled ones ran nothing more
+    view = jobs.get(running.id)
+    assert (view.status, view.done, view.built) == ("cancelled", 2, 2)
+    assert jobs.cancel("job-000000000000") is None
+    assert [j.id for j in jobs.recent()] == [sentinel.id, queued.id, running.id]
+
+    again = JobManager(tmp_path)  # a restart: cancelled jobs stay cancelled
+    assert again.resume(lambda kind: Builder(build)) == []
+    assert [j.status for j in again.recent()] == ["done", "cancelled", "cancelled"]
+    again.shutdown()
+
+
+def test_jobs_api_lists_and_cancels(server):
+    """GET /v1/jobs lists the newest first; POST /v1/jobs/{id}/cancel on a finished job
+    is a 409 and on an unknown one a 404, both OpenAI-shaped."""
+    import time as _time
+
+    from server.jobs import Builder
+
+    job = server.runtime.jobs.submit("kv", ["x"], Builder(lambda ids: [False] * len(ids)))
+    deadline = _time.time() + 10
+    while server.runtime.jobs.get(job.id).status != "done" and _time.time() < deadline:
+        _time.sleep(0.02)
+    listed = httpx.get(server.url + "/v1/jobs", params={"limit": 5}).json()
+    assert listed["object"] == "list" and listed["data"][0]["id"] == job.id
+    r = httpx.post(server.url + f"/v1/jobs/{job.id}/cancel")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "conflict"
+    r = httpx.post(server.url + "/v1/jobs/job-000000000000/cancel")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    assert httpx.get(server.url + "/v1/jobs", params={"limit": 0}).status_code == 400
+
+
 def test_jobs_build_in_groups_and_count_each_document(tmp_path):
     """A builder with group 3 gets the documents three at a time; per-document results
     (built, stored already, failed) are counted and the record on disk says so."""

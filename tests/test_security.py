@@ -41,7 +41,8 @@ def test_keys_guard_admin_and_client_endpoints(keyed):
     assert r.status_code == 200
     assert httpx.get(url + "/v1/documents/zorbl", headers=_auth(CLIENT)).json()["added_by"] == "admin-0"
     for method, path in (("DELETE", "/v1/documents/zorbl"), ("POST", "/v1/experiments/reload"),
-                         ("POST", "/v1/router/reload"), ("GET", "/v1/jobs/x")):
+                         ("POST", "/v1/router/reload"), ("GET", "/v1/jobs/x"), ("GET", "/v1/jobs"),
+                         ("POST", "/v1/jobs/x/cancel")):
         assert httpx.request(method, url + path, headers=_auth(CLIENT)).status_code == 401, path
     # client endpoints take a client or an admin key, and nothing else
     assert httpx.post(url + "/v1/chat/completions", json=chat).status_code == 401

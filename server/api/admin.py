@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from indexes.ingest import DocumentError, validate_document
 
-from ..errors import InvalidRequest, NotFound, PayloadTooLarge, StrategyUnavailable
+from ..errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, StrategyUnavailable
 from .auth import Principal, require_admin, require_client
 from .deps import get_runtime
 from .protocol import BuildRequest, DocumentsRequest, RetrieveRequest
@@ -91,11 +91,32 @@ async def start_build(body: BuildRequest, rt=Depends(get_runtime)):
     return rt.jobs.submit(body.kind, body.doc_ids, build).view()
 
 
+@router.get("/v1/jobs", dependencies=[Depends(require_admin)])
+async def list_jobs(limit: int = 20, rt=Depends(get_runtime)):
+    """The newest build jobs first (queued, running, finished, failed, cancelled)."""
+    if not 1 <= limit <= 100:
+        raise InvalidRequest("limit must be between 1 and 100", param="limit")
+    jobs = await asyncio.to_thread(rt.jobs.recent, limit)
+    return {"object": "list", "data": [j.view() for j in jobs]}
+
+
 @router.get("/v1/jobs/{job_id}", dependencies=[Depends(require_admin)])
 async def get_job(job_id: str, rt=Depends(get_runtime)):
     job = rt.jobs.get(job_id)
     if job is None:
         raise NotFound(f"no job with id {job_id!r}", param="job_id")
+    return job.view()
+
+
+@router.post("/v1/jobs/{job_id}/cancel", dependencies=[Depends(require_admin)])
+async def cancel_job(job_id: str, rt=Depends(get_runtime)):
+    """Stop a queued or running build before its next group (what is built stays built;
+    the job is not resumed after a restart)."""
+    job = rt.jobs.cancel(job_id)
+    if job is None:
+        raise NotFound(f"no job with id {job_id!r}", param="job_id")
+    if job.status != "cancelled":
+        raise Conflict(f"job {job_id} has already ended ({job.status}); nothing to cancel", param="job_id")
     return job.view()
 
 

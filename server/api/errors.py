@@ -23,6 +23,7 @@ STATUS = [
     (E.ModelNotFound, 404),
     (E.NotFound, 404),
     (E.StrategyUnavailable, 409),
+    (E.Conflict, 409),
     (E.QueueFull, 429),
     (E.EngineUnavailable, 503),
     (E.EngineError, 500),

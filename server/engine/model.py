@@ -161,6 +161,16 @@ class LlamaRunner:
         cos, sin = self.rotary(dummy, positions[None])
         return cos[0], sin[0]
 
+    def split_qkv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """A fused q/k/v projection [T, (H + 2 Hkv) D] -> q [T, H, D] and k [T, Hkv, D] with
+        rope applied, v [T, Hkv, D]: the one place the three layer loops (serving,
+        CacheBlend recompute, LoRA training) read the fused layout."""
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        T = qkv.shape[0]
+        q = apply_rope(qkv[:, :H * D].view(T, H, D), cos, sin)
+        k = apply_rope(qkv[:, H * D:(H + Hkv) * D].view(T, Hkv, D), cos, sin)
+        return q, k, qkv[:, (H + Hkv) * D:].view(T, Hkv, D)
+
     def rotate_keys(self, kv: torch.Tensor, delta: int) -> torch.Tensor:
         """Move a KV span by ``delta`` positions: kv [L, 2, Hkv, n, D] with keys rotated for
         positions p..p+n-1 -> keys for p+delta.. (values unchanged). RoPE rotates each
@@ -202,9 +212,7 @@ class LlamaRunner:
         for li, L in enumerate(self.layers):
             h = F.rms_norm(x, (self.hidden,), L.ln1, self.eps)
             qkv = L.qkv(h)
-            q = apply_rope(qkv[:, :H * D].view(-1, H, D), cos[idx], sin[idx])
-            k = apply_rope(qkv[:, H * D:(H + Hkv) * D].view(-1, Hkv, D), cos[idx], sin[idx])
-            v = qkv[:, (H + Hkv) * D:].view(-1, Hkv, D)
+            q, k, v = self.split_qkv(qkv, cos[idx], sin[idx])
             if li == 1:  # choose the tokens to carry on from their layer-1 deviation
                 dev = ((k.transpose(0, 1) - cache.kv[1, 0, :, :n]) ** 2).sum((0, 2)) \
                     + ((v.transpose(0, 1) - cache.kv[1, 1, :, :n]) ** 2).sum((0, 2))
@@ -250,9 +258,7 @@ class LlamaRunner:
                 for off, name, width in ((0, "q_proj", H * D), (H * D, "k_proj", Hkv * D),
                                          (H * D + Hkv * D, "v_proj", Hkv * D)):
                     apply_deltas(qkv[:, off:off + width], h, segments, li, name)
-            q = apply_rope(qkv[:, :H * D].view(T, H, D), cos, sin)
-            k = apply_rope(qkv[:, H * D:(H + Hkv) * D].view(T, Hkv, D), cos, sin)
-            v = qkv[:, (H + Hkv) * D:].view(T, Hkv, D)
+            q, k, v = self.split_qkv(qkv, cos, sin)
             if pooled is not None:
                 pooled.attend(li, q, k, v, attn, Hkv != H)
             for seg in rest:
@@ -327,9 +333,7 @@ class LlamaRunner:
         for li, L in enumerate(self.layers):
             h = F.rms_norm(x, (self.hidden,), L.ln1.detach(), self.eps)
             qkv = L.qkv.plain(h)
-            q = apply_rope(qkv[:, :H * D].view(T, H, D), cos, sin)
-            k = apply_rope(qkv[:, H * D:(H + Hkv) * D].view(T, Hkv, D), cos, sin)
-            v = qkv[:, (H + Hkv) * D:].view(T, Hkv, D)
+            q, k, v = self.split_qkv(qkv, cos, sin)
             outs = []
             for seg in segments:
                 sl = slice(seg.start, seg.start + seg.n)
