@@ -135,11 +135,15 @@ def build(url: str, kind: str, doc_ids: list[str]) -> dict:
         if r.status_code != 200:
             raise BenchError(f"{kind} build refused: {r.status_code} {r.text[:200]}")
         job = r.json()
-        with tqdm(total=job["total"], desc=f"build {kind}", unit="doc") as bar:
-            while job["status"] in ("queued", "running"):
-                time.sleep(0.5)
-                job = http.get(url + f"/v1/jobs/{job['id']}").json()
-                bar.update(job["done"] - bar.n)
+        try:
+            with tqdm(total=job["total"], desc=f"build {kind}", unit="doc") as bar:
+                while job["status"] in ("queued", "running"):
+                    time.sleep(0.5)
+                    job = http.get(url + f"/v1/jobs/{job['id']}").json()
+                    bar.update(job["done"] - bar.n)
+        except BaseException:  # Ctrl-C or a failure here: the job would otherwise resume at the next start
+            http.post(url + f"/v1/jobs/{job['id']}/cancel")
+            raise
     if job["status"] != "done":
         raise BenchError(f"{kind} build failed: {job.get('errors', [])[:3]}")
     job["wall_s"] = time.perf_counter() - t0

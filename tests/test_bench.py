@@ -122,3 +122,34 @@ def test_unreachable_server_stops_at_once(tmp_path, capsys):
 
     rc = main(["--url", "http://127.0.0.1:9", "--dataset", "nq_open_sample", "--out", str(tmp_path)])
     assert rc == 2 and "cannot reach" in capsys.readouterr().err
+
+
+def test_an_interrupted_bench_cancels_the_build_job_it_started(make_server, monkeypatch):
+    """Ctrl-C while the bench follows a build: the job is cancelled on the server, so a
+    restarted server does not resume it ahead of the next run's own builds."""
+    import threading
+
+    import httpx
+
+    from bench import run
+    from server.jobs import Builder
+
+    srv = make_server()
+    httpx.post(srv.url + "/v1/documents", json={"documents": [{"id": "a", "text": "Zorbl is a purple cat."}]})
+    release = threading.Event()
+    monkeypatch.setattr(srv.runtime, "builder", lambda kind: Builder(lambda ids: [release.wait(10)] * len(ids)))
+
+    def interrupted(_):
+        raise KeyboardInterrupt
+
+    import time
+    import types
+
+    # only the bench's own clock is patched (its module's ``time``), not the server threads'
+    monkeypatch.setattr(run, "time", types.SimpleNamespace(sleep=interrupted, perf_counter=time.perf_counter,
+                                                           time=time.time))
+    with pytest.raises(KeyboardInterrupt):
+        run.build(srv.url, "kv", ["a"])
+    release.set()
+    jobs = httpx.get(srv.url + "/v1/jobs").json()["data"]
+    assert [j["status"] for j in jobs] == ["cancelled"]
