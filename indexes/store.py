@@ -145,6 +145,14 @@ class DocumentStore:
                 f"WHERE id IN ({','.join('?' * len(ids))})", ids).fetchall() if ids else []
         return {r[0]: Document(*r) for r in rows}
 
+    def page(self, after: Optional[str] = None, limit: int = 20) -> list[Document]:
+        """Documents in id order after the id ``after`` (cursor paging)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, text, title, content_hash, added_by, created_at, updated_at FROM documents "
+                "WHERE id > ? ORDER BY id LIMIT ?", (after if after is not None else "", limit)).fetchall()
+        return [Document(*r) for r in rows]
+
     def ids_with_hash(self, content_hash: str) -> list[str]:
         """Documents with this content (artefacts are keyed by content: they are shared)."""
         with self._lock:

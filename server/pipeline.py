@@ -121,6 +121,11 @@ class Pipeline:
         return [kind for kind, service in (("kv", self.kv), ("adapter", self.prag))
                 if service is not None and service.forget(doc)]
 
+    def artefacts(self, doc) -> dict[str, bool]:
+        """Which per-document artefacts are stored for ``doc`` (the kinds this engine builds)."""
+        return {kind: service.has(doc) for kind, service in (("kv", self.kv), ("adapter", self.prag))
+                if service is not None}
+
     def known_strategies(self) -> list[str]:
         return list(NAMES)
 

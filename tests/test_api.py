@@ -107,6 +107,20 @@ def test_documents_upsert_get_and_delete(server):
     assert e.status_code == 404 and error_of(e)["type"] == "not_found_error"
 
 
+def test_documents_list_in_pages_with_their_artefacts(server):
+    """GET /v1/documents pages through the store in id order (after/limit/has_more), shows
+    which artefacts each document has, and refuses a limit out of range."""
+    server.runtime.pipeline.kv.build_document(server.runtime.kb.store.get("qcd"))
+    first = httpx.get(server.url + "/v1/documents", params={"limit": 2}).json()
+    assert [d["id"] for d in first["data"]] == ["paris", "qcd"] and first["has_more"] is True
+    assert first["data"][1]["artefacts"] == {"kv": True, "adapter": False}
+    assert first["data"][0]["artefacts"] == {"kv": False, "adapter": False} and "text" not in first["data"][0]
+    rest = httpx.get(server.url + "/v1/documents", params={"limit": 2, "after": first["last_id"]}).json()
+    assert [d["id"] for d in rest["data"]] == ["zorbl"] and rest["has_more"] is False
+    r = httpx.get(server.url + "/v1/documents", params={"limit": 0})
+    assert r.status_code == 400 and error_of(r)["param"] == "limit"
+
+
 @pytest.mark.parametrize("body,status,param", [
     ({"model": "knowmux", "messages": []}, 400, "messages"),
     ({"model": "knowmux"}, 400, "messages"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Optional
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
@@ -137,6 +138,26 @@ async def get_adapter(doc_id: str, rt=Depends(get_runtime)):
 @router.get("/v1/kv/{doc_id:path}", dependencies=[Depends(require_client)])
 async def get_kv(doc_id: str, rt=Depends(get_runtime)):
     return await _describe(rt, rt.pipeline.kv, "KV store", doc_id)
+
+
+@router.get("/v1/documents", dependencies=[Depends(require_client)])
+async def list_documents(limit: int = 20, after: Optional[str] = None, rt=Depends(get_runtime)):
+    """Stored documents in id order, ``limit`` at a time after the id ``after`` (OpenAI's
+    list shape: ``first_id``, ``last_id``, ``has_more``), each with the artefacts stored for
+    it, without its text (``GET /v1/documents/{id}`` has it)."""
+    if not 1 <= limit <= 100:
+        raise InvalidRequest("limit must be between 1 and 100", param="limit")
+
+    def read():
+        docs = rt.kb.store.page(after, limit + 1)
+        return docs, [rt.pipeline.artefacts(d) for d in docs[:limit]]
+
+    docs, artefacts = await asyncio.to_thread(read)
+    data = [{"id": d.id, "object": "document", "title": d.title, "content_hash": d.content_hash,
+             "added_by": d.added_by, "created_at": d.created_at, "updated_at": d.updated_at, "artefacts": a}
+            for d, a in zip(docs, artefacts)]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": len(docs) > limit}
 
 
 @router.get("/v1/documents/{doc_id:path}", dependencies=[Depends(require_client)])
