@@ -185,8 +185,9 @@ def build(settings: Settings, kb, doc_ids: list[str], kinds: list[str]) -> int:
                 for g in range(0, len(todo), group):
                     ids = todo[g:g + group]
                     for doc_id, result in zip(ids, build_ids(service, kb, ids)):
-                        counts[outcome(result)] += 1
-                        if outcome(result) == "failed":
+                        what = outcome(result)
+                        counts[what] += 1
+                        if what == "failed":
                             failed.append(f"{doc_id}: {type(result).__name__}: {result}")
                     bar.update(len(ids))
             built, skipped = counts["built"], counts["skipped"]
