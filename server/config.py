@@ -41,6 +41,7 @@ class Settings:
     # routing: the strategy when a request names none, the router's rules, A/B experiments
     default_strategy: str = "auto"
     router_min_score: float = 0.25  # best retrieval score below this: `direct` ("no good hit")
+    router_one_passage_gap: Optional[float] = None  # best hit leads the second by this much: answer from it alone
     router_probe: bool = False  # probe the model's confidence with and without context (one extra short prefill)
     experiments: Optional[Path] = None  # a TOML file of experiments (reloaded when it changes)
     router_classifier: Optional[Path] = None  # folder of the trained classifier; None = DATA_DIR/router

@@ -49,7 +49,7 @@ class Route:
     rule: str  # the deciding rule's fixed name (router rules, "explicit", "experiment", "server_default")
     experiment: Optional[str] = None
     arm: Optional[str] = None
-    top_k: Optional[int] = None  # set by an experiment arm
+    top_k: Optional[int] = None  # set by an experiment arm, or by the router when it narrows the passages
     options: dict = field(default_factory=dict)  # set by an experiment arm
     hits: Optional[list] = None  # retrieval already done by the router
 
@@ -103,6 +103,7 @@ class Pipeline:
             probe = ConfidenceProbe(engine, self.prompts)
         self.supported = self.supported_strategies()
         self.router = Router(self.ctx, self.supported, min_score=settings.router_min_score, probe=probe,
+                             one_passage_gap=settings.router_one_passage_gap,
                              classifier_dir=settings.router_classifier or (
                                  (data_dir / "router") if data_dir is not None else None))
         self.experiments = Experiments(settings.experiments, self.known_strategies())
@@ -170,8 +171,8 @@ class Pipeline:
         if name != AUTO:
             return Route(name, reason or "server default", rule or "server_default", exp, arm, arm_top_k, options)
         d = self.router.route(inp.messages, question, arm_top_k or top_k, inp.latency_budget_ms)
-        return Route(d.strategy, f"{reason}: {d.reason}" if reason else d.reason, d.rule, exp, arm, arm_top_k,
-                     options, d.hits)
+        return Route(d.strategy, f"{reason}: {d.reason}" if reason else d.reason, d.rule, exp, arm,
+                     d.top_k or arm_top_k, options, d.hits)
 
     def observe(self, prepared: Prepared, prompt_tokens: int, cached_tokens: int, prefill_ms: float) -> None:
         """A request finished: feed its prefill rate to the router's latency estimates."""

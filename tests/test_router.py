@@ -122,12 +122,13 @@ class FakeKB:
         return {i: SimpleNamespace(id=i, title="", text="word " * 200) for i in ids}
 
 
-def _router(scores, with_kv=False, with_adapter=False, probe=None, classifier_dir=None, rate=1000.0):
+def _router(scores, with_kv=False, with_adapter=False, probe=None, classifier_dir=None, rate=1000.0,
+            one_passage_gap=None):
     prompts = SimpleNamespace(count_tokens=lambda t: len(t.split()), passage_ids=lambda p: p.text.split())
-    have = lambda flag: SimpleNamespace(has=lambda doc: flag)  # noqa: E731
+    have = lambda flag: SimpleNamespace(has=lambda doc: flag(doc) if callable(flag) else flag)  # noqa: E731
     ctx = SimpleNamespace(kb=FakeKB(scores), prompts=prompts, kv=have(with_kv), prag=have(with_adapter))
     return Router(ctx, KNOWN[1:], min_score=0.25, probe=probe, classifier_dir=classifier_dir,
-                  prefill_tokens_per_s=rate)
+                  prefill_tokens_per_s=rate, one_passage_gap=one_passage_gap)
 
 
 def test_rule_no_documents():
@@ -164,6 +165,18 @@ def test_rule_confidence_probe():
     assert (d.strategy, d.rule) == ("rag+ckplug", "probe") and d.features.confidence_gain == -0.4
     d = _router([0.7], probe=lambda m, p: 0.3).route(ASK, "q", 1)
     assert d.strategy == "rag"
+
+
+def test_rule_one_passage_when_the_top_hit_leads():
+    # the top hit leads by 0.3: its cache alone (kv, exact for one passage), even if the others have none
+    d = _router([0.8, 0.5, 0.4], with_kv=lambda doc: doc.id == "d0", one_passage_gap=0.2).route(ASK, "q", 3)
+    assert (d.strategy, d.rule, d.top_k) == ("kv", "one_passage", 1) and "lead 0.30 >= 0.20" in d.reason
+    d = _router([0.8, 0.5], one_passage_gap=0.2).route(ASK, "q", 2)  # no cache: rag with the top passage
+    assert (d.strategy, d.top_k) == ("rag", 1)
+    d = _router([0.8, 0.7], with_kv=True, one_passage_gap=0.2).route(ASK, "q", 2)  # close hits: all of them
+    assert (d.strategy, d.rule, d.top_k) == ("rag", "preference", None)
+    d = _router([0.8, 0.1], with_kv=True).route(ASK, "q", 2)  # off unless set
+    assert d.rule == "preference"
 
 
 def test_rule_classifier(tmp_path):
@@ -247,6 +260,17 @@ def test_latency_budget_over_http_routes_and_says_why(server):
     r = _chat(server, {"X-Latency-Budget-Ms": "0.01"})
     assert r.status_code == 200 and r.headers["x-strategy"] == "direct"
     assert "latency budget 0.01 ms" in r.headers["x-route-reason"]
+
+
+def test_one_passage_rule_reaches_the_strategy(make_server):
+    """The router's narrowing is what the strategy retrieves: one passage, said in the headers."""
+    srv = make_server(router_one_passage_gap=0.0)  # any lead: always narrow
+    httpx.post(srv.url + "/v1/documents", json={"documents": DOCS}).raise_for_status()
+    r = _chat(srv, top_k=2)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-route-reason"].startswith("one passage suffices") and r.headers["x-strategy"] == "rag"
+    assert len(r.json()["knowmux"]["retrieved"]) == 1
+    assert httpx.get(srv.url + "/v1/router").json()["rules"]["one_passage_gap"] == 0.0
 
 
 def test_experiments_reload_endpoint_rejects_a_bad_file_and_keeps_the_old(server):

@@ -10,8 +10,12 @@ In order, the first that applies decides:
    (none fits: the fastest)
 4. probe on, and the context makes the model less sure of its first token
    (CK-PLUG confidence gain < 0: memory and context disagree) -> rag+ckplug
-5. a trained classifier is loaded               -> its most probable candidate
-6. otherwise                                    -> the first candidate in ``PREFERENCE``
+5. ``one_passage_gap`` set, and the best hit leads the second by at least that much
+   -> the top passage alone: ``kv`` if its cache is stored (one injected passage gives
+   exactly the logits of ``rag`` with that passage, at about ``direct``'s prefill),
+   else ``rag`` with one passage
+6. a trained classifier is loaded               -> its most probable candidate
+7. otherwise                                    -> the first candidate in ``PREFERENCE``
 
 ``PREFERENCE`` is the accuracy order measured on NQ-open (bench/RESULTS.md: rag 21%,
 rag+ckplug 19%, kv 15%, direct 6% contains-match): with nothing else to go on, the most
@@ -48,14 +52,17 @@ class Decision:
     features: Optional[Features] = None
     hits: Optional[list] = None  # the retrieval done for routing, handed on to the strategy
     estimates_ms: Optional[dict] = None
+    top_k: Optional[int] = None  # set when the router narrows the passages (rule 5)
 
 
 class Router:
     def __init__(self, ctx, supported: list[str], *, min_score: float = 0.25, probe=None,
-                 classifier_dir: Optional[Path] = None, prefill_tokens_per_s: float = 500.0):
+                 classifier_dir: Optional[Path] = None, prefill_tokens_per_s: float = 500.0,
+                 one_passage_gap: Optional[float] = None):
         self.ctx = ctx  # strategies.StrategyContext: kb, prompts, kv, prag
         self.supported = [s for s in PREFERENCE if s in supported]
         self.min_score = min_score
+        self.one_passage_gap = one_passage_gap
         self.probe = probe  # callable(messages, passages) -> confidence gain, or None (off)
         self.classifier_dir = classifier_dir
         self.classifier: Optional[RouterClassifier] = None
@@ -142,6 +149,11 @@ class Router:
             if f.confidence_gain < 0:
                 return Decision("rag+ckplug", f"context lowers confidence (gain {f.confidence_gain:.2f}): "
                                               "rag+ckplug", "probe", f, hits, est)
+        one = self._one_passage(f, hits, docs, candidates)
+        if one is not None:
+            gap = f.scores[0] - f.scores[1]
+            return Decision(one, f"one passage suffices (lead {gap:.2f} >= {self.one_passage_gap:.2f}): {one} with "
+                                 "the top passage", "one_passage", f, hits, est, top_k=1)
         clf = self.classifier  # one reference: a reload may swap it meanwhile
         if clf is not None:
             try:
@@ -164,6 +176,14 @@ class Router:
         return Decision(best, f"good hit (top score {f.top_score:.2f}): {best}", "preference", f, hits,
                         est)
 
+    def _one_passage(self, f: Features, hits: list, docs: dict, candidates: list[str]) -> Optional[str]:
+        """Rule 5: the strategy that answers from the top passage alone, or None."""
+        if self.one_passage_gap is None or f.n_hits < 2 or f.scores[0] - f.scores[1] < self.one_passage_gap:
+            return None
+        if "kv" in self.supported and self.ctx.kv is not None and self.ctx.kv.has(docs[hits[0].doc_id]):
+            return "kv"
+        return "rag" if "rag" in candidates else None
+
     @staticmethod
     def _has_artefacts(strategy: str, f: Features) -> bool:
         base = strategy.split("+")[0]
@@ -176,7 +196,7 @@ class Router:
     def describe(self) -> dict:
         c = self.classifier
         return {"rules": {"min_score": self.min_score, "probe": self.probe is not None,
-                          "preference": self.supported},
+                          "one_passage_gap": self.one_passage_gap, "preference": self.supported},
                 "prefill_tokens_per_s": round(self._rate, 1),
                 "classifier": None if c is None else {"classes": c.classes, "info": c.info},
                 "classifier_error": self.classifier_error}
