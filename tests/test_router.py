@@ -318,3 +318,28 @@ def test_router_train_from_a_bench_run(tmp_path, embedder):
     clf = RouterClassifier.load(tmp_path / "router")
     assert clf.classes == ["direct", "rag"] and clf.info["labels"] == {"rag": 6, "direct": 6}
     assert main(["--from", str(tmp_path / "nothing"), "--out", str(tmp_path / "r2")]) == 2
+
+    # a run with one passage per question calibrates the one-passage rule: here kv with the
+    # top passage answers what rag answers, faster; every lead tried narrows every question
+    # (two documents: the gaps are wide), and the most conservative of equals is kept
+    meta = json.loads((run / "results.json").read_text())
+    meta["settings"]["top_k"] = 2
+    (run / "results.json").write_text(json.dumps(meta))
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "results.json").write_text(json.dumps({**meta, "settings": {"top_k": 1}}))
+    rag_wins = [dict(r, contains=float(r["strategy"] == "rag" or r["id"] in ("q0", "q2"))) for r in recs]
+    (run / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rag_wins))
+    one_recs = [dict(r, contains=float(r["strategy"] == "rag" or r["id"] in ("q0", "q2")), strategy="kv",
+                     latency_s=1.2) for r in recs if r["strategy"] == "rag"]
+    (one / "results.jsonl").write_text("\n".join(json.dumps(r) for r in one_recs))
+    assert main(["--from", str(run), "--one-passage-from", str(one), "--out", str(tmp_path / "r3")]) == 0
+    info = RouterClassifier.load(tmp_path / "r3").info
+    assert info["one_passage_gap"] == 0.4 and info["one_passage_calibration"][0]["best_fixed"] == "rag"
+    ctx = SimpleNamespace(kb=None, prompts=None, kv=None, prag=None)
+    assert Router(ctx, KNOWN[1:], classifier_dir=tmp_path / "r3").one_passage_gap == 0.4
+    assert Router(ctx, KNOWN[1:], classifier_dir=tmp_path / "r3", one_passage_gap=0.3).one_passage_gap == 0.3
+    # when the one-passage answers are slower than the best fixed strategy, the rule stays off
+    (one / "results.jsonl").write_text("\n".join(json.dumps(dict(r, latency_s=9.0)) for r in one_recs))
+    assert main(["--from", str(run), "--one-passage-from", str(one), "--out", str(tmp_path / "r4")]) == 0
+    assert RouterClassifier.load(tmp_path / "r4").info["one_passage_gap"] is None

@@ -10,7 +10,8 @@ In order, the first that applies decides:
    (none fits: the fastest)
 4. probe on, and the context makes the model less sure of its first token
    (CK-PLUG confidence gain < 0: memory and context disagree) -> rag+ckplug
-5. ``one_passage_gap`` set, and the best hit leads the second by at least that much
+5. ``one_passage_gap`` (a setting, or calibrated by ``knowmux router train
+   --one-passage-from``) set, and the best hit leads the second by at least that much
    -> the top passage alone: ``kv`` if its cache is stored (one injected passage gives
    exactly the logits of ``rag`` with that passage, at about ``direct``'s prefill),
    else ``rag`` with one passage
@@ -62,6 +63,7 @@ class Router:
         self.ctx = ctx  # strategies.StrategyContext: kb, prompts, kv, prag
         self.supported = [s for s in PREFERENCE if s in supported]
         self.min_score = min_score
+        self._one_passage_setting = one_passage_gap  # None: the trained classifier's calibrated gap, if any
         self.one_passage_gap = one_passage_gap
         self.probe = probe  # callable(messages, passages) -> confidence gain, or None (off)
         self.classifier_dir = classifier_dir
@@ -82,6 +84,9 @@ class Router:
             log.error("%s; routing by rules only", e)
         if self.classifier is not None:
             log.info("router classifier loaded: classes %s", ", ".join(self.classifier.classes))
+        if self._one_passage_setting is None:
+            gap = self.classifier.info.get("one_passage_gap") if self.classifier is not None else None
+            self.one_passage_gap = float(gap) if isinstance(gap, (int, float)) else None
 
     # ---- prefill rate ------------------------------------------------------------------
     def observe_prefill(self, tokens: int, ms: float) -> None:

@@ -23,11 +23,12 @@ import statistics
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from .classifier import RouterClassifier
-from .features import Features, question_words
+from .features import NUMERIC, Features, question_words
 from .router import PREFERENCE
 
 # conflict sets whose passages are counterfactual: the model's own (memory) answer is the true one
@@ -173,6 +174,41 @@ def calibrate(P: np.ndarray, classes: list[str], outcomes: list[dict], latency: 
     return pick["min_confidence"], table, fixed
 
 
+GAPS = (0.0, 0.02, 0.05, 0.08, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
+
+
+def calibrate_one_passage(keys: list, gaps: np.ndarray, outcomes: list[dict], latency: dict, one: dict,
+                          one_latency: dict) -> tuple[Optional[float], list[dict]]:
+    """The router's one-passage rule (server.router.router, rule 5) from runs answered with
+    the top passage alone (``one``: key -> {strategy: correct}): the lead of the best hit
+    over the second above which answering from the top passage (``kv`` where the run has
+    it, else ``rag``) is, on these questions, at least as accurate as the best fixed
+    strategy, at the lowest mean latency; None when no lead is, or when never narrowing
+    is faster. Returns (gap, table)."""
+    strategies = sorted({s for o in outcomes for s in o})
+    acc = {s: float(np.mean([o.get(s, False) for o in outcomes])) for s in strategies}
+    best = max(strategies, key=lambda s: (acc[s], -latency.get(s, 0.0)))
+    table = []
+    for tau in GAPS:
+        right, lat, narrowed = [], [], 0
+        for key, gap, o in zip(keys, gaps, outcomes):
+            alone = one.get(key, {})
+            s = "kv" if "kv" in alone else "rag" if "rag" in alone else None
+            if s is not None and gap >= tau:
+                right.append(alone[s])
+                lat.append(one_latency[s])
+                narrowed += 1
+            else:
+                right.append(o.get(best, False))
+                lat.append(latency[best])
+        table.append({"gap": tau, "accuracy": round(float(np.mean(right)), 4),
+                      "mean_latency_s": round(float(np.mean(lat)), 3), "narrowed": narrowed})
+    off = {"gap": None, "accuracy": round(acc[best], 4), "mean_latency_s": round(latency[best], 3), "narrowed": 0}
+    ok = [t for t in table if t["narrowed"] and t["accuracy"] >= acc[best] - 1e-9]
+    pick = min([off, *ok], key=lambda t: (t["mean_latency_s"], t["narrowed"] == 0, -(t["gap"] or 0.0)))
+    return pick["gap"], [{"best_fixed": best, **{k: off[k] for k in ("accuracy", "mean_latency_s")}}, *table]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="knowmux router train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -180,6 +216,9 @@ def main(argv=None) -> int:
                     help="a knowmux bench --out folder (repeatable)")
     ap.add_argument("--out", type=Path, required=True,
                     help="where to write classifier.safetensors/.json (the server reads DATA_DIR/router)")
+    ap.add_argument("--one-passage-from", dest="one_runs", type=Path, action="append", default=[],
+                    help="a bench run of the same questions with --top-k 1 (repeatable): calibrates the "
+                         "router's one-passage rule")
     ap.add_argument("--train-fraction", type=float, default=1.0,
                     help="train on this leading fraction of each run's questions and hold the rest out "
                          "(evaluate on them with knowmux bench --skip)")
@@ -204,7 +243,15 @@ def main(argv=None) -> int:
             cv = float(np.mean([classes[int(np.argmax(p))] == t for p, t in zip(P, labels)]))
             tau, table, fixed = calibrate(P, classes, [loaded["items"][k]["outcomes"] for k in keys],
                                           loaded["latency"], default)
+        one_gap, one_table = None, []
+        if a.one_runs:
+            one = load_runs(a.one_runs, a.train_fraction)
+            gap_col = dim + NUMERIC.index("score_gap")
+            one_gap, one_table = calibrate_one_passage(
+                keys, X[:, gap_col], [loaded["items"][k]["outcomes"] for k in keys], loaded["latency"],
+                {k: it["outcomes"] for k, it in one["items"].items()}, one["latency"])
         clf = RouterClassifier.fit(X, labels, classes, dim, info={
+            "one_passage_gap": one_gap, "one_passage_calibration": one_table,
             "min_confidence": tau, "default": default, "calibration": table, "fixed_accuracy": fixed,
             "trained_at": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": [str(r) for r in a.runs], "train_fraction": a.train_fraction,
             "questions": len(keys), "labels": dict(counts), "cost_order": order,
@@ -226,5 +273,13 @@ def main(argv=None) -> int:
                   f"{t['accuracy']:.3f}, mean latency {t['mean_latency_s']:.2f} s, routed {t['routed']}")
         print(f"chosen min_confidence {tau} (out of fold: the fastest setting at least as accurate as the best "
               "fixed strategy, else the most accurate)")
+    if one_table:
+        head, *rows = one_table
+        print(f"one passage when the best hit leads by >= gap, else {head['best_fixed']} (accuracy "
+              f"{head['accuracy']:.3f}, mean latency {head['mean_latency_s']:.2f} s):")
+        for t in rows:
+            print(f"  gap {t['gap']:.2f}: accuracy {t['accuracy']:.3f}, mean latency {t['mean_latency_s']:.2f} s, "
+                  f"{t['narrowed']} narrowed")
+        print(f"chosen one-passage gap: {one_gap} (None: the rule stays off)")
     print(f"written to {a.out}")
     return 0
