@@ -64,7 +64,9 @@ class _Proj:
     tokens: 9.1 ms packed, 20.7 ms plain), so where MKL is present a packed copy serves
     2 <= T <= PACKED_MAX_ROWS. For prefill-sized T the plain product wins (gate/up at
     512 tokens: 11.5 ms plain, 15.2 ms packed). Each pair measured side by side in one
-    run on the 2-core dev machine.
+    run on the 2-core dev machine. Which is fastest depends on the CPU: on an AMD EPYC,
+    oneDNN beat both 2-3x at decode sizes, so ``tune_kernels`` times them at start and
+    sets ``use_onednn`` per row bucket.
     """
 
     PACKED_MAX_ROWS = 64
@@ -81,8 +83,24 @@ class _Proj:
         """[out, in] view, for modules that keep using the weight."""
         return self.t.t()
 
+    # oneDNN's GEMM, where the engine's start-up timing finds it faster (``tune_kernels``):
+    # on an AMD EPYC it was 2-3x MKL's for decode-sized products
+    BUCKETS = (1, 8, 64, 512)
+    onednn: Optional[torch.Tensor] = None
+    use_onednn: tuple = ()  # per bucket of BUCKETS: True where oneDNN serves that many rows
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] -> [T, out]."""
+        n = x.shape[0]
+        if self.use_onednn and self.use_onednn[_bucket(n)]:
+            y = torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), self.onednn).to_dense()
+            return y + self.bias if self.bias is not None else y
+        if self.packed is not None and 1 < n <= self.PACKED_MAX_ROWS:
+            return torch.ops.mkl._mkl_linear(x, self.packed, self.t.t(), self.bias, n)
+        return self.plain(x)
+
+    def mkl_call(self, x: torch.Tensor) -> torch.Tensor:
+        """The MKL paths alone (what ``__call__`` did before oneDNN), for timing."""
         if self.packed is not None and 1 < x.shape[0] <= self.PACKED_MAX_ROWS:
             return torch.ops.mkl._mkl_linear(x, self.packed, self.t.t(), self.bias, x.shape[0])
         return self.plain(x)
@@ -90,6 +108,53 @@ class _Proj:
     def plain(self, x: torch.Tensor) -> torch.Tensor:
         """The product without MKL's packed path (which has no autograd): for training."""
         return torch.addmm(self.bias, x, self.t) if self.bias is not None else x @ self.t
+
+
+def _bucket(n: int) -> int:
+    """Index of the smallest of ``_Proj.BUCKETS`` that holds n rows (the last for more)."""
+    for i, b in enumerate(_Proj.BUCKETS):
+        if n <= b:
+            return i
+    return len(_Proj.BUCKETS) - 1
+
+
+def tune_kernels(projs: list[_Proj], repeats: int = 3) -> dict:
+    """Time MKL (plain or packed, as ``_Proj`` picks) against oneDNN for each distinct
+    weight shape at each row bucket, on the real weights, and let every projection of
+    that shape use oneDNN where it was faster. Off with KNOWMUX_ONEDNN=0 or where torch
+    has no oneDNN. Returns {(out, in): [bucket -> "onednn" | "mkl"]} for the log."""
+    import os
+    import time
+
+    if os.environ.get("KNOWMUX_ONEDNN", "1") == "0" or not torch.backends.mkldnn.is_available():
+        return {}
+    by_shape: dict = {}
+    for p in projs:
+        by_shape.setdefault(tuple(p.t.shape[::-1]), []).append(p)
+    out = {}
+    with torch.inference_mode():
+        for shape, group in by_shape.items():
+            probe = group[0]
+            probe.onednn = probe.weight.contiguous().to_mkldnn()
+            choice = []
+            for rows in _Proj.BUCKETS:
+                x = torch.randn(rows, shape[1])
+                times = {}
+                for name, fn in (("mkl", probe.mkl_call),
+                                 ("onednn", lambda x: torch._C._nn.mkldnn_linear(x.to_mkldnn(), probe.onednn).to_dense())):
+                    fn(x)
+                    t0 = time.perf_counter()
+                    for _ in range(repeats):
+                        fn(x)
+                    times[name] = time.perf_counter() - t0
+                choice.append(times["onednn"] < 0.9 * times["mkl"])  # a clear win only
+            probe.onednn = None
+            out[shape] = ["onednn" if c else "mkl" for c in choice]
+            if any(choice):
+                for p in group:
+                    p.onednn = p.weight.contiguous().to_mkldnn()
+                    p.use_onednn = tuple(choice)
+    return out
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -148,6 +213,7 @@ class LlamaRunner:
                 a.o_proj.weight.data, f.down_proj.weight.data = wo.weight, wdown.weight
                 self.layers.append(_Layer(layer.input_layernorm.weight, qkv, wo,
                                           layer.post_attention_layernorm.weight, gu, wdown))
+        self.kernels = tune_kernels([self.lm_head] + [p for L in self.layers for p in (L.qkv, L.o, L.gu, L.down)])
 
     def new_cache(self, capacity: int, pos_offset: int = 0) -> RowCache:
         return RowCache(self.n_layers, self.n_kv_heads, self.head_dim, capacity, self.dtype, pos_offset)
