@@ -205,7 +205,7 @@ class JobManager:
                 results = build(group)
             except Exception as e:  # the whole group failed
                 results = [e] * len(group)
-            if self._closing.is_set() and any(isinstance(r, Exception) for r in results):
+            if self._closing.is_set() and any(outcome(r) == "failed" for r in results):
                 return  # failed because we are shutting down: redo the group on resume
             for doc_id, result in zip(group, results):
                 what = outcome(result)

@@ -11,6 +11,7 @@ prefill chunks and rows with private caches attend one row at a time.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 
 from .kvcache import KVPool, RowCache
 from .lora import AdapterSet, apply_deltas
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -91,16 +94,17 @@ class _Proj:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] -> [T, out]."""
-        n = x.shape[0]
-        if self.use_onednn and self.use_onednn[_bucket(n)]:
-            y = torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), self.onednn).to_dense()
-            return y + self.bias if self.bias is not None else y
-        if self.packed is not None and 1 < n <= self.PACKED_MAX_ROWS:
-            return torch.ops.mkl._mkl_linear(x, self.packed, self.t.t(), self.bias, n)
-        return self.plain(x)
+        if self.use_onednn and self.use_onednn[_bucket(x.shape[0])]:
+            return self.onednn_call(x)
+        return self.mkl_call(x)
+
+    def onednn_call(self, x: torch.Tensor) -> torch.Tensor:
+        """The product through oneDNN (needs ``onednn``, the weight in its layout)."""
+        y = torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), self.onednn).to_dense()
+        return y + self.bias if self.bias is not None else y
 
     def mkl_call(self, x: torch.Tensor) -> torch.Tensor:
-        """The MKL paths alone (what ``__call__`` did before oneDNN), for timing."""
+        """The MKL paths: packed for a few rows, plain otherwise."""
         if self.packed is not None and 1 < x.shape[0] <= self.PACKED_MAX_ROWS:
             return torch.ops.mkl._mkl_linear(x, self.packed, self.t.t(), self.bias, x.shape[0])
         return self.plain(x)
@@ -122,7 +126,7 @@ def tune_kernels(projs: list[_Proj], repeats: int = 3) -> dict:
     """Time MKL (plain or packed, as ``_Proj`` picks) against oneDNN for each distinct
     weight shape at each row bucket, on the real weights, and let every projection of
     that shape use oneDNN where it was faster. Off with KNOWMUX_ONEDNN=0 or where torch
-    has no oneDNN. Returns {(out, in): [bucket -> "onednn" | "mkl"]} for the log."""
+    has no oneDNN. Logs and returns {(out, in): [bucket -> "onednn" | "mkl"]}."""
     import os
     import time
 
@@ -140,20 +144,22 @@ def tune_kernels(projs: list[_Proj], repeats: int = 3) -> dict:
             for rows in _Proj.BUCKETS:
                 x = torch.randn(rows, shape[1])
                 times = {}
-                for name, fn in (("mkl", probe.mkl_call),
-                                 ("onednn", lambda x: torch._C._nn.mkldnn_linear(x.to_mkldnn(), probe.onednn).to_dense())):
+                for name, fn in (("mkl", probe.mkl_call), ("onednn", probe.onednn_call)):
                     fn(x)
                     t0 = time.perf_counter()
                     for _ in range(repeats):
                         fn(x)
                     times[name] = time.perf_counter() - t0
                 choice.append(times["onednn"] < 0.9 * times["mkl"])  # a clear win only
-            probe.onednn = None
             out[shape] = ["onednn" if c else "mkl" for c in choice]
-            if any(choice):
-                for p in group:
+            if not any(choice):
+                probe.onednn = None  # no second copy of weights oneDNN never serves
+                continue
+            for p in group:
+                if p.onednn is None:
                     p.onednn = p.weight.contiguous().to_mkldnn()
-                    p.use_onednn = tuple(choice)
+                p.use_onednn = tuple(choice)
+    log.info("GEMM kernel per weight shape and row bucket %s: %s", _Proj.BUCKETS, out or "MKL only")
     return out
 
 
@@ -213,7 +219,7 @@ class LlamaRunner:
                 a.o_proj.weight.data, f.down_proj.weight.data = wo.weight, wdown.weight
                 self.layers.append(_Layer(layer.input_layernorm.weight, qkv, wo,
                                           layer.post_attention_layernorm.weight, gu, wdown))
-        self.kernels = tune_kernels([self.lm_head] + [p for L in self.layers for p in (L.qkv, L.o, L.gu, L.down)])
+        tune_kernels([self.lm_head] + [p for L in self.layers for p in (L.qkv, L.o, L.gu, L.down)])
 
     def new_cache(self, capacity: int, pos_offset: int = 0) -> RowCache:
         return RowCache(self.n_layers, self.n_kv_heads, self.head_dim, capacity, self.dtype, pos_offset)
