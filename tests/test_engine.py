@@ -9,7 +9,7 @@ import torch
 from server.engine.aio import generate_blocking
 from server.engine.kvcache import KVPrefix
 from server.engine.lora import AdapterSet
-from server.engine.model import LlamaRunner, Segment
+from server.engine.model import _ONEDNN_LINEAR, LlamaRunner, Segment, _Proj, tune_kernels
 from server.engine.types import GenRequest, RowSpec, SamplingParams
 from server.engine.worker import WorkerLimits
 from server.errors import InvalidRequest, QueueFull
@@ -315,6 +315,64 @@ def test_per_row_lora_deltas_equal_merged_weights():
     plain = base(ids[None]).logits[0, -1].detach()
     torch.testing.assert_close(out[0], ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out[1], plain, atol=1e-4, rtol=1e-4)
+
+
+def _forced(proj: _Proj, onednn: bool) -> _Proj:
+    proj.use_onednn = (onednn,) * len(_Proj.BUCKETS)
+    return proj
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_onednn_and_mkl_products_agree_at_every_row_count(bias):
+    # the kernel chosen at start-up must not change what a projection computes
+    assert _ONEDNN_LINEAR is not None, "the pinned torch has oneDNN's linear"
+    torch.manual_seed(3)
+    w, b = torch.randn(96, 40), (torch.randn(96) if bias else None)
+    mkl, dnn, rows = _forced(_Proj(w, b), False), _forced(_Proj(w, b), True), _forced(_Proj(w.clone(), b, keep_rows=True), True)
+    ref = torch.nn.functional.linear
+    for n in (1, 3, 8, 40, 64, 65, 600):
+        x = torch.randn(n, 40)
+        for p in (mkl, dnn, rows):
+            torch.testing.assert_close(p(x), ref(x, w, b), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(dnn(x[:, :40:1].t().contiguous().t()), ref(x, w, b), atol=1e-4, rtol=1e-4)
+
+
+def test_onednn_training_product_gives_the_plain_gradient():
+    # LoRA training backpropagates to the input through frozen weights, on oneDNN where it is faster
+    torch.manual_seed(4)
+    w, b = torch.randn(80, 48), torch.randn(80)
+    x = torch.randn(33, 48)
+    grads = []
+    for onednn in (False, True):
+        xi = x.clone().requires_grad_()
+        y = _forced(_Proj(w, b), onednn).train_call(xi)
+        (y * torch.linspace(-1, 1, 80)).square().sum().backward()
+        grads.append((y.detach(), xi.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-4, rtol=1e-4)
+
+
+def test_kernel_tuning_drops_the_packed_copy_where_onednn_serves_every_decode_size(monkeypatch):
+    import time as time_mod
+    clock = [0.0]  # a fake clock: each oneDNN product "takes" 1, each MKL product 10
+
+    def timed(cost, fn):
+        def call(self, x):
+            clock[0] += cost
+            return fn(self, x)
+        return call
+
+    monkeypatch.setattr(_Proj, "onednn_call", timed(1, _Proj.onednn_call))
+    monkeypatch.setattr(_Proj, "mkl_call", timed(10, _Proj.mkl_call))
+    monkeypatch.setattr(time_mod, "perf_counter", lambda: clock[0])
+    monkeypatch.setenv("KNOWMUX_ONEDNN", "1")
+    projs = [_Proj(torch.randn(64, 32)) for _ in range(2)]
+    assert tune_kernels(projs) == {(64, 32): ["onednn"] * len(_Proj.BUCKETS)}
+    assert all(p.use_onednn == (True,) * len(_Proj.BUCKETS) and p.packed is None for p in projs)
+    monkeypatch.setattr(_Proj, "onednn_call", timed(100, _Proj.onednn_call))  # now 101 against 10
+    kept = [_Proj(torch.randn(64, 32))]
+    assert tune_kernels(kept) == {(64, 32): ["mkl"] * len(_Proj.BUCKETS)}
+    assert kept[0].packed is not None or not _Proj._mkl
 
 
 def test_combining_adapter_sets_is_the_exact_sum_of_deltas():

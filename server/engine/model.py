@@ -58,6 +58,21 @@ def _cat_bias(*linears) -> Optional[torch.Tensor]:
     return torch.cat([l.bias if l.bias is not None else torch.zeros(l.out_features) for l in linears])
 
 
+def _find_onednn_linear():
+    """oneDNN's linear on dense fp32 tensors (the op torch's compiler uses on CPU), or
+    None where this torch build has no oneDNN. It reads the weight where it lies: no
+    second copy in oneDNN's own layout."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_ONEDNN_LINEAR = _find_onednn_linear()
+
+
 class _Proj:
     """A projection's weight kept for fast CPU matmuls.
 
@@ -68,16 +83,22 @@ class _Proj:
     2 <= T <= PACKED_MAX_ROWS. For prefill-sized T the plain product wins (gate/up at
     512 tokens: 11.5 ms plain, 15.2 ms packed). Each pair measured side by side in one
     run on the 2-core dev machine. Which is fastest depends on the CPU: on an AMD EPYC,
-    oneDNN beat both 2-3x at decode sizes, so ``tune_kernels`` times them at start and
-    sets ``use_onednn`` per row bucket.
+    oneDNN beat MKL about 2x at every size, forward and backward, so ``tune_kernels``
+    times them at start and sets ``use_onednn`` per row bucket.
+
+    ``w`` is the [out, in] weight oneDNN reads: the caller's own tensor when it stays
+    alive anyway (``keep_rows``, e.g. an lm_head tied to the embedding), otherwise a
+    view of ``t``. oneDNN reads either in place; row-major was faster for the 49k-row
+    lm_head at one token (1.8 vs 3.0 ms), equal elsewhere.
     """
 
     PACKED_MAX_ROWS = 64
 
     _mkl = torch._C.has_mkl and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
 
-    def __init__(self, w: torch.Tensor, bias: Optional[torch.Tensor] = None):
+    def __init__(self, w: torch.Tensor, bias: Optional[torch.Tensor] = None, keep_rows: bool = False):
         self.t = w.detach().t().contiguous()
+        self.w = w.detach() if keep_rows and w.is_contiguous() else self.t.t()
         self.bias = bias.detach() if bias is not None else None
         self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.t.t(), 16) if self._mkl else None
 
@@ -86,10 +107,8 @@ class _Proj:
         """[out, in] view, for modules that keep using the weight."""
         return self.t.t()
 
-    # oneDNN's GEMM, where the engine's start-up timing finds it faster (``tune_kernels``):
-    # on an AMD EPYC it was 2-3x MKL's for decode-sized products
+    # Row buckets for the kernel choice; rows 2..PACKED_MAX_ROWS are buckets 8 and 64
     BUCKETS = (1, 8, 64, 512)
-    onednn: Optional[torch.Tensor] = None
     use_onednn: tuple = ()  # per bucket of BUCKETS: True where oneDNN serves that many rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,9 +118,8 @@ class _Proj:
         return self.mkl_call(x)
 
     def onednn_call(self, x: torch.Tensor) -> torch.Tensor:
-        """The product through oneDNN (needs ``onednn``, the weight in its layout)."""
-        y = torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), self.onednn).to_dense()
-        return y + self.bias if self.bias is not None else y
+        """The product through oneDNN (``_ONEDNN_LINEAR`` must exist)."""
+        return _ONEDNN_LINEAR(x.contiguous(), self.w, self.bias, "none", [], "")
 
     def mkl_call(self, x: torch.Tensor) -> torch.Tensor:
         """The MKL paths: packed for a few rows, plain otherwise."""
@@ -110,8 +128,30 @@ class _Proj:
         return self.plain(x)
 
     def plain(self, x: torch.Tensor) -> torch.Tensor:
-        """The product without MKL's packed path (which has no autograd): for training."""
+        """The product without MKL's packed path (which has no autograd)."""
         return torch.addmm(self.bias, x, self.t) if self.bias is not None else x @ self.t
+
+    def train_call(self, x: torch.Tensor) -> torch.Tensor:
+        """The product with autograd to ``x`` (the weight is frozen): for LoRA training,
+        through oneDNN where it serves prefill-sized products, else ``plain``."""
+        if self.use_onednn and self.use_onednn[-1]:
+            return _FrozenOneDNNLinear.apply(x, self)
+        return self.plain(x)
+
+
+class _FrozenOneDNNLinear(torch.autograd.Function):
+    """y = x W^T + b through oneDNN, with the gradient to x only: dx = dy W, which is
+    oneDNN's linear of dy against t = W^T (so both directions read stored weights in
+    place)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, proj: _Proj) -> torch.Tensor:
+        ctx.proj = proj
+        return proj.onednn_call(x)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        return _ONEDNN_LINEAR(dy.contiguous(), ctx.proj.t, None, "none", [], ""), None
 
 
 def _bucket(n: int) -> int:
@@ -125,21 +165,21 @@ def _bucket(n: int) -> int:
 def tune_kernels(projs: list[_Proj], repeats: int = 3) -> dict:
     """Time MKL (plain or packed, as ``_Proj`` picks) against oneDNN for each distinct
     weight shape at each row bucket, on the real weights, and let every projection of
-    that shape use oneDNN where it was faster. Off with KNOWMUX_ONEDNN=0 or where torch
-    has no oneDNN. Logs and returns {(out, in): [bucket -> "onednn" | "mkl"]}."""
+    that shape use oneDNN where it was clearly faster. A shape whose decode-sized buckets
+    all go to oneDNN drops MKL's packed copy of its weights. Off with KNOWMUX_ONEDNN=0 or
+    where torch has no oneDNN. Logs and returns {(out, in): [bucket -> "onednn" | "mkl"]}."""
     import os
     import time
 
-    if os.environ.get("KNOWMUX_ONEDNN", "1") == "0" or not torch.backends.mkldnn.is_available():
+    if os.environ.get("KNOWMUX_ONEDNN", "1") == "0" or _ONEDNN_LINEAR is None:
         return {}
     by_shape: dict = {}
     for p in projs:
-        by_shape.setdefault(tuple(p.t.shape[::-1]), []).append(p)
+        by_shape.setdefault((tuple(p.t.shape[::-1]), p.w.is_contiguous()), []).append(p)
     out = {}
     with torch.inference_mode():
-        for shape, group in by_shape.items():
+        for (shape, _), group in by_shape.items():
             probe = group[0]
-            probe.onednn = probe.weight.contiguous().to_mkldnn()
             choice = []
             for rows in _Proj.BUCKETS:
                 x = torch.randn(rows, shape[1])
@@ -152,13 +192,11 @@ def tune_kernels(projs: list[_Proj], repeats: int = 3) -> dict:
                     times[name] = time.perf_counter() - t0
                 choice.append(times["onednn"] < 0.9 * times["mkl"])  # a clear win only
             out[shape] = ["onednn" if c else "mkl" for c in choice]
-            if not any(choice):
-                probe.onednn = None  # no second copy of weights oneDNN never serves
-                continue
+            packed_used = any(not c for b, c in zip(_Proj.BUCKETS, choice) if 1 < b <= _Proj.PACKED_MAX_ROWS)
             for p in group:
-                if p.onednn is None:
-                    p.onednn = p.weight.contiguous().to_mkldnn()
                 p.use_onednn = tuple(choice)
+                if not packed_used:
+                    p.packed = None
     log.info("GEMM kernel per weight shape and row bucket %s: %s", _Proj.BUCKETS, out or "MKL only")
     return out
 
@@ -198,7 +236,8 @@ class LlamaRunner:
         self.max_positions = cfg.max_position_embeddings
         self.embed = m.embed_tokens.weight
         self.norm = m.norm.weight
-        self.lm_head = _Proj(hf_model.lm_head.weight)
+        tied = hf_model.lm_head.weight.data_ptr() == self.embed.data_ptr()
+        self.lm_head = _Proj(hf_model.lm_head.weight, keep_rows=tied)  # tied: the embedding, held anyway
         self.rotary = m.rotary_emb
         self.layers: list[_Layer] = []
         with torch.no_grad():
@@ -404,7 +443,7 @@ class LlamaRunner:
 
         for li, L in enumerate(self.layers):
             h = F.rms_norm(x, (self.hidden,), L.ln1.detach(), self.eps)
-            qkv = L.qkv.plain(h)
+            qkv = L.qkv.train_call(h)
             q, k, v = self.split_qkv(qkv, cos, sin)
             outs = []
             for seg in segments:
@@ -414,11 +453,11 @@ class LlamaRunner:
                                                    enable_gqa=Hkv != H)
                 outs.append(o[0].transpose(0, 1))
             flat = torch.cat(outs).reshape(T, H * D)
-            x = x + L.o.plain(flat)
+            x = x + L.o.train_call(flat)
             h = F.rms_norm(x, (self.hidden,), L.ln2.detach(), self.eps)
-            gu = L.gu.plain(h)
+            gu = L.gu.train_call(h)
             act = F.silu(delta(gu[:, :I], h, li, "gate_proj")) * delta(gu[:, I:], h, li, "up_proj")
-            down = L.down.plain(act)
+            down = L.down.train_call(act)
             x = x + delta(down, act, li, "down_proj")
         losses = []
         for seg in segments:
@@ -427,7 +466,7 @@ class LlamaRunner:
                 losses.append(x.new_zeros(()))
                 continue
             hidden = F.rms_norm(x[seg.start + at], (self.hidden,), self.norm.detach(), self.eps)
-            losses.append(F.cross_entropy(self.lm_head.plain(hidden), seg.labels[1:][at]))
+            losses.append(F.cross_entropy(self.lm_head.train_call(hidden), seg.labels[1:][at]))
         return torch.stack(losses)
 
 
