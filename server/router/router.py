@@ -10,13 +10,15 @@ In order, the first that applies decides:
    (none fits: the fastest)
 4. probe on, and the context makes the model less sure of its first token
    (CK-PLUG confidence gain < 0: memory and context disagree) -> rag+ckplug
-5. ``one_passage_gap`` (a setting, or calibrated by ``knowmux router train
+5. a trained classifier is loaded               -> its most probable candidate
+6. otherwise                                    -> the first candidate in ``PREFERENCE``
+7. applied to the choice of 3, 5 or 6 when it reads the passages as they are (rag, kv):
+   ``one_passage_gap`` (a setting, or calibrated by ``knowmux router train
    --one-passage-from``) set, and the best hit leads the second by at least that much
    -> the top passage alone: ``kv`` if its cache is stored (one injected passage gives
    exactly the logits of ``rag`` with that passage, at about ``direct``'s prefill),
-   else ``rag`` with one passage
-6. a trained classifier is loaded               -> its most probable candidate
-7. otherwise                                    -> the first candidate in ``PREFERENCE``
+   else ``rag`` with one passage. A choice to answer from memory (direct, prag) or to
+   arbitrate a conflict (+ckplug) is never narrowed.
 
 ``PREFERENCE`` is the accuracy order measured on NQ-open (bench/RESULTS.md: rag 21%,
 rag+ckplug 19%, kv 15%, direct 6% contains-match): with nothing else to go on, the most
@@ -39,6 +41,7 @@ from .features import Features, question_words
 
 log = logging.getLogger(__name__)
 
+NARROWABLE = ("rag", "kv")  # choices rule 7 may narrow to the top passage (the trainer simulates the same)
 PREFERENCE = ("rag", "rag+ckplug", "prag+rag", "kv", "kv+ckplug", "prag", "direct")
 # fixed costs per retrieved document beyond prefill, ms (measured: KV disk load p50 10 ms;
 # adapter combine a few ms): small next to prefill, but they order kv/prag against direct
@@ -154,11 +157,6 @@ class Router:
             if f.confidence_gain < 0:
                 return Decision("rag+ckplug", f"context lowers confidence (gain {f.confidence_gain:.2f}): "
                                               "rag+ckplug", "probe", f, hits, est)
-        one = self._one_passage(f, hits, docs, candidates)
-        if one is not None:
-            gap = f.scores[0] - f.scores[1]
-            return Decision(one, f"one passage suffices (lead {gap:.2f} >= {self.one_passage_gap:.2f}): {one} with "
-                                 "the top passage", "one_passage", f, hits, est, top_k=1)
         clf = self.classifier  # one reference: a reload may swap it meanwhile
         if clf is not None:
             try:
@@ -169,20 +167,36 @@ class Router:
             floor = float(clf.info.get("min_confidence", 0.0))
             if choice is not None and choice[1] >= floor:
                 s, p = choice
-                return Decision(s, f"classifier: {s} (p={p:.2f})", "classifier", f, hits, est)
+                return self._narrowed(Decision(s, f"classifier: {s} (p={p:.2f})", "classifier", f, hits, est),
+                                      docs, candidates)
             if choice is not None:  # unsure: the calibrated threshold says the default is safer
                 best = candidates[0]
-                return Decision(best, f"classifier unsure ({choice[0]} p={choice[1]:.2f} < {floor:.2f}): {best}",
-                                "classifier_unsure", f, hits, est)
+                return self._narrowed(Decision(best, f"classifier unsure ({choice[0]} p={choice[1]:.2f} < "
+                                                     f"{floor:.2f}): {best}", "classifier_unsure", f, hits, est),
+                                      docs, candidates)
         best = candidates[0]
         if excluded:
-            return Decision(best, f"latency budget {budget_ms:g} ms: {best} (est. {est[best]:.0f} ms; "
-                                  f"{excluded[0]} est. {est[excluded[0]]:.0f} ms)", "budget", f, hits, est)
-        return Decision(best, f"good hit (top score {f.top_score:.2f}): {best}", "preference", f, hits,
-                        est)
+            return self._narrowed(Decision(best, f"latency budget {budget_ms:g} ms: {best} (est. {est[best]:.0f} "
+                                                 f"ms; {excluded[0]} est. {est[excluded[0]]:.0f} ms)", "budget",
+                                           f, hits, est), docs, candidates)
+        return self._narrowed(Decision(best, f"good hit (top score {f.top_score:.2f}): {best}", "preference",
+                                       f, hits, est), docs, candidates)
+
+    def _narrowed(self, d: Decision, docs: dict, candidates: list[str]) -> Decision:
+        """Rule 7: a choice that reads the passages as they are (rag, kv) answers from the
+        top passage alone when it leads the second by ``one_passage_gap``."""
+        if d.strategy not in NARROWABLE:
+            return d
+        one = self._one_passage(d.features, d.hits, docs, candidates)
+        if one is None:
+            return d
+        gap = d.features.scores[0] - d.features.scores[1]
+        return Decision(one, f"{d.reason}; one passage suffices (lead {gap:.2f} >= {self.one_passage_gap:.2f}): "
+                             f"{one} with the top passage", "one_passage", d.features, d.hits, d.estimates_ms,
+                        top_k=1)
 
     def _one_passage(self, f: Features, hits: list, docs: dict, candidates: list[str]) -> Optional[str]:
-        """Rule 5: the strategy that answers from the top passage alone, or None."""
+        """The strategy that answers from the top passage alone (rule 7), or None."""
         if self.one_passage_gap is None or f.n_hits < 2 or f.scores[0] - f.scores[1] < self.one_passage_gap:
             return None
         if "kv" in self.supported and self.ctx.kv is not None and self.ctx.kv.has(docs[hits[0].doc_id]):
