@@ -56,7 +56,7 @@ class Decision:
     features: Optional[Features] = None
     hits: Optional[list] = None  # the retrieval done for routing, handed on to the strategy
     estimates_ms: Optional[dict] = None
-    top_k: Optional[int] = None  # set when the router narrows the passages (rule 5)
+    top_k: Optional[int] = None  # set when the router narrows the passages (rule 7)
 
 
 class Router:
