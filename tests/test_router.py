@@ -358,3 +358,14 @@ def test_router_train_from_a_bench_run(tmp_path, embedder):
     (one / "results.jsonl").write_text("\n".join(json.dumps(dict(r, latency_s=9.0)) for r in one_recs))
     assert main(["--from", str(run), "--one-passage-from", str(one), "--out", str(tmp_path / "r4")]) == 0
     assert RouterClassifier.load(tmp_path / "r4").info["one_passage_gap"] is None
+
+
+def test_the_fallback_label_is_a_strategy_run_on_that_data_set():
+    from server.router.train import label
+
+    # prag is the cheapest strategy overall but was never run on "b", where nothing is right
+    items = {("a", "q1", 0): {"outcomes": {"prag": True, "rag": True}},
+             ("b", "q1", 0): {"outcomes": {"direct": False, "rag": False}},
+             ("b", "q2", 0): {"outcomes": {"direct": False, "rag": False}}}
+    keys, labels, order, fallback = label(items, {"prag": 0.5, "direct": 0.8, "rag": 1.2})
+    assert fallback == {"a": "prag", "b": "direct"} and labels == ["prag", "direct", "direct"]

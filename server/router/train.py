@@ -106,7 +106,8 @@ def label(items: dict, latency: dict) -> tuple[list, list[str], list[str], dict]
     for (dataset, _, _), it in items.items():
         for s, ok in it["outcomes"].items():
             right[dataset][s] += ok
-    fallback = {d: max(order, key=lambda s: (c[s], -order.index(s))) for d, c in right.items()}
+    # among the strategies run on that data set (one never run there is no answer for it)
+    fallback = {d: max((s for s in order if s in c), key=lambda s: (c[s], -order.index(s))) for d, c in right.items()}
     keys, labels = [], []
     for key, it in items.items():
         correct = [s for s in order if it["outcomes"].get(s)]
