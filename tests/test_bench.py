@@ -153,3 +153,13 @@ def test_an_interrupted_bench_cancels_the_build_job_it_started(make_server, monk
     release.set()
     jobs = httpx.get(srv.url + "/v1/jobs").json()["data"]
     assert [j["status"] for j in jobs] == ["cancelled"]
+
+
+def test_serve_ab_variants_parse_into_environments():
+    from bench.serve_ab import parse_variant
+
+    assert parse_variant("default") == ("default", {})
+    assert parse_variant("old:PYTHONPATH=/x,OMP_WAIT_POLICY=PASSIVE") == \
+        ("old", {"PYTHONPATH": "/x", "OMP_WAIT_POLICY": "PASSIVE"})
+    with pytest.raises(SystemExit):
+        parse_variant("bad:NOVALUE")
