@@ -190,9 +190,14 @@ def run_items(url: str, strategy: str, items: list, max_tokens: int, top_k: int,
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
     t0 = time.perf_counter()
     label = strategy + (f" a={extra['ckplug_alpha']}" if "ckplug_alpha" in extra else "")
-    with cf.ThreadPoolExecutor(concurrency) as pool:
+    pool = cf.ThreadPoolExecutor(concurrency)
+    try:
         futs = [pool.submit(ask, client, strategy, it.question, max_tokens, top_k, extra) for it in items]
         recs = [f.result() for f in tqdm(futs, desc=f"{label} (c={concurrency})", unit="q")]
+    except BaseException:  # Ctrl-C: ask nothing more (a with-block would wait for every queued question)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     wall = time.perf_counter() - t0
     for it, rec in zip(items, recs):
         rec["id"] = it.id

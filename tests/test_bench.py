@@ -163,3 +163,25 @@ def test_serve_ab_variants_parse_into_environments():
         ("old", {"PYTHONPATH": "/x", "OMP_WAIT_POLICY": "PASSIVE"})
     with pytest.raises(SystemExit):
         parse_variant("bad:NOVALUE")
+
+
+def test_interrupting_a_run_stops_asking(monkeypatch):
+    import time
+
+    import bench.run as R
+
+    asked = []
+
+    def ask(client, strategy, question, *a):
+        asked.append(question)
+        if len(asked) == 1:
+            raise KeyboardInterrupt  # as Ctrl-C reaches the waiting main thread
+        time.sleep(0.01)
+        return {}
+
+    monkeypatch.setattr(R, "ask", ask)
+    items = [type("Q", (), {"id": str(i), "question": str(i)})() for i in range(200)]
+    with pytest.raises(KeyboardInterrupt):
+        R.run_items("http://127.0.0.1:9", "direct", items, 4, 1, {})
+    time.sleep(0.1)
+    assert len(asked) <= 2, f"{len(asked)} questions asked after Ctrl-C"
