@@ -185,3 +185,14 @@ def test_interrupting_a_run_stops_asking(monkeypatch):
         R.run_items("http://127.0.0.1:9", "direct", items, 4, 1, {})
     time.sleep(0.1)
     assert len(asked) <= 2, f"{len(asked)} questions asked after Ctrl-C"
+
+
+def test_subset_scores_a_range_of_questions_per_strategy():
+    from bench.subset import subset
+
+    recs = [{"strategy": s, "contains": float(i % 2 == 0 or s == "auto"), "f1": 0.5, "em": 0.0, "latency_s": 1.0 + i,
+             "ttft_s": 0.1, "routed": "kv" if s == "auto" else None, "error": None}
+            for s in ("rag", "auto") for i in range(6)]
+    out = subset(recs, 2, 6)
+    assert out["rag"]["n"] == 4 and out["rag"]["contains"] == 0.5 and out["rag"]["latency_p50_s"] == 4.5
+    assert out["auto"]["contains"] == 1.0 and out["auto"]["routed"] == {"kv": 4}

@@ -1,0 +1,53 @@
+"""Per-strategy scores of a bench run on a range of its questions (e.g. the ones a router
+was not trained on), from the run's per-question records.
+
+    python -m bench.subset runs/nq-200/results.jsonl --start 56 --stop 200
+
+Questions are counted in the run's order, from 0, per strategy. Prints n, answer
+containment, token F1, exact match, median latency and time to first token, and for
+``auto`` where the router sent the questions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import Counter, defaultdict
+from pathlib import Path
+
+
+def subset(records: list[dict], start: int, stop: int) -> dict:
+    by = defaultdict(list)
+    for r in records:
+        by[r["strategy"]].append(r)
+    out = {}
+    for s, rs in by.items():
+        rs = [r for r in rs[start:stop] if r.get("error") is None]
+        if not rs:
+            continue
+        out[s] = {"n": len(rs),
+                  **{m: statistics.mean(float(r.get(m) or 0.0) for r in rs) for m in ("contains", "f1", "em")},
+                  "latency_p50_s": statistics.median(r["latency_s"] for r in rs),
+                  "ttft_p50_s": statistics.median(r["ttft_s"] for r in rs),
+                  "routed": dict(Counter(r["routed"] for r in rs if r.get("routed")))}
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", type=Path, help="a bench run's results.jsonl")
+    ap.add_argument("--start", type=int, default=0)
+    ap.add_argument("--stop", type=int)
+    a = ap.parse_args(argv)
+    records = [json.loads(line) for line in a.results.read_text(encoding="utf-8").splitlines() if line.strip()]
+    print("| strategy | n | contains | F1 | EM | latency p50 | TTFT p50 | routed |")
+    print("|---|---|---|---|---|---|---|---|")
+    for s, v in subset(records, a.start, a.stop).items():
+        routed = ", ".join(f"{k} {n}" for k, n in v["routed"].items()) if s == "auto" else ""
+        print(f"| {s} | {v['n']} | {v['contains']:.1%} | {v['f1']:.1%} | {v['em']:.1%} | "
+              f"{v['latency_p50_s']:.2f} s | {v['ttft_p50_s']:.2f} s | {routed} |")
+
+
+if __name__ == "__main__":
+    main()
