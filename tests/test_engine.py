@@ -334,7 +334,8 @@ def test_onednn_and_mkl_products_agree_at_every_row_count(bias):
         x = torch.randn(n, 40)
         for p in (mkl, dnn, rows):
             torch.testing.assert_close(p(x), ref(x, w, b), atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(dnn(x[:, :40:1].t().contiguous().t()), ref(x, w, b), atol=1e-4, rtol=1e-4)
+        column_major = x.t().contiguous().t()  # same values, another layout
+        torch.testing.assert_close(dnn(column_major), ref(x, w, b), atol=1e-4, rtol=1e-4)
 
 
 def test_onednn_training_product_gives_the_plain_gradient():
