@@ -157,6 +157,11 @@ class Router:
             if f.confidence_gain < 0:
                 return Decision("rag+ckplug", f"context lowers confidence (gain {f.confidence_gain:.2f}): "
                                               "rag+ckplug", "probe", f, hits, est)
+        return self._narrowed(self._choose(f, hits, est, candidates, excluded, budget_ms), docs, candidates)
+
+    def _choose(self, f: Features, hits: list, est: Optional[dict], candidates: list[str], excluded: list[str],
+                budget_ms: Optional[float]) -> Decision:
+        """Rules 5 and 6 (and 3's budget when some strategies were excluded)."""
         clf = self.classifier  # one reference: a reload may swap it meanwhile
         if clf is not None:
             try:
@@ -167,20 +172,16 @@ class Router:
             floor = float(clf.info.get("min_confidence", 0.0))
             if choice is not None and choice[1] >= floor:
                 s, p = choice
-                return self._narrowed(Decision(s, f"classifier: {s} (p={p:.2f})", "classifier", f, hits, est),
-                                      docs, candidates)
+                return Decision(s, f"classifier: {s} (p={p:.2f})", "classifier", f, hits, est)
             if choice is not None:  # unsure: the calibrated threshold says the default is safer
                 best = candidates[0]
-                return self._narrowed(Decision(best, f"classifier unsure ({choice[0]} p={choice[1]:.2f} < "
-                                                     f"{floor:.2f}): {best}", "classifier_unsure", f, hits, est),
-                                      docs, candidates)
+                return Decision(best, f"classifier unsure ({choice[0]} p={choice[1]:.2f} < {floor:.2f}): {best}",
+                                "classifier_unsure", f, hits, est)
         best = candidates[0]
         if excluded:
-            return self._narrowed(Decision(best, f"latency budget {budget_ms:g} ms: {best} (est. {est[best]:.0f} "
-                                                 f"ms; {excluded[0]} est. {est[excluded[0]]:.0f} ms)", "budget",
-                                           f, hits, est), docs, candidates)
-        return self._narrowed(Decision(best, f"good hit (top score {f.top_score:.2f}): {best}", "preference",
-                                       f, hits, est), docs, candidates)
+            return Decision(best, f"latency budget {budget_ms:g} ms: {best} (est. {est[best]:.0f} ms; "
+                                  f"{excluded[0]} est. {est[excluded[0]]:.0f} ms)", "budget", f, hits, est)
+        return Decision(best, f"good hit (top score {f.top_score:.2f}): {best}", "preference", f, hits, est)
 
     def _narrowed(self, d: Decision, docs: dict, candidates: list[str]) -> Decision:
         """Rule 7: a choice that reads the passages as they are (rag, kv) answers from the
