@@ -154,6 +154,12 @@ def out_of_fold(X: np.ndarray, y: list[str], classes: list[str], dim: int, folds
 TAUS = (0.0, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.01)
 
 
+def routed_choices(P: np.ndarray, classes: list[str], tau: float, default: str) -> list[str]:
+    """What the router picks per question from class probabilities P: the classifier's
+    most probable class where it is at least ``tau`` sure, else ``default``."""
+    return [classes[int(np.argmax(p))] if p.max() >= tau else default for p in P]
+
+
 def calibrate(P: np.ndarray, classes: list[str], outcomes: list[dict], latency: dict, default: str
               ) -> tuple[float, list[dict], dict]:
     """The smallest confidence threshold at which following the classifier (and the
@@ -164,7 +170,7 @@ def calibrate(P: np.ndarray, classes: list[str], outcomes: list[dict], latency: 
     best_fixed = max(fixed.values())
     table = []
     for tau in TAUS:
-        routed = [classes[int(np.argmax(p))] if p.max() >= tau else default for p in P]
+        routed = routed_choices(P, classes, tau, default)
         acc = float(np.mean([o.get(r, o.get(default, False)) for r, o in zip(routed, outcomes)]))
         lat = float(np.mean([latency.get(r, latency.get(default, 0.0)) for r in routed]))
         table.append({"min_confidence": tau, "accuracy": round(acc, 4), "mean_latency_s": round(lat, 3),
@@ -252,7 +258,7 @@ def main(argv=None) -> int:
             cv = float(np.mean([classes[int(np.argmax(p))] == t for p, t in zip(P, labels)]))
             tau, table, fixed = calibrate(P, classes, [loaded["items"][k]["outcomes"] for k in keys],
                                           loaded["latency"], default)
-            choices = [classes[int(np.argmax(p))] if p.max() >= tau else default for p in P]
+            choices = routed_choices(P, classes, tau, default)
         one_gap, one_table = None, []
         if a.one_runs:
             one = load_runs(a.one_runs, a.train_fraction)
