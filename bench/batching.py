@@ -46,6 +46,20 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
+KNOWMUX = Path(sys.executable).with_name("knowmux")
+
+
+def ingest_sample(data_dir: str, env: dict) -> None:
+    """The bundled NQ sample into ``data_dir`` (the corpus the load's rag questions search)."""
+    subprocess.run([KNOWMUX, "ingest", "bench/data/nq_open_sample/corpus.jsonl", "--data-dir", data_dir],
+                   check=True, env=env)
+
+
+def start_knowmux(data_dir: str, port: int, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([KNOWMUX, "serve", "--data-dir", data_dir, "--port", str(port), "--log-level",
+                             "warning"], env=env)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vllm-python")
@@ -60,14 +74,11 @@ def main() -> None:
     model = str(resolve_model(None))
     levels = [int(x) for x in a.concurrency.split(",")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    knowmux = Path(sys.executable).with_name("knowmux")
-    subprocess.run([knowmux, "ingest", "bench/data/nq_open_sample/corpus.jsonl", "--data-dir", a.data_dir],
-                   check=True, env=env)
+    ingest_sample(a.data_dir, env)
     results = {}
     port = 8123
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([knowmux, "serve", "--data-dir", a.data_dir, "--port", str(port), "--log-level",
-                             "warning"], env=env)
+    proc = start_knowmux(a.data_dir, port, env)
     try:
         wait_ready(url, proc)
         for strategy in ("direct", "rag"):

@@ -15,13 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from bench import load
-from bench.batching import stop, wait_ready
+from bench.batching import ingest_sample, start_knowmux, stop, wait_ready
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -48,16 +46,13 @@ def main() -> None:
     a = ap.parse_args()
     variants = [parse_variant(v) for v in a.variant]
     levels = [int(x) for x in a.concurrency.split(",")]
-    knowmux = Path(sys.executable).with_name("knowmux")
     base = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if not (Path(a.data_dir) / "documents.sqlite3").exists():
-        subprocess.run([knowmux, "ingest", "bench/data/nq_open_sample/corpus.jsonl", "--data-dir", a.data_dir],
-                       check=True, env=base)
+        ingest_sample(a.data_dir, base)
     url = f"http://127.0.0.1:{a.port}"
     runs = []
     for name, extra in variants:
-        proc = subprocess.Popen([knowmux, "serve", "--data-dir", a.data_dir, "--port", str(a.port),
-                                 "--log-level", "warning"], env={**base, **extra})
+        proc = start_knowmux(a.data_dir, a.port, {**base, **extra})
         try:
             wait_ready(url, proc)
             rows = load.main_levels(url, "knowmux", levels, a.requests, a.strategy, a.max_tokens, None)
