@@ -4,8 +4,9 @@ was not trained on), from the run's per-question records.
     python -m bench.subset runs/nq-200/results.jsonl --start 56 --stop 200
 
 Questions are counted in the run's order, from 0, per strategy. Prints n, answer
-containment, token F1, exact match, median latency and time to first token, and for
-``auto`` where the router sent the questions.
+containment, token F1, exact match (failures score zero, as in the run's report), median
+latency and time to first token of the answered ones, and for ``auto`` where the router
+sent the questions.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from bench.metrics import percentile
+
 
 def subset(records: list[dict], start: int, stop: int) -> dict:
     by = defaultdict(list)
@@ -23,14 +26,16 @@ def subset(records: list[dict], start: int, stop: int) -> dict:
         by[r["strategy"]].append(r)
     out = {}
     for s, rs in by.items():
-        rs = [r for r in rs[start:stop] if r.get("error") is None]
+        rs = rs[start:stop]
         if not rs:
             continue
-        out[s] = {"n": len(rs),
+        ok = [r for r in rs if r.get("error") is None]
+        # as the bench's own report: failures score zero, times are of the answered ones
+        out[s] = {"n": len(rs), "failures": len(rs) - len(ok),
                   **{m: statistics.mean(float(r.get(m) or 0.0) for r in rs) for m in ("contains", "f1", "em")},
-                  "latency_p50_s": statistics.median(r["latency_s"] for r in rs),
-                  "ttft_p50_s": statistics.median(r["ttft_s"] for r in rs),
-                  "routed": dict(Counter(r["routed"] for r in rs if r.get("routed")))}
+                  "latency_p50_s": percentile([r["latency_s"] for r in ok], 50),
+                  "ttft_p50_s": percentile([r["ttft_s"] for r in ok], 50),
+                  "routed": dict(Counter(r["routed"] for r in ok if r.get("routed")))}
     return out
 
 
@@ -41,11 +46,11 @@ def main(argv=None) -> None:
     ap.add_argument("--stop", type=int)
     a = ap.parse_args(argv)
     records = [json.loads(line) for line in a.results.read_text(encoding="utf-8").splitlines() if line.strip()]
-    print("| strategy | n | contains | F1 | EM | latency p50 | TTFT p50 | routed |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| strategy | n | failures | contains | F1 | EM | latency p50 | TTFT p50 | routed |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for s, v in subset(records, a.start, a.stop).items():
         routed = ", ".join(f"{k} {n}" for k, n in v["routed"].items()) if s == "auto" else ""
-        print(f"| {s} | {v['n']} | {v['contains']:.1%} | {v['f1']:.1%} | {v['em']:.1%} | "
+        print(f"| {s} | {v['n']} | {v['failures']} | {v['contains']:.1%} | {v['f1']:.1%} | {v['em']:.1%} | "
               f"{v['latency_p50_s']:.2f} s | {v['ttft_p50_s']:.2f} s | {routed} |")
 
 

@@ -196,3 +196,8 @@ def test_subset_scores_a_range_of_questions_per_strategy():
     out = subset(recs, 2, 6)
     assert out["rag"]["n"] == 4 and out["rag"]["contains"] == 0.5 and out["rag"]["latency_p50_s"] == 4.5
     assert out["auto"]["contains"] == 1.0 and out["auto"]["routed"] == {"kv": 4}
+    # a failure scores zero, as in the run's own report, and has no latency
+    recs[2].update(contains=0.0, error="boom", latency_s=99.0)
+    out = subset(recs, 2, 6)
+    assert out["rag"]["n"] == 4 and out["rag"]["failures"] == 1 and out["rag"]["contains"] == 0.25
+    assert out["rag"]["latency_p50_s"] == 5.0
