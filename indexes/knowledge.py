@@ -77,8 +77,8 @@ class KnowledgeBase:
             with self._lock:
                 self._refresh()
                 changes = self.store.upsert(todo, embs)
-                self._index.remove([old for _, old, _ in changes if old is not None])
-                self._index.add([new for new, _, _ in changes], embs)
+                self._compute(lambda: (self._index.remove([old for _, old, _ in changes if old is not None]),
+                                       self._index.add([new for new, _, _ in changes], embs)))
                 self._gen = self.store.generation
                 self._index.save(self._index_path, self._gen)
         return [(d.id, status[d.id]) for d in latest.values()]
@@ -89,7 +89,7 @@ class KnowledgeBase:
             vec_id = self.store.delete(doc_id)
             if vec_id is None:
                 return False
-            self._index.remove([vec_id])
+            self._compute(lambda: self._index.remove([vec_id]))
             self._gen = self.store.generation
             self._index.save(self._index_path, self._gen)
             return True
@@ -105,9 +105,15 @@ class KnowledgeBase:
     def search_vector(self, emb, k: int) -> list[Hit]:
         with self._lock:
             self._refresh()
-            found = self._index.search(emb, k)
+            found = self._compute(lambda: self._index.search(emb, k))
         names = self.store.ids_for_vec([v for v, _ in found])
         return [Hit(names[v], s) for v, s in found if v in names]
+
+    def _compute(self, fn):
+        """FAISS parallelises with the OpenMP runtime torch loaded: its searches run where
+        the embedder's model runs (a serving process's compute thread; server.engine.compute)."""
+        run = getattr(self.embedder, "run", None)
+        return run(fn) if run is not None else fn()
 
     def get_many(self, ids: list[str]) -> dict[str, Document]:
         return self.store.get_many(ids)

@@ -52,7 +52,9 @@ class Runtime:
         if embedder is None:
             from indexes.embedder import Embedder
 
-            embedder = Embedder()
+            # the embedder's torch work (and FAISS's) runs on the engine's thread: one OpenMP team
+            run = getattr(engine, "run_compute", None)
+            embedder = run(lambda: Embedder(run=run)) if run is not None else Embedder()
         keys = Keys.from_settings(settings)
         check_exposure(settings, keys)
         kb = KnowledgeBase(settings.data_dir, embedder)

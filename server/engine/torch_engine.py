@@ -5,15 +5,17 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 
+from .compute import ComputeThread
 from .model import LlamaRunner
 from .types import GenRequest
 from .worker import EngineWorker, Handle, Sink, WorkerLimits
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class TorchEngine:
@@ -21,7 +23,9 @@ class TorchEngine:
     supports_logits_hook = True  # per-request logits hooks (CK-PLUG, the router's probe)
 
     def __init__(self, hf_model, tokenizer, model_id: str, limits: WorkerLimits = WorkerLimits(),
-                 on_step: Optional[Callable[[int, int, float], None]] = None):
+                 on_step: Optional[Callable[[int, int, float], None]] = None,
+                 compute: Optional[ComputeThread] = None):
+        self.compute = compute  # the thread that built the model and will step it (None: the worker's own)
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.hf_model = hf_model.eval()
@@ -42,20 +46,38 @@ class TorchEngine:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        torch.set_num_threads(threads or os.cpu_count() or 1)
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        return cls(model, tok, model_id=Path(path).name, limits=limits, on_step=on_step)
+        def build() -> "TorchEngine":
+            torch.set_num_threads(threads or os.cpu_count() or 1)
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            return cls(model, tok, model_id=Path(path).name, limits=limits, on_step=on_step, compute=compute)
+
+        compute = ComputeThread()  # loads, tunes and later steps the model: one OpenMP team
+        try:
+            return compute.run(build)
+        except BaseException:
+            compute.close()
+            raise
+
+    def run_compute(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on the engine's thread (see server.engine.compute), for torch work outside
+        the engine's steps: between two steps once the engine runs (at once when called
+        from the engine thread), before that on the compute thread, if there is one."""
+        if self.worker.started:
+            return fn() if self.worker.on_engine_thread() else self.worker.call(fn).result()
+        return self.compute.run(fn) if self.compute is not None else fn()
 
     def observe_steps(self, callback: Callable[[int, int, float], None]) -> None:
         """callback(tokens, rows, seconds) after every forward step (for metrics)."""
         self.worker.on_step = callback
 
     def start(self) -> None:
-        self.worker.start()
+        self.worker.start(on=self.compute)
 
     def shutdown(self) -> None:
         self.worker.shutdown()
+        if self.compute is not None:
+            self.compute.close()
 
     def submit(self, req: GenRequest, sink: Sink) -> Handle:
         return self.worker.submit(req, sink)

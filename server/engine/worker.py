@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -21,6 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import EngineUnavailable, InvalidRequest, QueueFull
+from .compute import ComputeThread
 from .detok import IncrementalDetokenizer
 from .kvcache import RowCache
 from .model import LlamaRunner, Segment
@@ -91,28 +93,46 @@ class LoopThread:
     Subclasses provide ``_loop`` and set ``_cv`` (a Condition), ``_stop`` and ``_thread``."""
 
     thread_name = "knowmux-engine"
+    _loop_job: Optional[Future] = None
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
-        self._thread.start()
+    def start(self, on: Optional[ComputeThread] = None) -> None:
+        """Run the loop on a thread of its own, or as a job of ``on`` (the thread that
+        loaded the model: see server.engine.compute)."""
+        if on is None:
+            self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+            self._thread.start()
+        else:
+            self._thread = on.thread
+            self._loop_job = on.submit(self._loop)
 
     def shutdown(self) -> None:
         with self._cv:
             self._stop = True
             self._cv.notify_all()
-        if self._thread is not None:
+        if self._loop_job is not None:
+            futures.wait([self._loop_job], timeout=30)
+        elif self._thread is not None:
             self._thread.join(timeout=30)
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    def on_engine_thread(self) -> bool:
+        return self._thread is not None and threading.current_thread() is self._thread
 
     @property
     def alive(self) -> bool:
         """False once the engine thread has stopped or died (never started counts as alive:
         tests step a worker by hand)."""
-        if self._stop:
+        if self._stop or (self._loop_job is not None and self._loop_job.done()):
             return False
         return self._thread is None or self._thread.is_alive()
 
 
 class EngineWorker(LoopThread):
+    CALLS_PER_STEP_S = 0.02  # live calls run back to back between two steps for up to this long
+
     def __init__(self, runner: LlamaRunner, tokenizer, eos_ids: set[int], limits: WorkerLimits,
                  on_step: Optional[Callable[[int, int, float], None]] = None):
         self.runner, self.tokenizer, self.eos_ids, self.limits = runner, tokenizer, eos_ids, limits
@@ -161,9 +181,10 @@ class EngineWorker(LoopThread):
         return Handle(self, seq)
 
     def call(self, fn: Callable[[], object], background: bool = False) -> Future:
-        """Run ``fn()`` on the engine thread at the next step boundary (one call per step,
-        so live requests keep decoding between calls); its result or exception lands in
-        the returned Future. On a worker that was never started, runs it at once.
+        """Run ``fn()`` on the engine thread at the next step boundary (calls queued together
+        run back to back for up to ``CALLS_PER_STEP_S``, then the batch gets a step, so live
+        requests keep decoding between long calls); its result or exception lands in the
+        returned Future. On a worker that was never started, runs it at once.
 
         ``background`` calls (adapter training steps, long and many) yield to serving: they
         run at once when nothing is decoding, otherwise at most one per
@@ -237,10 +258,18 @@ class EngineWorker(LoopThread):
                 background = False
                 if call is None and self._background and (not self.busy or self._background_due()):
                     call, background = self._background.popleft(), True
-            if call is not None:
+            t0 = time.perf_counter()
+            while call is not None:
                 self._run_call(*call)
                 if background:  # the interval counts from the end of a background call
                     self._last_background = time.perf_counter()
+                    break
+                # short live calls (query embeddings, a few ms each) run together between two
+                # steps; after a long one (a passage's KV prefill) the batch gets its step
+                if time.perf_counter() - t0 >= self.CALLS_PER_STEP_S:
+                    break
+                with self._cv:
+                    call = self._calls.popleft() if self._calls else None
             self.step()
 
     def step(self) -> bool:

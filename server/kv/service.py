@@ -8,7 +8,7 @@ sequence (TurboRAG's reordered positions). Only the tail (the question) is prefi
 What the joined cache lacks against a full prefill is attention between passages;
 the first passage after the head is exact.
 
-All model computation runs on the engine thread (``worker.call``), between steps.
+All model computation runs on the engine thread (``engine.run_compute``), between steps.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class KVService:
         return cache.export(start, start + len(ids))
 
     def _on_engine(self, fn):
-        return self.engine.worker.call(fn).result()
+        return self.engine.run_compute(fn)
 
     # ---- public -------------------------------------------------------------------
     def head(self) -> tuple[list[int], KVPrefix]:
@@ -104,11 +104,15 @@ class KVService:
         """Head + passages in order, each passage's keys moved to its place: one prefix
         [L, 2, Hkv, len(head) + sum(n_i), D] starting at position 0."""
         _, head_kv = self.head()
-        parts, pos = [head_kv.kv], head_kv.length
-        for e in entries:
-            parts.append(self.runner.rotate_keys(e.kv, pos - e.start_pos))
-            pos += e.n_tokens
-        return KVPrefix(torch.cat(parts, dim=3), 0)
+
+        def join() -> KVPrefix:  # megabytes of rotation and copying: torch work, on the engine's thread
+            parts, pos = [head_kv.kv], head_kv.length
+            for e in entries:
+                parts.append(self.runner.rotate_keys(e.kv, pos - e.start_pos))
+                pos += e.n_tokens
+            return KVPrefix(torch.cat(parts, dim=3), 0)
+
+        return self._on_engine(join)
 
     def doc_key(self, doc) -> str:
         memo = (doc.id, doc.content_hash)
