@@ -278,9 +278,10 @@ class LlamaRunner:
         CacheBlend recompute, LoRA training) read the fused layout."""
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         T = qkv.shape[0]
-        q = apply_rope(qkv[:, :H * D].view(T, H, D), cos, sin)
-        k = apply_rope(qkv[:, H * D:(H + Hkv) * D].view(T, Hkv, D), cos, sin)
-        return q, k, qkv[:, (H + Hkv) * D:].view(T, Hkv, D)
+        # q and k lie side by side in the fused layout: one rotation for both (half the
+        # elementwise calls; a batch-8 decode step 28.6-30.6 -> 27.9-28.2 ms, A/B in one process)
+        qk = apply_rope(qkv[:, :(H + Hkv) * D].view(T, H + Hkv, D), cos, sin)
+        return qk[:, :H], qk[:, H:], qkv[:, (H + Hkv) * D:].view(T, Hkv, D)
 
     def rotate_keys(self, kv: torch.Tensor, delta: int) -> torch.Tensor:
         """Move a KV span by ``delta`` positions: kv [L, 2, Hkv, n, D] with keys rotated for
