@@ -476,8 +476,8 @@ class _PooledDecode:
 
     For pool slots lo..hi (every slot in the range, running or not) the keys and values
     of layer ``li`` are one strided view ``[hi-lo+1, Hkv, Lmax, D]``; each member's query
-    goes in its slot's line of a padded ``[hi-lo+1, H, 1, D]`` query, and a boolean mask
-    lets it see exactly its own ``length + 1`` keys. Lines of slots that are not members
+    goes in its slot's line of a padded ``[hi-lo+1, H, 1, D]`` query, and a mask lets it
+    see exactly its own ``length + 1`` keys. Lines of slots that are not members
     see key 0 only (their output is discarded; an all-false mask line would give NaN).
     The keys and values of the new tokens are written with one indexed store per layer.
     """
@@ -498,8 +498,14 @@ class _PooledDecode:
         n = hi - self.lo + 1
         seen = torch.ones(n, dtype=torch.long)  # key count per line
         seen[self.rel] = torch.tensor(lengths)
-        self.mask = (torch.arange(self.width)[None, :] < seen[:, None])[:, None, None, :]
-        self.q = torch.zeros(n, heads, 1, head_dim, dtype=dtype)
+        hidden = (torch.arange(self.width)[None, :] >= seen[:, None])[:, None, None, :]
+        # additive, made once per step: SDPA would convert a boolean mask at every layer
+        self.mask = torch.zeros(hidden.shape, dtype=dtype).masked_fill_(hidden, float("-inf"))
+        # the usual decode step: members are the step's first tokens and fill slots lo.. in
+        # the same order, so their lines need no gathering (about 0.7 ms of a 28 ms batch-8 step)
+        self.in_order = len(members) == n and torch.equal(self.tok, torch.arange(n)) and \
+            torch.equal(self.rel, torch.arange(n))
+        self.q = None if self.in_order else torch.zeros(n, heads, 1, head_dim, dtype=dtype)
 
     def __contains__(self, seg: Segment) -> bool:
         return id(seg) in self.members
@@ -515,10 +521,20 @@ class _PooledDecode:
     def attend(self, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                gqa: bool) -> None:
         keys, values = self.pool.kv[li, 0], self.pool.kv[li, 1]  # [slots, Hkv, row_tokens, D]
-        keys[self.slots, :, self.pos] = k[self.tok]
-        values[self.slots, :, self.pos] = v[self.tok]
-        self.q[self.rel, :, 0] = q[self.tok]
-        span = slice(self.lo, self.lo + self.q.shape[0])
-        o = F.scaled_dot_product_attention(self.q, keys[span, :, :self.width], values[span, :, :self.width],
+        n = self.mask.shape[0]
+        if self.in_order:
+            keys[self.slots, :, self.pos] = k[:n]
+            values[self.slots, :, self.pos] = v[:n]
+            lines = q[:n, :, None]
+        else:
+            keys[self.slots, :, self.pos] = k[self.tok]
+            values[self.slots, :, self.pos] = v[self.tok]
+            self.q[self.rel, :, 0] = q[self.tok]
+            lines = self.q
+        span = slice(self.lo, self.lo + n)
+        o = F.scaled_dot_product_attention(lines, keys[span, :, :self.width], values[span, :, :self.width],
                                            attn_mask=self.mask, enable_gqa=gqa)
-        out[self.tok] = o[self.rel, :, 0]
+        if self.in_order:
+            out[:n] = o[:, :, 0]
+        else:
+            out[self.tok] = o[self.rel, :, 0]
