@@ -8,6 +8,7 @@ came from the model.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -77,8 +78,14 @@ def cloze_pairs(passage: str, n: int) -> list[dict]:
 
 
 def augment(passage: str, generate: Generate, max_new_tokens: int = 256) -> Augmentation:
-    rewrite = generate(REWRITE_PROMPT.format(passage=passage), max_new_tokens).strip() or passage
-    qa = [{**p, "source": "model"} for p in parse_qa(generate(QA_PROMPT.format(passage=passage), max_new_tokens))][:3]
+    """The model's rewrite and QA pairs of the passage (cloze pairs where fewer than three
+    QA pairs parse). The two are requested at once, so that a batching engine decodes them
+    in one batch (with the other documents of a build group)."""
+    with cf.ThreadPoolExecutor(2, thread_name_prefix="knowmux-augment-gen") as ex:
+        rewrite_f = ex.submit(generate, REWRITE_PROMPT.format(passage=passage), max_new_tokens)
+        qa_f = ex.submit(generate, QA_PROMPT.format(passage=passage), max_new_tokens)
+        rewrite, qa_text = rewrite_f.result().strip() or passage, qa_f.result()
+    qa = [{**p, "source": "model"} for p in parse_qa(qa_text)][:3]
     if len(qa) < 3:
         qa += cloze_pairs(passage, 3 - len(qa))
     return Augmentation(passage, rewrite, qa)

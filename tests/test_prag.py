@@ -174,6 +174,23 @@ def test_recipe_sequences_and_augmentation_parsing():
     assert len(cloze_pairs("Four words only here.", 3)) == 2  # only two distinct cut points
 
 
+def test_augmentation_asks_for_the_rewrite_and_the_qa_pairs_at_once():
+    # both generations in flight together: a batching engine decodes them in one batch
+    import threading
+
+    from adapters.augment import augment
+
+    both = threading.Barrier(2, timeout=10)  # broken (an error) if the second never comes while the first waits
+
+    def generate(prompt: str, max_tokens: int) -> str:
+        both.wait()
+        return '[{"question": "Who?", "answer": "Zorbl"}]' if "question" in prompt.lower() else "A rewrite."
+
+    aug = augment("Zorbl is a purple cat. It lives on the moon base Tycho.", generate, 32)
+    assert aug.rewrite == "A rewrite." and aug.qa[0] == {"question": "Who?", "answer": "Zorbl", "source": "model"}
+    assert len(aug.qa) == 3  # filled with cloze pairs
+
+
 def test_bank_detects_missing_truncated_and_foreign_adapters(tmp_path):
     pm = random_peft_adapters(tiny_model(), ["default"])
     bank = AdapterBank(tmp_path)
