@@ -319,6 +319,8 @@ def test_per_row_lora_deltas_equal_merged_weights():
 
 def _forced(proj: _Proj, onednn: bool) -> _Proj:
     proj.use_onednn = (onednn,) * len(_Proj.BUCKETS)
+    if not onednn:
+        proj.pack()  # MKL as served: packed for a few rows
     return proj
 
 
@@ -353,7 +355,7 @@ def test_onednn_training_product_gives_the_plain_gradient():
     torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-4, rtol=1e-4)
 
 
-def test_kernel_tuning_drops_the_packed_copy_where_onednn_serves_every_decode_size(monkeypatch):
+def test_kernel_tuning_packs_weights_only_where_mkl_serves_a_decode_size(monkeypatch):
     import time as time_mod
     clock = [0.0]  # a fake clock: each oneDNN product "takes" 1, each MKL product 10
 
@@ -368,12 +370,13 @@ def test_kernel_tuning_drops_the_packed_copy_where_onednn_serves_every_decode_si
     monkeypatch.setattr(time_mod, "perf_counter", lambda: clock[0])
     monkeypatch.setenv("KNOWMUX_ONEDNN", "1")
     projs = [_Proj(torch.randn(64, 32)) for _ in range(2)]
+    assert all(p.packed is None for p in projs)  # packed only once tuning says MKL serves
     assert tune_kernels(projs) == {(64, 32): ["onednn"] * len(_Proj.BUCKETS)}
     assert all(p.use_onednn == (True,) * len(_Proj.BUCKETS) and p.packed is None for p in projs)
     monkeypatch.setattr(_Proj, "onednn_call", timed(100, _Proj.onednn_call))  # now 101 against 10
-    kept = [_Proj(torch.randn(64, 32))]
+    kept = [_Proj(torch.randn(64, 32)) for _ in range(2)]
     assert tune_kernels(kept) == {(64, 32): ["mkl"] * len(_Proj.BUCKETS)}
-    assert kept[0].packed is not None or not _Proj._mkl
+    assert all(p.packed is not None for p in kept) or not _Proj._mkl  # every projection of the shape
 
 
 def test_combining_adapter_sets_is_the_exact_sum_of_deltas():

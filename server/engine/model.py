@@ -79,8 +79,8 @@ class _Proj:
     ``t`` is the weight transposed, [in, out] contiguous: for one token, x @ t runs
     GEMV at about 1.6x the speed of F.linear (5.3 vs 9.2 ms for SmolLM2's lm_head).
     For a few tokens (decode batches) MKL's packed GEMM is faster again (lm_head at 8
-    tokens: 9.1 ms packed, 20.7 ms plain), so where MKL is present a packed copy serves
-    2 <= T <= PACKED_MAX_ROWS. For prefill-sized T the plain product wins (gate/up at
+    tokens: 9.1 ms packed, 20.7 ms plain), so where MKL serves those sizes a packed copy
+    (``pack``) serves 2 <= T <= PACKED_MAX_ROWS. For prefill-sized T the plain product wins (gate/up at
     512 tokens: 11.5 ms plain, 15.2 ms packed). Each pair measured side by side in one
     run on the 2-core dev machine. Which is fastest depends on the CPU: on an AMD EPYC,
     oneDNN beat MKL about 2x at every size, forward and backward, so ``tune_kernels``
@@ -100,7 +100,12 @@ class _Proj:
         self.t = w.detach().t().contiguous()
         self.w = w.detach() if keep_rows and w.is_contiguous() else self.t.t()
         self.bias = bias.detach() if bias is not None else None
-        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.t.t(), 16) if self._mkl else None
+        self.packed: Optional[torch.Tensor] = None  # MKL's packed copy: ``pack()``, where MKL serves
+
+    def pack(self) -> None:
+        """Build MKL's packed copy of the weights (for 2..PACKED_MAX_ROWS rows), where MKL exists."""
+        if self._mkl and self.packed is None:
+            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.t.t(), 16)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -165,13 +170,17 @@ def _bucket(n: int) -> int:
 def tune_kernels(projs: list[_Proj], repeats: int = 3) -> dict:
     """Time MKL (plain or packed, as ``_Proj`` picks) against oneDNN for each distinct
     weight shape at each row bucket, on the real weights, and let every projection of
-    that shape use oneDNN where it was clearly faster. A shape whose decode-sized buckets
-    all go to oneDNN drops MKL's packed copy of its weights. Off with KNOWMUX_ONEDNN=0 or
-    where torch has no oneDNN. Logs and returns {(out, in): [bucket -> "onednn" | "mkl"]}."""
+    that shape use oneDNN where it was clearly faster. MKL's packed copy of the weights
+    is built only for the shapes where MKL serves a decode-sized bucket (one probe copy
+    per shape while timing: never a packed copy of the whole model that is then dropped).
+    Off with KNOWMUX_ONEDNN=0 or where torch has no oneDNN (MKL everywhere, packed).
+    Logs and returns {(out, in): [bucket -> "onednn" | "mkl"]}."""
     import os
     import time
 
     if os.environ.get("KNOWMUX_ONEDNN", "1") == "0" or _ONEDNN_LINEAR is None:
+        for p in projs:
+            p.pack()
         return {}
     by_shape: dict = {}
     for p in projs:
@@ -180,6 +189,7 @@ def tune_kernels(projs: list[_Proj], repeats: int = 3) -> dict:
     with torch.inference_mode():
         for (shape, _), group in by_shape.items():
             probe = group[0]
+            probe.pack()  # MKL is timed as it would serve
             choice = []
             for rows in _Proj.BUCKETS:
                 x = torch.randn(rows, shape[1])
@@ -195,7 +205,9 @@ def tune_kernels(projs: list[_Proj], repeats: int = 3) -> dict:
             packed_used = any(not c for b, c in zip(_Proj.BUCKETS, choice) if 1 < b <= _Proj.PACKED_MAX_ROWS)
             for p in group:
                 p.use_onednn = tuple(choice)
-                if not packed_used:
+                if packed_used:
+                    p.pack()
+                else:
                     p.packed = None
     log.info("GEMM kernel per weight shape and row bucket %s: %s", _Proj.BUCKETS, out or "MKL only")
     return out
