@@ -140,66 +140,71 @@ def cmd_ingest(args) -> int:
     if unknown:
         print(f"knowmux ingest: unknown --build {', '.join(sorted(unknown))}; known: kv, adapters", file=sys.stderr)
         return 2
-    kb = KnowledgeBase(settings.data_dir, Embedder())
+    engine = None
+    if builds:  # loaded first: the embedder then runs on the engine's thread (server.engine.compute)
+        from .engine import engine_class
+        from .modelfiles import resolve_model
+
+        engine = engine_class(settings.engine).from_folder(resolve_model(settings.model), threads=settings.threads)
+        engine.start()
+    run = getattr(engine, "run_compute", None)
     try:
-        rep = ingest(kb, docs, batch_size=args.batch_size)
-        total = kb.count()
-        print(f"{args.file}: {rep.created} created, {rep.updated} updated, {rep.unchanged} unchanged; "
-              f"{total} documents in {settings.data_dir}")
-        if builds and build(settings, kb, [d.id for d in docs], builds):
-            return 1
+        kb = KnowledgeBase(settings.data_dir, run(lambda: Embedder(run=run)) if run is not None else Embedder())
+        try:
+            rep = ingest(kb, docs, batch_size=args.batch_size)
+            total = kb.count()
+            print(f"{args.file}: {rep.created} created, {rep.updated} updated, {rep.unchanged} unchanged; "
+                  f"{total} documents in {settings.data_dir}")
+            if builds and build(settings, engine, kb, [d.id for d in docs], builds):
+                return 1
+        finally:
+            kb.close()
     finally:
-        kb.close()
+        if engine is not None:
+            engine.shutdown()
     return 0
 
 
-def build(settings: Settings, kb, doc_ids: list[str], kinds: list[str]) -> int:
-    """Build each document's artefacts; what is stored already is skipped, so an
-    interrupted build (crash, Ctrl-C) loses at most the group in flight (one document for
-    KV caches, ``adapter_build_group`` for adapters). Returns how many failed."""
+def build(settings: Settings, engine, kb, doc_ids: list[str], kinds: list[str]) -> int:
+    """Build each document's artefacts with a started engine; what is stored already is
+    skipped, so an interrupted build (crash, Ctrl-C) loses at most the group in flight (one
+    document for KV caches, ``adapter_build_group`` for adapters). Returns how many failed."""
     import time
     from collections import Counter
 
     from tqdm import tqdm
 
-    from .engine import engine_class
     from .jobs import build_ids, outcome
-    from .modelfiles import resolve_model
     from .pipeline import Pipeline
 
-    engine = engine_class(settings.engine).from_folder(resolve_model(settings.model), threads=settings.threads)
-    engine.start()
     n_failed = 0
-    try:
-        pipeline = Pipeline(engine, kb, settings, data_dir=settings.data_dir)
-        for kind in kinds:
-            service = pipeline.builder(kind)
-            if service is None:
-                raise ValueError(f"the {engine.name} engine cannot build {kind}; use --engine torch")
-            counts: Counter = Counter()
-            failed: list[str] = []
-            t0 = time.perf_counter()
-            todo = list(dict.fromkeys(doc_ids))
-            group = getattr(service, "build_group", 1)
-            with tqdm(total=len(todo), desc=kind, unit="doc") as bar:
-                for g in range(0, len(todo), group):
-                    ids = todo[g:g + group]
-                    for doc_id, result in zip(ids, build_ids(service, kb, ids)):
-                        what = outcome(result)
-                        counts[what] += 1
-                        if what == "failed":
-                            failed.append(f"{doc_id}: {type(result).__name__}: {result}")
-                    bar.update(len(ids))
-            built, skipped = counts["built"], counts["skipped"]
-            dt = time.perf_counter() - t0
-            print(f"{kind}: {built} built, {skipped} already stored" +
-                  (f", {len(failed)} failed" if failed else "") +
-                  (f"; {dt / built:.2f} s per built document" if built else ""))
-            for line in failed:
-                print(f"  failed {line}", file=sys.stderr)
-            n_failed += len(failed)
-    finally:
-        engine.shutdown()
+    pipeline = Pipeline(engine, kb, settings, data_dir=settings.data_dir)
+    for kind in kinds:
+        service = pipeline.builder(kind)
+        if service is None:
+            raise ValueError(f"the {engine.name} engine cannot build {kind}; use --engine torch")
+        counts: Counter = Counter()
+        failed: list[str] = []
+        t0 = time.perf_counter()
+        todo = list(dict.fromkeys(doc_ids))
+        group = getattr(service, "build_group", 1)
+        with tqdm(total=len(todo), desc=kind, unit="doc") as bar:
+            for g in range(0, len(todo), group):
+                ids = todo[g:g + group]
+                for doc_id, result in zip(ids, build_ids(service, kb, ids)):
+                    what = outcome(result)
+                    counts[what] += 1
+                    if what == "failed":
+                        failed.append(f"{doc_id}: {type(result).__name__}: {result}")
+                bar.update(len(ids))
+        built, skipped = counts["built"], counts["skipped"]
+        dt = time.perf_counter() - t0
+        print(f"{kind}: {built} built, {skipped} already stored" +
+              (f", {len(failed)} failed" if failed else "") +
+              (f"; {dt / built:.2f} s per built document" if built else ""))
+        for line in failed:
+            print(f"  failed {line}", file=sys.stderr)
+        n_failed += len(failed)
     return n_failed
 
 

@@ -99,3 +99,22 @@ def test_ingest_cli_reads_the_generic_format_and_reports(tmp_path, capsys):
     assert main(["ingest", str(bad), "--data-dir", str(tmp_path / "d")]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err
     assert main(["ingest", str(corpus), "--data-dir", str(tmp_path / "d"), "--build", "nonsense"]) == 2
+
+
+def test_ingest_cli_builds_kv_caches_with_the_engine_it_loads(tmp_path, capsys):
+    # --build loads the engine first (the embedder then runs on its thread) and builds
+    # every document's artefact; a second run finds them stored
+    from server.cli import main
+    from tests.tiny import tiny_model, tiny_tokenizer
+
+    model = tmp_path / "tiny"
+    tiny_model().save_pretrained(model)
+    tiny_tokenizer().save_pretrained(model)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(json.dumps({"id": d.id, "title": d.title, "text": d.text}) for d in DOCS) + "\n")
+    args = ["ingest", str(corpus), "--data-dir", str(tmp_path / "d"), "--model", str(model), "--build", "kv"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "3 created" in out and "kv: 3 built, 0 already stored" in out
+    assert main(args) == 0
+    assert "kv: 0 built, 3 already stored" in capsys.readouterr().out
