@@ -26,8 +26,11 @@ from bench.speed_common import measure, make_prompts
 def knowmux_rates(model_dir, prompts) -> dict:
     from server.engine.torch_engine import TorchEngine
     from server.engine.types import GenRequest, RowSpec, SamplingParams
+    from server.engine.worker import WorkerLimits
 
-    eng = TorchEngine.from_folder(model_dir)
+    # No prefix cache, as for vLLM: the benchmark repeats the same prompt (best of 3), and
+    # a cache hit would skip the prefill being measured
+    eng = TorchEngine.from_folder(model_dir, limits=WorkerLimits(prefix_cache_tokens=0))
     eng.start()
 
     def run_batch(batch, n):
