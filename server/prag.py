@@ -96,11 +96,16 @@ class PragService(StoredAdapters):
 
     def trainer(self) -> LoraTrainer:
         if self._trainer is None:
-            model = copy.deepcopy(self.engine.hf_model)
-            for p in model.parameters():  # the served copy holds views of the engine's fused weights
-                p.data = p.data.contiguous()
-            self._trainer = LoraTrainer(model, self.engine.tokenizer, self.recipe, self.fingerprint,
-                                        run=lambda fn: self.engine.worker.call(fn, background=True).result())
+            def make() -> LoraTrainer:
+                model = copy.deepcopy(self.engine.hf_model)
+                for p in model.parameters():  # the served copy holds views of the engine's fused weights
+                    p.data = p.data.contiguous()
+                return LoraTrainer(model, self.engine.tokenizer, self.recipe, self.fingerprint,
+                                   run=lambda fn: self.engine.worker.call(fn, background=True).result())
+
+            # copying the model's weights is torch work: on the engine's thread, so that the
+            # build's thread grows no OpenMP team of its own (server.engine.compute)
+            self._trainer = self.engine.run_compute(make)
         return self._trainer
 
     def _train_tokens(self) -> int:

@@ -226,10 +226,20 @@ DOCS = [{"id": "zorbl", "title": "Zorbl", "text": "Zorbl is a purple cat who liv
 ASK = [{"role": "user", "content": "Where does Zorbl live?"}]
 
 
-def test_prag_through_the_api(make_server):
+def test_prag_through_the_api(make_server, monkeypatch):
+    import threading
     import time
 
+    import server.prag
 
+    made_on = []
+
+    class Trainer(server.prag.LoraTrainer):  # records where the trainer (a copy of the model) is made
+        def __init__(self, *a, **kw):
+            made_on.append(threading.current_thread().name)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(server.prag, "LoraTrainer", Trainer)
     srv = make_server(adapter_recipe="paper")
     r = httpx.post(srv.url + "/v1/documents", json={"documents": DOCS[:1], "build": ["adapters"]}).json()
     job = r["job"]
@@ -238,6 +248,7 @@ def test_prag_through_the_api(make_server):
         time.sleep(0.2)
         job = httpx.get(srv.url + f"/v1/jobs/{job['id']}").json()
     assert job["status"] == "done" and job["built"] == 1, job
+    assert made_on == ["knowmux-engine"]  # torch work on the engine's thread, not the job's
     info = httpx.get(srv.url + "/v1/adapters/zorbl").json()
     assert info["stored"] and "adapter_config.json" in info["files"] and len(info["augmentation"]["qa"]) == 3
     httpx.post(srv.url + "/v1/documents", json={"documents": DOCS[1:]})  # no adapter for this one
