@@ -126,8 +126,9 @@ def serve_app(app, host: str, port: int, log_level: str = "info") -> None:
 
 def cmd_ingest(args) -> int:
     from indexes import KnowledgeBase
-    from indexes.embedder import Embedder
     from indexes.ingest import DocumentError, ingest, read_corpus
+
+    from .runtime import embedder_for
 
     settings = _settings(args)
     try:
@@ -147,9 +148,8 @@ def cmd_ingest(args) -> int:
 
         engine = engine_class(settings.engine).from_folder(resolve_model(settings.model), threads=settings.threads)
         engine.start()
-    run = getattr(engine, "run_compute", None)
     try:
-        kb = KnowledgeBase(settings.data_dir, run(lambda: Embedder(run=run)) if run is not None else Embedder())
+        kb = KnowledgeBase(settings.data_dir, embedder_for(engine))
         try:
             rep = ingest(kb, docs, batch_size=args.batch_size)
             total = kb.count()

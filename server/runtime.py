@@ -26,6 +26,16 @@ def worker_limits(settings: Settings):
                         background_interval_s=settings.build_yield_s)
 
 
+def embedder_for(engine):
+    """The sentence embedder for a process serving ``engine`` (None: no engine). Where the
+    engine has a compute thread, the embedder is made and run there, and the knowledge
+    base's FAISS searches follow it: one OpenMP team (server.engine.compute)."""
+    from indexes.embedder import Embedder
+
+    run = getattr(engine, "run_compute", None)
+    return run(lambda: Embedder(run=run)) if run is not None else Embedder()
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -50,11 +60,7 @@ class Runtime:
             engine = engine_class(settings.engine).from_folder(path, limits=worker_limits(settings),
                                                               threads=settings.threads)
         if embedder is None:
-            from indexes.embedder import Embedder
-
-            # the embedder's torch work (and FAISS's) runs on the engine's thread: one OpenMP team
-            run = getattr(engine, "run_compute", None)
-            embedder = run(lambda: Embedder(run=run)) if run is not None else Embedder()
+            embedder = embedder_for(engine)
         keys = Keys.from_settings(settings)
         check_exposure(settings, keys)
         kb = KnowledgeBase(settings.data_dir, embedder)
