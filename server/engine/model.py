@@ -80,11 +80,11 @@ class _Proj:
     GEMV at about 1.6x the speed of F.linear (5.3 vs 9.2 ms for SmolLM2's lm_head).
     For a few tokens (decode batches) MKL's packed GEMM is faster again (lm_head at 8
     tokens: 9.1 ms packed, 20.7 ms plain), so where MKL serves those sizes a packed copy
-    (``pack``) serves 2 <= T <= PACKED_MAX_ROWS. For prefill-sized T the plain product wins (gate/up at
-    512 tokens: 11.5 ms plain, 15.2 ms packed). Each pair measured side by side in one
-    run on the 2-core dev machine. Which is fastest depends on the CPU: on an AMD EPYC,
-    oneDNN beat MKL about 2x at every size, forward and backward, so ``tune_kernels``
-    times them at start and sets ``use_onednn`` per row bucket.
+    (``pack``) serves 2 <= T <= PACKED_MAX_ROWS. For prefill-sized T the plain product
+    wins (gate/up at 512 tokens: 11.5 ms plain, 15.2 ms packed). Each pair measured side
+    by side in one run on the 2-core dev machine. Which is fastest depends on the CPU: on
+    an AMD EPYC, oneDNN beat MKL about 2x at every size, forward and backward, so
+    ``tune_kernels`` times them at start and sets ``use_onednn`` per row bucket.
 
     ``w`` is the [out, in] weight oneDNN reads: the caller's own tensor when it stays
     alive anyway (``keep_rows``, e.g. an lm_head tied to the embedding), otherwise a
