@@ -9,7 +9,7 @@ import torch
 from server.engine.aio import generate_blocking
 from server.engine.kvcache import KVPrefix
 from server.engine.lora import AdapterSet
-from server.engine.model import _ONEDNN_LINEAR, LlamaRunner, Segment, _Proj, tune_kernels
+from server.engine.model import _ONEDNN_LINEAR, _ONEDNN_REORDER, KERNELS, LlamaRunner, Segment, _Proj, tune_kernels
 from server.engine.types import GenRequest, RowSpec, SamplingParams
 from server.engine.worker import WorkerLimits
 from server.errors import InvalidRequest, QueueFull
@@ -317,66 +317,78 @@ def test_per_row_lora_deltas_equal_merged_weights():
     torch.testing.assert_close(out[1], plain, atol=1e-4, rtol=1e-4)
 
 
-def _forced(proj: _Proj, onednn: bool) -> _Proj:
-    proj.use_onednn = (onednn,) * len(_Proj.BUCKETS)
-    if not onednn:
-        proj.pack()  # MKL as served: packed for a few rows
+def _forced(proj: _Proj, kernel: str) -> _Proj:
+    proj.use((kernel,) * len(_Proj.BUCKETS))
     return proj
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_onednn_and_mkl_products_agree_at_every_row_count(bias):
+def test_every_gemm_kernel_computes_the_same_product_at_every_row_count(bias):
     # the kernel chosen at start-up must not change what a projection computes
-    assert _ONEDNN_LINEAR is not None, "the pinned torch has oneDNN's linear"
+    assert _ONEDNN_LINEAR is not None and _ONEDNN_REORDER is not None, "the pinned torch has oneDNN's linear"
     torch.manual_seed(3)
     w, b = torch.randn(96, 40), (torch.randn(96) if bias else None)
-    mkl, dnn, rows = _forced(_Proj(w, b), False), _forced(_Proj(w, b), True), _forced(_Proj(w.clone(), b, keep_rows=True), True)
+    projs = [_forced(_Proj(w, b), k) for k in KERNELS] + [_forced(_Proj(w.clone(), b, keep_rows=True), "onednn")]
+    assert projs[1].packed is not None or not _Proj._mkl  # MKL as served: packed for a few rows
+    assert projs[2].dnn_packed is not None and projs[0].packed is None and projs[0].dnn_packed is None
     ref = torch.nn.functional.linear
     for n in (1, 3, 8, 40, 64, 65, 600):
         x = torch.randn(n, 40)
-        for p in (mkl, dnn, rows):
+        for p in projs:
             torch.testing.assert_close(p(x), ref(x, w, b), atol=1e-4, rtol=1e-4)
         column_major = x.t().contiguous().t()  # same values, another layout
-        torch.testing.assert_close(dnn(column_major), ref(x, w, b), atol=1e-4, rtol=1e-4)
+        for p in projs[0], projs[2]:
+            torch.testing.assert_close(p(column_major), ref(x, w, b), atol=1e-4, rtol=1e-4)
 
 
-def test_onednn_training_product_gives_the_plain_gradient():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_onednn_training_product_gives_the_plain_gradient(kernel):
     # LoRA training backpropagates to the input through frozen weights, on oneDNN where it is faster
     torch.manual_seed(4)
     w, b = torch.randn(80, 48), torch.randn(80)
     x = torch.randn(33, 48)
     grads = []
-    for onednn in (False, True):
+    for k in ("mkl", kernel):
         xi = x.clone().requires_grad_()
-        y = _forced(_Proj(w, b), onednn).train_call(xi)
+        y = _forced(_Proj(w, b), k).train_call(xi)
         (y * torch.linspace(-1, 1, 80)).square().sum().backward()
         grads.append((y.detach(), xi.grad))
     torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-4, rtol=1e-4)
 
 
-def test_kernel_tuning_packs_weights_only_where_mkl_serves_a_decode_size(monkeypatch):
+def test_kernel_tuning_keeps_packed_copies_only_where_a_chosen_kernel_reads_them(monkeypatch):
     import time as time_mod
-    clock = [0.0]  # a fake clock: each oneDNN product "takes" 1, each MKL product 10
+    clock = [0.0]
+    cost = {"onednn": 10, "mkl": 10, "onednn_packed": 10}  # a fake clock: each product "takes" its cost
 
-    def timed(cost, fn):
-        def call(self, x):
-            clock[0] += cost
-            return fn(self, x)
+    def timed(kernel_fn):
+        def call(self, kernel, x):
+            clock[0] += cost[kernel]
+            return kernel_fn(self, kernel, x)
         return call
 
-    monkeypatch.setattr(_Proj, "onednn_call", timed(1, _Proj.onednn_call))
-    monkeypatch.setattr(_Proj, "mkl_call", timed(10, _Proj.mkl_call))
+    monkeypatch.setattr(_Proj, "call_with", timed(_Proj.call_with))
     monkeypatch.setattr(time_mod, "perf_counter", lambda: clock[0])
     monkeypatch.setenv("KNOWMUX_ONEDNN", "1")
-    projs = [_Proj(torch.randn(64, 32)) for _ in range(2)]
-    assert all(p.packed is None for p in projs)  # packed only once tuning says MKL serves
-    assert tune_kernels(projs) == {(64, 32): ["onednn"] * len(_Proj.BUCKETS)}
-    assert all(p.use_onednn == (True,) * len(_Proj.BUCKETS) and p.packed is None for p in projs)
-    monkeypatch.setattr(_Proj, "onednn_call", timed(100, _Proj.onednn_call))  # now 101 against 10
-    kept = [_Proj(torch.randn(64, 32)) for _ in range(2)]
-    assert tune_kernels(kept) == {(64, 32): ["mkl"] * len(_Proj.BUCKETS)}
-    assert all(p.packed is not None for p in kept) or not _Proj._mkl  # every projection of the shape
+    every = len(_Proj.BUCKETS)
+
+    def tuned(**costs):
+        cost.update(costs)
+        projs = [_Proj(torch.randn(64, 32)) for _ in range(2)]
+        assert all(p.packed is None and p.dnn_packed is None for p in projs)  # packed only once chosen
+        return tune_kernels(projs), projs
+
+    # a tie (or a win under 10%) keeps plain oneDNN, which needs no copy of the weights
+    choice, projs = tuned(mkl=9.5, onednn_packed=9.5)
+    assert choice == {(64, 32): ["onednn"] * every}
+    assert all(p.kernels == ("onednn",) * every and p.packed is None and p.dnn_packed is None for p in projs)
+    choice, projs = tuned(onednn_packed=5)
+    assert choice == {(64, 32): ["onednn_packed"] * every}
+    assert all(p.dnn_packed is not None and p.packed is None for p in projs)  # every projection of the shape
+    choice, projs = tuned(mkl=1)
+    assert choice == {(64, 32): ["mkl"] * every}
+    assert all((p.packed is not None or not _Proj._mkl) and p.dnn_packed is None for p in projs)
 
 
 def test_combining_adapter_sets_is_the_exact_sum_of_deltas():

@@ -60,52 +60,87 @@ def _cat_bias(*linears) -> Optional[torch.Tensor]:
 
 def _find_onednn_linear():
     """oneDNN's linear on dense fp32 tensors (the op torch's compiler uses on CPU), or
-    None where this torch build has no oneDNN. It reads the weight where it lies: no
-    second copy in oneDNN's own layout."""
+    None where this torch build has no oneDNN. It reads a plain weight where it lies, or
+    a copy reordered into oneDNN's blocked layout (``_ONEDNN_REORDER``)."""
     if not torch.backends.mkldnn.is_available():
-        return None
+        return None, None
     try:
-        return torch.ops.mkldnn._linear_pointwise
+        linear = torch.ops.mkldnn._linear_pointwise
     except (AttributeError, RuntimeError):
-        return None
+        return None, None
+    try:
+        reorder = torch.ops.mkldnn._reorder_linear_weight
+    except (AttributeError, RuntimeError):
+        reorder = None
+    return linear, reorder
 
 
-_ONEDNN_LINEAR = _find_onednn_linear()
+_ONEDNN_LINEAR, _ONEDNN_REORDER = _find_onednn_linear()
+
+# The GEMM kernels a projection can run on, cheapest in memory first: "onednn" reads the
+# plain weight in place; "mkl" adds MKL's packed copy for a few rows; "onednn_packed"
+# adds a copy in oneDNN's blocked layout.
+KERNELS = ("onednn", "mkl", "onednn_packed")
 
 
 class _Proj:
-    """A projection's weight kept for fast CPU matmuls.
+    """A projection's weight kept for fast CPU matmuls, with a GEMM kernel per row count.
 
-    ``t`` is the weight transposed, [in, out] contiguous: for one token, x @ t runs
-    GEMV at about 1.6x the speed of F.linear (5.3 vs 9.2 ms for SmolLM2's lm_head).
-    For a few tokens (decode batches) MKL's packed GEMM is faster again (lm_head at 8
-    tokens: 9.1 ms packed, 20.7 ms plain), so where MKL serves those sizes a packed copy
-    (``pack``) serves 2 <= T <= PACKED_MAX_ROWS. For prefill-sized T the plain product
-    wins (gate/up at 512 tokens: 11.5 ms plain, 15.2 ms packed). Each pair measured side
-    by side in one run on the 2-core dev machine. Which is fastest depends on the CPU: on
-    an AMD EPYC, oneDNN beat MKL about 2x at every size, forward and backward, so
-    ``tune_kernels`` times them at start and sets ``use_onednn`` per row bucket.
+    ``t`` is the weight transposed, [in, out] contiguous; ``w`` the [out, in] weight
+    oneDNN reads: the caller's own tensor when it stays alive anyway (``keep_rows``, e.g.
+    an lm_head tied to the embedding), otherwise a view of ``t``. Which kernel is fastest
+    depends on the CPU and the row count, so ``tune_kernels`` times them at start on cold
+    weights and sets ``kernels``, one of ``KERNELS`` per row bucket of ``BUCKETS``:
 
-    ``w`` is the [out, in] weight oneDNN reads: the caller's own tensor when it stays
-    alive anyway (``keep_rows``, e.g. an lm_head tied to the embedding), otherwise a
-    view of ``t``. oneDNN reads either in place; row-major was faster for the 49k-row
-    lm_head at one token (1.8 vs 3.0 ms), equal elsewhere.
+    - "mkl": one token through x @ t (GEMV), a few tokens through MKL's packed GEMM
+      (``pack_mkl``, 2..PACKED_MAX_ROWS rows), prefill-sized products plain. On an Intel
+      dev machine this beat F.linear 1.6x for one token and packed beat plain 2x at 8.
+    - "onednn": oneDNN's linear reading ``w`` in place.
+    - "onednn_packed": oneDNN's linear on a copy in its blocked layout
+      (``pack_onednn``). On the 2-core AMD EPYC dev machine, SmolLM2's four projections
+      of a layer read cold: 363 us at 1 row, 505 at 8; plain oneDNN 473 and 596; MKL 688
+      and 1,271.
+    Without tuning (``kernels`` empty) the MKL paths serve.
     """
 
     PACKED_MAX_ROWS = 64
+    ONEDNN_PACK_ROWS = 8  # the row count oneDNN's blocked layout is chosen for; served well from 1 to 512
 
     _mkl = torch._C.has_mkl and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
 
-    def __init__(self, w: torch.Tensor, bias: Optional[torch.Tensor] = None, keep_rows: bool = False):
+    def __init__(self, w: torch.Tensor, bias: Optional[torch.Tensor] = None, keep_rows: bool = False,
+                 few_rows: bool = False):
+        self.few_rows = few_rows  # serves at most a batch's rows (the lm_head: one per row): tuned up to PACKED_MAX_ROWS
         self.t = w.detach().t().contiguous()
         self.w = w.detach() if keep_rows and w.is_contiguous() else self.t.t()
         self.bias = bias.detach() if bias is not None else None
-        self.packed: Optional[torch.Tensor] = None  # MKL's packed copy: ``pack()``, where MKL serves
+        self.packed: Optional[torch.Tensor] = None  # MKL's packed copy: ``pack_mkl()``
+        self.dnn_packed: Optional[torch.Tensor] = None  # oneDNN's blocked copy: ``pack_onednn()``
+        self.kernels: tuple = ()  # per bucket of BUCKETS, one of KERNELS
 
-    def pack(self) -> None:
+    def pack_mkl(self) -> None:
         """Build MKL's packed copy of the weights (for 2..PACKED_MAX_ROWS rows), where MKL exists."""
         if self._mkl and self.packed is None:
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.t.t(), 16)
+
+    def pack_onednn(self) -> None:
+        """Build oneDNN's blocked copy of the weights (needs ``_ONEDNN_REORDER``)."""
+        if self.dnn_packed is None:
+            self.dnn_packed = _ONEDNN_REORDER(self.w, self.ONEDNN_PACK_ROWS)
+
+    def use(self, kernels: tuple) -> None:
+        """Serve with ``kernels`` (one per bucket), building the packed copies they need
+        and dropping those they do not."""
+        self.kernels = tuple(kernels)
+        mkl_packs = any(k == "mkl" and 1 < b <= self.PACKED_MAX_ROWS for k, b in zip(kernels, self.BUCKETS))
+        if mkl_packs:
+            self.pack_mkl()
+        else:
+            self.packed = None
+        if "onednn_packed" in self.kernels:
+            self.pack_onednn()
+        else:
+            self.dnn_packed = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -114,17 +149,17 @@ class _Proj:
 
     # Row buckets for the kernel choice; rows 2..PACKED_MAX_ROWS are buckets 8 and 64
     BUCKETS = (1, 8, 64, 512)
-    use_onednn: tuple = ()  # per bucket of BUCKETS: True where oneDNN serves that many rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] -> [T, out]."""
-        if self.use_onednn and self.use_onednn[_bucket(x.shape[0])]:
-            return self.onednn_call(x)
-        return self.mkl_call(x)
+        return self.call_with(self.kernels[_bucket(x.shape[0])] if self.kernels else "mkl", x)
 
-    def onednn_call(self, x: torch.Tensor) -> torch.Tensor:
-        """The product through oneDNN (``_ONEDNN_LINEAR`` must exist)."""
-        return _ONEDNN_LINEAR(x.contiguous(), self.w, self.bias, "none", [], "")
+    def call_with(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
+        if kernel == "onednn_packed":
+            return _ONEDNN_LINEAR(x.contiguous(), self.dnn_packed, self.bias, "none", [], "")
+        if kernel == "onednn":
+            return _ONEDNN_LINEAR(x.contiguous(), self.w, self.bias, "none", [], "")
+        return self.mkl_call(x)
 
     def mkl_call(self, x: torch.Tensor) -> torch.Tensor:
         """The MKL paths: packed for a few rows, plain otherwise."""
@@ -139,20 +174,20 @@ class _Proj:
     def train_call(self, x: torch.Tensor) -> torch.Tensor:
         """The product with autograd to ``x`` (the weight is frozen): for LoRA training,
         through oneDNN where it serves prefill-sized products, else ``plain``."""
-        if self.use_onednn and self.use_onednn[-1]:
+        if self.kernels and self.kernels[-1] != "mkl":
             return _FrozenOneDNNLinear.apply(x, self)
         return self.plain(x)
 
 
 class _FrozenOneDNNLinear(torch.autograd.Function):
-    """y = x W^T + b through oneDNN, with the gradient to x only: dx = dy W, which is
-    oneDNN's linear of dy against t = W^T (so both directions read stored weights in
-    place)."""
+    """y = x W^T + b through oneDNN (plain or blocked weight, as the projection serves
+    prefill), with the gradient to x only: dx = dy W, which is oneDNN's linear of dy
+    against t = W^T (so both directions read stored weights in place)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, proj: _Proj) -> torch.Tensor:
         ctx.proj = proj
-        return proj.onednn_call(x)
+        return proj.call_with(proj.kernels[-1], x)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -168,47 +203,58 @@ def _bucket(n: int) -> int:
 
 
 def tune_kernels(projs: list[_Proj], repeats: int = 3) -> dict:
-    """Time MKL (plain or packed, as ``_Proj`` picks) against oneDNN for each distinct
-    weight shape at each row bucket, on the real weights, and let every projection of
-    that shape use oneDNN where it was clearly faster. MKL's packed copy of the weights
-    is built only for the shapes where MKL serves a decode-sized bucket (one probe copy
-    per shape while timing: never a packed copy of the whole model that is then dropped).
-    Off with KNOWMUX_ONEDNN=0 or where torch has no oneDNN (MKL everywhere, packed).
-    Logs and returns {(out, in): [bucket -> "onednn" | "mkl"]}."""
+    """Time the ``KERNELS`` against each other for each distinct weight shape at each
+    row bucket, on the real weights, and give every projection of that shape the fastest
+    (plain oneDNN unless another is more than 10% faster: the others cost a copy of the
+    weights). Serving reads every weight cold (a step streams the whole model through
+    the caches), so a kernel is timed over all the shape's weights back to back, as a
+    step calls them; timing one warm weight misled (for SmolLM2's 576x576 o_proj at one
+    row it chose MKL, slower cold: 0.046 vs 0.036 ms), and so did one weight after a
+    cache flush (every call 1.5-2x slower than in a step). Packed copies are built for
+    one shape at a time and kept only where a chosen kernel reads them. Off with
+    KNOWMUX_ONEDNN=0 or where torch has no oneDNN (MKL everywhere, packed). Logs and
+    returns {(out, in): [bucket -> kernel]}."""
     import os
     import time
 
     if os.environ.get("KNOWMUX_ONEDNN", "1") == "0" or _ONEDNN_LINEAR is None:
         for p in projs:
-            p.pack()
+            p.use(("mkl",) * len(_Proj.BUCKETS))
         return {}
+    kernels = [k for k in KERNELS if k != "onednn_packed" or _ONEDNN_REORDER is not None]
     by_shape: dict = {}
     for p in projs:
         by_shape.setdefault((tuple(p.t.shape[::-1]), p.w.is_contiguous()), []).append(p)
     out = {}
     with torch.inference_mode():
         for (shape, _), group in by_shape.items():
-            probe = group[0]
-            probe.pack()  # MKL is timed as it would serve
+            for p in group:  # each kernel timed as it would serve
+                p.pack_mkl()
+                if "onednn_packed" in kernels:
+                    p.pack_onednn()
             choice = []
             for rows in _Proj.BUCKETS:
+                if rows > _Proj.PACKED_MAX_ROWS and all(p.few_rows for p in group):
+                    choice.append(choice[-1])  # never served: not worth timing (0.3 s per kernel for an lm_head)
+                    continue
                 x = torch.randn(rows, shape[1])
-                times = {}
-                for name, fn in (("mkl", probe.mkl_call), ("onednn", probe.onednn_call)):
-                    fn(x)
-                    t0 = time.perf_counter()
-                    for _ in range(repeats):
-                        fn(x)
-                    times[name] = time.perf_counter() - t0
-                choice.append(times["onednn"] < 0.9 * times["mkl"])  # a clear win only
-            out[shape] = ["onednn" if c else "mkl" for c in choice]
-            packed_used = any(not c for b, c in zip(_Proj.BUCKETS, choice) if 1 < b <= _Proj.PACKED_MAX_ROWS)
+                # prefill-sized products are compute-bound: two weights tell as much as all
+                members = group if rows <= _Proj.PACKED_MAX_ROWS else group[:2]
+                times: dict = {}
+                for k in kernels:
+                    members[0].call_with(k, x)  # oneDNN makes its primitive for a new shape at the first call
+                    times[k] = float("inf")
+                for _ in range(repeats):
+                    for k in kernels:  # interleaved, so that a burst of noise hits every kernel
+                        t0 = time.perf_counter()
+                        for p in members:
+                            p.call_with(k, x)
+                        times[k] = min(times[k], time.perf_counter() - t0)  # noise only adds time
+                best = min(times, key=times.get)
+                choice.append(best if times[best] < 0.9 * times["onednn"] else "onednn")
+            out[shape] = choice
             for p in group:
-                p.use_onednn = tuple(choice)
-                if packed_used:
-                    p.pack()
-                else:
-                    p.packed = None
+                p.use(choice)
     log.info("GEMM kernel per weight shape and row bucket %s: %s", _Proj.BUCKETS, out or "MKL only")
     return out
 
@@ -249,7 +295,7 @@ class LlamaRunner:
         self.embed = m.embed_tokens.weight
         self.norm = m.norm.weight
         tied = hf_model.lm_head.weight.data_ptr() == self.embed.data_ptr()
-        self.lm_head = _Proj(hf_model.lm_head.weight, keep_rows=tied)  # tied: the embedding, held anyway
+        self.lm_head = _Proj(hf_model.lm_head.weight, keep_rows=tied, few_rows=True)  # tied: the embedding, held anyway
         self.rotary = m.rotary_emb
         self.layers: list[_Layer] = []
         with torch.no_grad():
