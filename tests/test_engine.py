@@ -390,6 +390,13 @@ def test_kernel_tuning_keeps_packed_copies_only_where_a_chosen_kernel_reads_them
     assert choice == {(64, 32): ["mkl"] * every}
     assert all((p.packed is not None or not _Proj._mkl) and p.dnn_packed is None for p in projs)
 
+    # an lm_head serves one row per sequence: never timed at prefill sizes, it keeps its decode choice
+    rows_seen = []
+    monkeypatch.setattr(_Proj, "call_with", lambda self, kernel, x: rows_seen.append(x.shape[0]))
+    head = _Proj(torch.randn(64, 32), few_rows=True)
+    assert tune_kernels([head]) == {(64, 32): ["onednn"] * every}
+    assert max(rows_seen) == _Proj.PACKED_MAX_ROWS
+
 
 def test_combining_adapter_sets_is_the_exact_sum_of_deltas():
     torch.manual_seed(2)

@@ -155,6 +155,7 @@ class _Proj:
         return self.call_with(self.kernels[_bucket(x.shape[0])] if self.kernels else "mkl", x)
 
     def call_with(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
+        """x [T, in] -> [T, out] on ``kernel`` (its packed copy, if it reads one, must exist)."""
         if kernel == "onednn_packed":
             return _ONEDNN_LINEAR(x.contiguous(), self.dnn_packed, self.bias, "none", [], "")
         if kernel == "onednn":
