@@ -97,9 +97,12 @@ class PragService(StoredAdapters):
     def trainer(self) -> LoraTrainer:
         if self._trainer is None:
             def make() -> LoraTrainer:
-                model = copy.deepcopy(self.engine.hf_model)
-                for p in model.parameters():  # the served copy holds views of the engine's fused weights
-                    p.data = p.data.contiguous()
+                # The trainer needs the model's modules (peft wraps its projections and saves
+                # adapters in its format) but trains through the engine's runner: its copy of
+                # the modules shares the engine's frozen weights instead of holding a second
+                # set (540 MB for SmolLM2).
+                shared = {id(p): p for p in self.engine.hf_model.parameters()}
+                model = copy.deepcopy(self.engine.hf_model, shared)
                 return LoraTrainer(model, self.engine.tokenizer, self.recipe, self.fingerprint,
                                    run=lambda fn: self.engine.worker.call(fn, background=True).result())
 

@@ -234,10 +234,13 @@ def test_prag_through_the_api(make_server, monkeypatch):
 
     made_on = []
 
+    base_weights = []
+
     class Trainer(server.prag.LoraTrainer):  # records where the trainer (a copy of the model) is made
-        def __init__(self, *a, **kw):
+        def __init__(self, model, *a, **kw):
             made_on.append(threading.current_thread().name)
-            super().__init__(*a, **kw)
+            base_weights.extend(p.data_ptr() for p in model.parameters())
+            super().__init__(model, *a, **kw)
 
     monkeypatch.setattr(server.prag, "LoraTrainer", Trainer)
     srv = make_server(adapter_recipe="paper")
@@ -249,6 +252,8 @@ def test_prag_through_the_api(make_server, monkeypatch):
         job = httpx.get(srv.url + f"/v1/jobs/{job['id']}").json()
     assert job["status"] == "done" and job["built"] == 1, job
     assert made_on == ["knowmux-engine"]  # torch work on the engine's thread, not the job's
+    served = {p.data_ptr() for p in srv.runtime.engine.hf_model.parameters()}
+    assert base_weights and set(base_weights) <= served  # the trainer's modules share the served weights
     info = httpx.get(srv.url + "/v1/adapters/zorbl").json()
     assert info["stored"] and "adapter_config.json" in info["files"] and len(info["augmentation"]["qa"]) == 3
     httpx.post(srv.url + "/v1/documents", json={"documents": DOCS[1:]})  # no adapter for this one
