@@ -398,6 +398,22 @@ def test_kernel_tuning_keeps_packed_copies_only_where_a_chosen_kernel_reads_them
     assert max(rows_seen) == _Proj.PACKED_MAX_ROWS
 
 
+def test_kernel_tuning_serves_without_the_blocked_layout_where_onednn_cannot_reorder(monkeypatch, caplog):
+    import server.engine.model as model_mod
+
+    def refuse(w, rows):
+        raise RuntimeError("unsupported")
+
+    monkeypatch.setattr(model_mod, "_ONEDNN_REORDER", refuse)
+    monkeypatch.setenv("KNOWMUX_ONEDNN", "1")
+    projs = [_Proj(torch.randn(64, 32)) for _ in range(2)]
+    choice = tune_kernels(projs)
+    assert all(k in ("onednn", "mkl") for k in choice[(64, 32)])
+    assert all(p.dnn_packed is None for p in projs) and "no blocked oneDNN layout" in caplog.text
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(projs[0](x), x @ projs[0].t, atol=1e-4, rtol=1e-4)
+
+
 def test_combining_adapter_sets_is_the_exact_sum_of_deltas():
     torch.manual_seed(2)
     sets = [AdapterSet({(0, "up_proj"): (torch.randn(2, 64), torch.randn(128, 2))}, name=str(i)) for i in range(3)]

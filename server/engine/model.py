@@ -229,10 +229,18 @@ def tune_kernels(projs: list[_Proj], repeats: int = 3) -> dict:
     out = {}
     with torch.inference_mode():
         for (shape, _), group in by_shape.items():
+            candidates = list(kernels)
             for p in group:  # each kernel timed as it would serve
                 p.pack_mkl()
-                if "onednn_packed" in kernels:
-                    p.pack_onednn()
+            if "onednn_packed" in candidates:
+                try:
+                    for p in group:
+                        p.pack_onednn()
+                except RuntimeError as e:  # a shape or CPU oneDNN cannot reorder for: serve without it
+                    log.warning("no blocked oneDNN layout for %s weights: %s", shape, e)
+                    candidates.remove("onednn_packed")
+                    for p in group:
+                        p.dnn_packed = None
             choice = []
             for rows in _Proj.BUCKETS:
                 if rows > _Proj.PACKED_MAX_ROWS and all(p.few_rows for p in group):
@@ -242,11 +250,11 @@ def tune_kernels(projs: list[_Proj], repeats: int = 3) -> dict:
                 # prefill-sized products are compute-bound: two weights tell as much as all
                 members = group if rows <= _Proj.PACKED_MAX_ROWS else group[:2]
                 times: dict = {}
-                for k in kernels:
+                for k in candidates:
                     members[0].call_with(k, x)  # oneDNN makes its primitive for a new shape at the first call
                     times[k] = float("inf")
                 for _ in range(repeats):
-                    for k in kernels:  # interleaved, so that a burst of noise hits every kernel
+                    for k in candidates:  # interleaved, so that a burst of noise hits every kernel
                         t0 = time.perf_counter()
                         for p in members:
                             p.call_with(k, x)
