@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=getattr(logging, (getattr(args, "log_level", None) or "INFO").upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # faiss's loader reports at INFO, as a ModuleNotFoundError, each CPU-specific build its
+    # wheel does not ship before it loads the one it has: noise that reads like a failure
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         return args.func(args) or 0
     except (FileNotFoundError, ValueError) as e:
