@@ -3,9 +3,9 @@
     python -m bench.startup [--model FOLDER]
 
 Loads the model (transformers, fp32), then builds the ``LlamaRunner`` over it (fused
-weights, kernel timing); prints the runner's construction time and the process's peak
-resident memory before and after it. Run it for two checkouts one after the other
-(``PYTHONPATH=<checkout>``) to compare.
+weights, kernel timing); prints the runner's construction time, the process's peak
+resident memory before and after it, and its resident memory once built. Run it for
+two checkouts one after the other (``PYTHONPATH=<checkout>``) to compare.
 """
 
 from __future__ import annotations
@@ -18,6 +18,11 @@ import time
 
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def current_mb() -> float:
+    with open("/proc/self/status") as f:  # Linux
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
 
 
 def main() -> None:
@@ -35,9 +40,11 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(resolve_model(a.model), dtype=torch.float32).eval()
     before = peak_mb()
     t0 = time.perf_counter()
-    LlamaRunner(model)
+    runner = LlamaRunner(model)
     print(f"runner built in {time.perf_counter() - t0:.2f} s; peak RSS {before:.0f} MB after loading, "
-          f"{peak_mb():.0f} MB after building the runner", flush=True)
+          f"{peak_mb():.0f} MB after building the runner; RSS {current_mb():.0f} MB with the runner built",
+          flush=True)
+    del runner
 
 
 if __name__ == "__main__":

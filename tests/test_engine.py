@@ -328,29 +328,35 @@ def test_every_gemm_kernel_computes_the_same_product_at_every_row_count(bias):
     assert _ONEDNN_LINEAR is not None and _ONEDNN_REORDER is not None, "the pinned torch has oneDNN's linear"
     torch.manual_seed(3)
     w, b = torch.randn(96, 40), (torch.randn(96) if bias else None)
-    projs = [_forced(_Proj(w, b), k) for k in KERNELS] + [_forced(_Proj(w.clone(), b, keep_rows=True), "onednn")]
+    kept = w.clone()  # a weight the caller holds anyway (a tied lm_head's embedding)
+    projs = [_forced(_Proj(w, b), k) for k in KERNELS] + [_forced(_Proj(kept, b, keep_rows=True), k) for k in KERNELS]
     assert projs[1].packed is not None or not _Proj._mkl  # MKL as served: packed for a few rows
     assert projs[2].dnn_packed is not None and projs[0].packed is None and projs[0].dnn_packed is None
+    # on oneDNN a kept weight gets no transposed copy; MKL's x @ t needs one
+    assert projs[3].t.data_ptr() == projs[5].t.data_ptr() == kept.data_ptr() and not projs[3].t.is_contiguous()
+    assert projs[4].t.is_contiguous() and projs[4].t.data_ptr() != kept.data_ptr()
     ref = torch.nn.functional.linear
     for n in (1, 3, 8, 40, 64, 65, 600):
         x = torch.randn(n, 40)
         for p in projs:
             torch.testing.assert_close(p(x), ref(x, w, b), atol=1e-4, rtol=1e-4)
         column_major = x.t().contiguous().t()  # same values, another layout
-        for p in projs[0], projs[2]:
+        for p in projs[0], projs[2], projs[3], projs[5]:
             torch.testing.assert_close(p(column_major), ref(x, w, b), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("keep_rows", [False, True])
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_onednn_training_product_gives_the_plain_gradient(kernel):
-    # LoRA training backpropagates to the input through frozen weights, on oneDNN where it is faster
+def test_onednn_training_product_gives_the_plain_gradient(kernel, keep_rows):
+    # LoRA training backpropagates to the input through frozen weights, on oneDNN where it is
+    # faster (for a kept weight, through its transposed view: there is no transposed copy)
     torch.manual_seed(4)
     w, b = torch.randn(80, 48), torch.randn(80)
     x = torch.randn(33, 48)
     grads = []
-    for k in ("mkl", kernel):
+    for k, keep in (("mkl", False), (kernel, keep_rows)):
         xi = x.clone().requires_grad_()
-        y = _forced(_Proj(w, b), k).train_call(xi)
+        y = _forced(_Proj(w, b, keep_rows=keep), k).train_call(xi)
         (y * torch.linspace(-1, 1, 80)).square().sum().backward()
         grads.append((y.detach(), xi.grad))
     torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-4, rtol=1e-4)
