@@ -89,9 +89,9 @@ class _Proj:
     ``t`` is the weight transposed, [in, out] contiguous; ``w`` the [out, in] weight
     oneDNN reads: the caller's own tensor when it stays alive anyway (``keep_rows``, e.g.
     an lm_head tied to the embedding; then ``t`` is only a view of it where no MKL path
-    serves), otherwise a view of ``t``. Which kernel is fastest
-    depends on the CPU and the row count, so ``tune_kernels`` times them at start on cold
-    weights and sets ``kernels``, one of ``KERNELS`` per row bucket of ``BUCKETS``:
+    serves), otherwise a view of ``t``. Which kernel is fastest depends on the CPU and
+    the row count, so ``tune_kernels`` times them at start on cold weights and sets
+    ``kernels``, one of ``KERNELS`` per row bucket of ``BUCKETS``:
 
     - "mkl": one token through x @ t (GEMV), a few tokens through MKL's packed GEMM
       (``pack_mkl``, 2..PACKED_MAX_ROWS rows), prefill-sized products plain. On an Intel
@@ -111,7 +111,8 @@ class _Proj:
 
     def __init__(self, w: torch.Tensor, bias: Optional[torch.Tensor] = None, keep_rows: bool = False,
                  few_rows: bool = False):
-        self.few_rows = few_rows  # serves at most a batch's rows (the lm_head: one per row): tuned up to PACKED_MAX_ROWS
+        # serves at most a batch's rows (the lm_head: one per sequence): tuned up to PACKED_MAX_ROWS only
+        self.few_rows = few_rows
         self.t = w.detach().t().contiguous()
         self.own_rows = keep_rows and w.is_contiguous()  # w is the caller's tensor, not a view of t
         self.w = w.detach() if self.own_rows else self.t.t()
