@@ -32,6 +32,9 @@ class Metrics:
         self.step_seconds = Histogram("knowmux_step_seconds", "Duration of one engine step",
                                       buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2, 5), registry=r)
         self.documents = Gauge("knowmux_documents", "Documents in the store", registry=r)
+        self.gemm_kernel = Gauge("knowmux_gemm_kernel", "GEMM kernel the torch engine timed fastest at start (1), "
+                                 "by weight shape (out x in) and row bucket (up to that many rows)",
+                                 ["shape", "rows", "kernel"], registry=r)
 
     def failed(self, labels: tuple[str, str, str], status: int, code: str) -> None:
         self.requests.labels(*labels, str(status)).inc()
@@ -44,3 +47,10 @@ class Metrics:
     def bind_engine(self, engine) -> None:
         self.queue.set_function(lambda: engine.stats()["queue"])
         self.running.set_function(lambda: engine.stats()["running"])
+        # the start-up kernel choice sets decode speed and depends on the CPU: visible per
+        # server, so two machines (or two restarts) can be compared (torch engine only)
+        from .engine.model import _Proj
+
+        for (out_f, in_f), per_bucket in (getattr(getattr(engine, "runner", None), "kernels", None) or {}).items():
+            for rows, kernel in zip(_Proj.BUCKETS, per_bucket):
+                self.gemm_kernel.labels(f"{out_f}x{in_f}", str(rows), kernel).set(1)
