@@ -84,6 +84,7 @@ def main() -> None:
         for strategy in ("direct", "rag"):
             results[f"knowmux/{strategy}"] = load.main_levels(url, "knowmux", levels, a.requests, strategy,
                                                               a.max_tokens, None)
+        kernels = gemm_kernels(httpx.get(url + "/metrics", timeout=10).text)
     finally:
         stop(proc)
     if a.vllm_python:
@@ -103,8 +104,20 @@ def main() -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S"), "model": model,
                                        "max_tokens": a.max_tokens, "requests_per_client": a.requests,
-                                       "results": results}, indent=1))
+                                       "knowmux_gemm_kernels": kernels, "results": results}, indent=1))
     print_table(results)
+
+
+def gemm_kernels(metrics_text: str) -> dict:
+    """{shape: {rows: kernel}} from a knowmux server's ``knowmux_gemm_kernel`` gauge: the
+    kernels its start-up timing chose, which set its decode speed."""
+    out: dict = {}
+    for line in metrics_text.splitlines():
+        if line.startswith("knowmux_gemm_kernel{"):
+            labels = dict(part.split("=", 1) for part in line[line.index("{") + 1:line.index("}")].split(","))
+            labels = {k: v.strip('"') for k, v in labels.items()}
+            out.setdefault(labels["shape"], {})[labels["rows"]] = labels["kernel"]
+    return out
 
 
 def print_table(results: dict) -> None:

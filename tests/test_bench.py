@@ -201,3 +201,23 @@ def test_subset_scores_a_range_of_questions_per_strategy():
     out = subset(recs, 2, 6)
     assert out["rag"]["n"] == 4 and out["rag"]["failures"] == 1 and out["rag"]["contains"] == 0.25
     assert out["rag"]["latency_p50_s"] == 5.0
+
+
+def test_batching_records_the_kernels_a_server_chose():
+    # bench.batching reads the server's knowmux_gemm_kernel gauge back into its JSON
+    from prometheus_client import generate_latest
+
+    from bench.batching import gemm_kernels
+    from server.metrics import Metrics
+
+    class Engine:
+        class runner:
+            kernels = {(960, 576): ["onednn_packed", "onednn", "onednn", "mkl"]}
+
+        def stats(self):
+            return {"queue": 0, "running": 0}
+
+    m = Metrics()
+    m.bind_engine(Engine())
+    assert gemm_kernels(generate_latest(m.registry).decode()) == {
+        "960x576": {"1": "onednn_packed", "8": "onednn", "64": "onednn", "512": "mkl"}}
