@@ -49,8 +49,8 @@ class Metrics:
         self.running.set_function(lambda: engine.stats()["running"])
         # the start-up kernel choice sets decode speed and depends on the CPU: visible per
         # server, so two machines (or two restarts) can be compared (torch engine only)
-        from .engine.model import _Proj
+        from .engine.model import ROW_BUCKETS
 
         for (out_f, in_f), per_bucket in (getattr(getattr(engine, "runner", None), "kernels", None) or {}).items():
-            for rows, kernel in zip(_Proj.BUCKETS, per_bucket):
+            for rows, kernel in zip(ROW_BUCKETS, per_bucket):
                 self.gemm_kernel.labels(f"{out_f}x{in_f}", str(rows), kernel).set(1)

@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from server.engine.model import _Proj
+from server.engine.model import ROW_BUCKETS
 from server.engine.worker import WorkerLimits
 
 DOCS = [{"id": "zorbl", "title": "Zorbl", "text": "Zorbl is a purple cat who lives on the moon base Tycho."},
@@ -100,7 +100,7 @@ def test_models_health_and_metrics(server):
     # the kernel the engine timed fastest: one per weight shape and row bucket
     chosen = [line for line in m.splitlines() if line.startswith("knowmux_gemm_kernel{")]
     shapes = server.runtime.engine.runner.kernels
-    assert len(chosen) == len(shapes) * len(_Proj.BUCKETS) and all(line.endswith(" 1.0") for line in chosen)
+    assert len(chosen) == len(shapes) * len(ROW_BUCKETS) and all(line.endswith(" 1.0") for line in chosen)
 
 
 def test_documents_upsert_get_and_delete(server):

@@ -205,6 +205,9 @@ class _FrozenOneDNNLinear(torch.autograd.Function):
         return _ONEDNN_LINEAR(dy.contiguous(), ctx.proj.t, None, "none", [], ""), None
 
 
+ROW_BUCKETS = _Proj.BUCKETS  # the row counts a kernel choice is made for (each serves up to that many rows)
+
+
 def _bucket(n: int) -> int:
     """Index of the smallest of ``_Proj.BUCKETS`` that holds n rows (the last for more)."""
     for i, b in enumerate(_Proj.BUCKETS):
