@@ -24,6 +24,7 @@ class Settings:
     max_queue: int = 64
     step_token_budget: int = 512
     prefix_cache_tokens: int = 16384  # automatic prefix cache of shared prompt blocks (0 = off)
+    prefix_cache_block: int = 16  # tokens per prefix-cache block: the granularity of sharing
     build_yield_s: float = 3.0  # while requests run, at most one adapter training step per this interval
     # request limits
     default_max_tokens: int = 256

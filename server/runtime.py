@@ -23,6 +23,7 @@ def worker_limits(settings: Settings):
     return WorkerLimits(max_batch_size=settings.max_batch_size, max_tokens_in_flight=settings.max_tokens_in_flight,
                         max_queue=settings.max_queue, step_token_budget=settings.step_token_budget,
                         prefix_cache_tokens=settings.prefix_cache_tokens,
+                        prefix_cache_block=settings.prefix_cache_block,
                         background_interval_s=settings.build_yield_s)
 
 

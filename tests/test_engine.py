@@ -511,6 +511,26 @@ def test_prefix_cache_serves_shared_prompt_blocks_with_the_same_tokens():
     assert with_adapter.events[-1].cached_tokens == 0 and with_adapter.tokens == first.tokens
 
 
+def test_prefix_cache_block_size_is_a_setting():
+    # finer blocks share more of a common prefix (vLLM's --block-size); 0 is refused at start
+    from server.config import Settings
+    from server.engine.prefix_cache import PrefixCache
+    from server.runtime import worker_limits
+
+    limits = worker_limits(Settings.from_env(env={"KNOWMUX_PREFIX_CACHE_BLOCK": "4"}))
+    assert limits.prefix_cache_block == 4
+    eng = tiny_engine(limits)
+    shared = list(range(60, 98))  # 38 tokens: 16 + 16 shareable in blocks of 16, 36 in blocks of 4
+    first, second = Collector(), Collector()
+    for name, sink in (("a", first), ("b", second)):
+        eng.worker.submit(GenRequest(name, [RowSpec(shared + [5, 6])], greedy(8)), sink)
+        while eng.worker.step():
+            pass
+    assert second.events[-1].cached_tokens == 36 and second.tokens == first.tokens
+    with pytest.raises(ValueError, match="at least 1 token"):
+        PrefixCache(block=0)
+
+
 def test_prefix_cache_leaves_a_token_to_prefill_and_is_bounded():
     from server.engine.prefix_cache import PrefixCache
 

@@ -25,6 +25,8 @@ def _chain(prev: bytes, block: list[int]) -> bytes:
 
 class PrefixCache:
     def __init__(self, block: int = 16, max_tokens: int = 16384):
+        if block < 1:
+            raise ValueError(f"the prefix cache block must be at least 1 token, got {block}")
         self.block, self.max_blocks = block, max(1, max_tokens // block)
         self._blocks: collections.OrderedDict[bytes, torch.Tensor] = collections.OrderedDict()
         self.hits = self.queries = 0  # tokens served from the cache / prompt tokens looked up

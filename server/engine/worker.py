@@ -43,6 +43,7 @@ class WorkerLimits:
     max_queue: int = 64  # sequences waiting for admission; more get QueueFull (429)
     step_token_budget: int = 512  # tokens per forward pass (prefill chunk size)
     prefix_cache_tokens: int = 16384  # automatic prefix cache (0 = off); 46 KB per token on SmolLM2 fp32
+    prefix_cache_block: int = 16  # tokens per prefix-cache block (a prompt shares whole blocks only)
     background_interval_s: float = 1.0  # while requests run, at most one background call (a training step) per interval
     # KV slot size of the shared pool (2 slots per batch place); a longer row gets a private cache
     pool_row_tokens: int = 2048
@@ -149,7 +150,8 @@ class EngineWorker(LoopThread):
         self.last_error: Optional[str] = None
         self.steps = 0
         self.last_step_tokens = 0
-        self.prefix_cache = PrefixCache(max_tokens=limits.prefix_cache_tokens) if limits.prefix_cache_tokens else None
+        self.prefix_cache = PrefixCache(limits.prefix_cache_block, limits.prefix_cache_tokens) \
+            if limits.prefix_cache_tokens else None
         # Row caches come from one pool so that decode rows attend in one batched call; two
         # slots per place in the batch (CK-PLUG requests run two rows). Pages are committed
         # only as slots fill, lowest slots first.
