@@ -45,6 +45,10 @@ def test_engine_builds_and_steps_its_model_and_runs_other_work_on_one_thread(fol
     seen = []
     eng.run_compute(lambda: seen.append(eng.run_compute(threading.current_thread)))  # from the thread: inline
     assert seen == [eng.compute.thread]
+    # shutdown waits for the thread: a process that exits right after must not tear down a
+    # thread still running torch code ("terminate called without an active exception")
+    eng.shutdown()
+    assert not eng.compute.thread.is_alive()
 
 
 PROBE = b"kmx-omp-probe"

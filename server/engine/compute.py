@@ -60,6 +60,8 @@ class ComputeThread:
         """``fn()`` on this thread (at once when called from it), its result or exception."""
         return fn() if self.is_current() else self.submit(fn).result()
 
-    def close(self) -> None:
-        """Stop after the jobs already submitted (does not wait)."""
+    def close(self, wait: float = 0.0) -> None:
+        """Stop after the jobs already submitted, waiting up to ``wait`` seconds for that."""
         self._jobs.put(None)
+        if wait and not self.is_current():
+            self.thread.join(wait)

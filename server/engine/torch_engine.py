@@ -77,7 +77,7 @@ class TorchEngine:
     def shutdown(self) -> None:
         self.worker.shutdown()
         if self.compute is not None:
-            self.compute.close()
+            self.compute.close(wait=5.0)
 
     def submit(self, req: GenRequest, sink: Sink) -> Handle:
         return self.worker.submit(req, sink)
