@@ -111,12 +111,13 @@ def main() -> None:
 def gemm_kernels(metrics_text: str) -> dict:
     """{shape: {rows: kernel}} from a knowmux server's ``knowmux_gemm_kernel`` gauge: the
     kernels its start-up timing chose, which set its decode speed."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     out: dict = {}
-    for line in metrics_text.splitlines():
-        if line.startswith("knowmux_gemm_kernel{"):
-            labels = dict(part.split("=", 1) for part in line[line.index("{") + 1:line.index("}")].split(","))
-            labels = {k: v.strip('"') for k, v in labels.items()}
-            out.setdefault(labels["shape"], {})[labels["rows"]] = labels["kernel"]
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name == "knowmux_gemm_kernel":
+            for sample in family.samples:
+                out.setdefault(sample.labels["shape"], {})[sample.labels["rows"]] = sample.labels["kernel"]
     return out
 
 
