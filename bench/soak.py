@@ -30,7 +30,8 @@ QUESTIONS = ["who wrote the declaration of independence", "when did the first wo
              "who painted the mona lisa", "what is the boiling point of water"]
 
 
-def _mem_kib(pid: Optional[int]) -> dict:
+def mem_kib(pid: Optional[int]) -> dict:
+    """A process's resident memory now (VmRSS) and at its peak (VmHWM), in KiB ({} if unknown)."""
     if pid is None:
         return {}
     try:
@@ -105,7 +106,7 @@ async def run(a, url: str, pid: Optional[int]) -> dict:
     async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=30), limits=limits) as http:
         async def sample():
             while time.time() < stop_at + 5:
-                m = _mem_kib(pid)
+                m = mem_kib(pid)
                 if m:
                     mem.append(m)
                 await asyncio.sleep(1)

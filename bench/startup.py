@@ -12,17 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import time
 
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def current_mb() -> float:
-    with open("/proc/self/status") as f:  # Linux
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
+from bench.soak import mem_kib
 
 
 def main() -> None:
@@ -38,12 +30,13 @@ def main() -> None:
 
     torch.set_num_threads(os.cpu_count() or 1)
     model = AutoModelForCausalLM.from_pretrained(resolve_model(a.model), dtype=torch.float32).eval()
-    before = peak_mb()
+    before = mem_kib(os.getpid())["VmHWM"] / 1024
     t0 = time.perf_counter()
     runner = LlamaRunner(model)
-    print(f"runner built in {time.perf_counter() - t0:.2f} s; peak RSS {before:.0f} MB after loading, "
-          f"{peak_mb():.0f} MB after building the runner; RSS {current_mb():.0f} MB with the runner built",
-          flush=True)
+    dt, mem = time.perf_counter() - t0, mem_kib(os.getpid())
+    print(f"runner built in {dt:.2f} s; peak RSS {before:.0f} MB after loading, "
+          f"{mem['VmHWM'] / 1024:.0f} MB after building the runner; RSS {mem['VmRSS'] / 1024:.0f} MB with the "
+          f"runner built", flush=True)
     del runner
 
 
