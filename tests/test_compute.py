@@ -10,7 +10,7 @@ import torch
 
 from server.engine.compute import ComputeThread
 from server.engine.torch_engine import TorchEngine
-from tests.tiny import tiny_model, tiny_tokenizer
+from tests.tiny import tiny_model_folder
 
 
 def test_compute_thread_runs_jobs_in_order_and_hands_back_results_and_errors():
@@ -29,9 +29,7 @@ def test_compute_thread_runs_jobs_in_order_and_hands_back_results_and_errors():
 
 @pytest.fixture
 def folder_engine(tmp_path):
-    tiny_model().save_pretrained(tmp_path)
-    tiny_tokenizer().save_pretrained(tmp_path)
-    eng = TorchEngine.from_folder(tmp_path, threads=2)
+    eng = TorchEngine.from_folder(tiny_model_folder(tmp_path), threads=2)
     yield eng
     eng.shutdown()
 

@@ -105,11 +105,9 @@ def test_ingest_cli_builds_kv_caches_with_the_engine_it_loads(tmp_path, capsys):
     # --build loads the engine first (the embedder then runs on its thread) and builds
     # every document's artefact; a second run finds them stored
     from server.cli import main
-    from tests.tiny import tiny_model, tiny_tokenizer
+    from tests.tiny import tiny_model_folder
 
-    model = tmp_path / "tiny"
-    tiny_model().save_pretrained(model)
-    tiny_tokenizer().save_pretrained(model)
+    model = tiny_model_folder(tmp_path / "tiny")
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("\n".join(json.dumps({"id": d.id, "title": d.title, "text": d.text}) for d in DOCS) + "\n")
     args = ["ingest", str(corpus), "--data-dir", str(tmp_path / "d"), "--model", str(model), "--build", "kv"]

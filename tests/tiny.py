@@ -41,6 +41,14 @@ def tiny_model(seed: int = 0, vocab_size: int = 259, layers: int = 2, std: float
     return model
 
 
+def tiny_model_folder(path):
+    """The tiny model and tokenizer saved as a model folder at ``path`` (for code that loads
+    from a folder: ``TorchEngine.from_folder``, ``--model``); returns ``path``."""
+    tiny_model().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
 def tiny_engine(limits=None, seed: int = 0):
     from server.engine.torch_engine import TorchEngine
     from server.engine.worker import WorkerLimits
