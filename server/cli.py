@@ -131,7 +131,7 @@ def cmd_ingest(args) -> int:
     from indexes import KnowledgeBase
     from indexes.ingest import DocumentError, ingest, read_corpus
 
-    from .runtime import embedder_for
+    from .runtime import embedder_for, engine_for
 
     settings = _settings(args)
     try:
@@ -146,10 +146,7 @@ def cmd_ingest(args) -> int:
         return 2
     engine = None
     if builds:  # loaded first: the embedder then runs on the engine's thread (server.engine.compute)
-        from .engine import engine_class
-        from .modelfiles import resolve_model
-
-        engine = engine_class(settings.engine).from_folder(resolve_model(settings.model), threads=settings.threads)
+        engine = engine_for(settings)
         engine.start()
     try:
         kb = KnowledgeBase(settings.data_dir, embedder_for(engine))

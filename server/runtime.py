@@ -27,6 +27,17 @@ def worker_limits(settings: Settings):
                         background_interval_s=settings.build_yield_s)
 
 
+def engine_for(settings: Settings):
+    """The engine ``settings`` name, loaded from its model folder with the settings' worker
+    limits and threads: the one construction for the server and the CLI's builds."""
+    from .engine import engine_class
+    from .modelfiles import resolve_model
+
+    path = resolve_model(settings.model)
+    log.info("loading %s with the %s engine", path, settings.engine)
+    return engine_class(settings.engine).from_folder(path, limits=worker_limits(settings), threads=settings.threads)
+
+
 def embedder_for(engine):
     """The sentence embedder for a process serving ``engine`` (None: no engine). Where the
     engine has a compute thread, the embedder is made and run there, and the knowledge
@@ -53,13 +64,7 @@ class Runtime:
         from indexes import KnowledgeBase
 
         if engine is None:
-            from .engine import engine_class
-            from .modelfiles import resolve_model
-
-            path = resolve_model(settings.model)
-            log.info("loading %s with the %s engine", path, settings.engine)
-            engine = engine_class(settings.engine).from_folder(path, limits=worker_limits(settings),
-                                                              threads=settings.threads)
+            engine = engine_for(settings)
         if embedder is None:
             embedder = embedder_for(engine)
         keys = Keys.from_settings(settings)

@@ -101,11 +101,19 @@ def test_ingest_cli_reads_the_generic_format_and_reports(tmp_path, capsys):
     assert main(["ingest", str(corpus), "--data-dir", str(tmp_path / "d"), "--build", "nonsense"]) == 2
 
 
-def test_ingest_cli_builds_kv_caches_with_the_engine_it_loads(tmp_path, capsys):
-    # --build loads the engine first (the embedder then runs on its thread) and builds
-    # every document's artefact; a second run finds them stored
+def test_ingest_cli_builds_kv_caches_with_the_engine_it_loads(tmp_path, capsys, monkeypatch):
+    # --build loads the engine first (the embedder then runs on its thread), with the
+    # settings' engine limits as the server would, and builds every document's artefact;
+    # a second run finds them stored
     from server.cli import main
+    from server.engine.torch_engine import TorchEngine
     from tests.tiny import tiny_model_folder
+
+    limits = []
+    shutdown = TorchEngine.shutdown
+    monkeypatch.setattr(TorchEngine, "shutdown", lambda self: (limits.append(self.worker.limits), shutdown(self)))
+    monkeypatch.setenv("KNOWMUX_MAX_BATCH_SIZE", "3")
+    monkeypatch.setenv("KNOWMUX_PREFIX_CACHE_BLOCK", "4")
 
     model = tiny_model_folder(tmp_path / "tiny")
     corpus = tmp_path / "c.jsonl"
@@ -116,3 +124,4 @@ def test_ingest_cli_builds_kv_caches_with_the_engine_it_loads(tmp_path, capsys):
     assert "3 created" in out and "kv: 3 built, 0 already stored" in out
     assert main(args) == 0
     assert "kv: 0 built, 3 already stored" in capsys.readouterr().out
+    assert [(lim.max_batch_size, lim.prefix_cache_block) for lim in limits] == [(3, 4), (3, 4)]
