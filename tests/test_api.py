@@ -76,6 +76,26 @@ def test_streamed_chunks_join_to_the_non_streamed_text(server, strategy):
     assert last.model_extra["knowmux"]["strategy"] == strategy and last.usage.completion_tokens > 0
 
 
+@pytest.mark.parametrize("strategy", ["direct", "rag", "rag+ckplug"])  # CK-PLUG's: of its reweighted distribution
+def test_logprobs_one_per_token_the_same_streamed_or_not(server, strategy):
+    c = server.client()
+    kw = dict(model="knowmux", messages=ASK, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2,
+              extra_body={"strategy": strategy, "ignore_eos": True})
+    full = c.chat.completions.create(**kw)
+    content = full.choices[0].logprobs.content
+    assert len(content) == full.usage.completion_tokens == 6
+    for t in content:
+        assert len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
+        assert t.token == t.top_logprobs[0].token and t.logprob == t.top_logprobs[0].logprob <= 0  # greedy
+        assert bytes(t.bytes).decode("utf-8") == t.token
+    streamed = [t for ch in c.chat.completions.create(stream=True, **kw)
+                if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content], abs=1e-4)
+    no = c.chat.completions.create(**{**kw, "logprobs": None, "top_logprobs": None})
+    assert no.choices[0].logprobs is None
+
+
 def test_stream_with_include_usage_ends_with_a_usage_chunk(server):
     chunks = list(server.client().chat.completions.create(
         model="knowmux", messages=ASK, max_tokens=5, stream=True, stream_options={"include_usage": True}))
@@ -138,6 +158,9 @@ def test_documents_list_in_pages_with_their_artefacts(server):
     ({"model": "knowmux", "messages": ASK, "temperature": -1}, 400, "temperature"),
     ({"model": "knowmux", "messages": ASK, "top_k": 0}, 400, "top_k"),
     ({"model": "knowmux", "messages": ASK, "n": 3}, 400, "n"),
+    ({"model": "knowmux", "messages": ASK, "top_logprobs": 2}, 400, "top_logprobs"),
+    ({"model": "knowmux", "messages": ASK, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ({"model": "knowmux", "messages": ASK, "logprobs": True, "top_logprobs": "two"}, 400, "top_logprobs"),
     ({"model": "knowmux", "messages": ASK, "strategy": "telepathy"}, 400, "strategy"),
     ({"model": "gpt-9", "messages": ASK}, 404, "model"),
 ])

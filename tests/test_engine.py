@@ -635,3 +635,41 @@ def test_plan_step_always_moves_every_running_batch():
         plans = plan_step(running, rng.choice([1, 2, 3, 8, 512]))
         assert plans
         assert all(0 < p.n <= len(p.row.pending) for p in plans)
+
+
+def test_logprobs_are_the_models_log_softmax_with_the_top_k_best_first():
+    model = tiny_model()
+    prompt = PROMPTS[0]
+    eng = tiny_engine()
+    c = Collector()
+    eng.worker.submit(GenRequest("lp", [RowSpec(prompt)], greedy(6, logprobs=3)), c)
+    while eng.worker.step():
+        pass
+    lps = [lp for ev in c.events for lp in ev.logprobs]
+    assert [lp.token_id for lp in lps] == c.tokens and len(lps) == 6
+    ref = torch.log_softmax(model(torch.tensor([prompt + c.tokens])).logits[0].detach(), dim=-1)
+    for i, lp in enumerate(lps):
+        row = ref[len(prompt) - 1 + i]
+        assert lp.logprob == pytest.approx(float(row[lp.token_id]), abs=1e-4)
+        values, ids = row.topk(3)
+        assert [t for t, _ in lp.top] == ids.tolist()  # greedy: the chosen token leads
+        assert [v for _, v in lp.top] == pytest.approx(values.tolist(), abs=1e-4)
+
+
+def test_logprobs_follow_the_logits_hook_and_are_off_unless_asked():
+    eng = tiny_engine()
+
+    def favour_seven(lg):  # a hook such as CK-PLUG's decides the distribution tokens come from
+        out = lg[0].clone()
+        out[7] += 50.0
+        return out
+
+    asked, plain = Collector(), Collector()
+    eng.worker.submit(GenRequest("h", [RowSpec(PROMPTS[0])], greedy(3, logprobs=0), favour_seven), asked)
+    eng.worker.submit(GenRequest("p", [RowSpec(PROMPTS[0])], greedy(3)), plain)
+    while eng.worker.step():
+        pass
+    lps = [lp for ev in asked.events for lp in ev.logprobs]
+    assert [lp.token_id for lp in lps] == [7, 7, 7]
+    assert all(lp.logprob > -1e-3 and lp.top == () for lp in lps)
+    assert all(ev.logprobs == [] for ev in plain.events)

@@ -125,3 +125,21 @@ def test_unsupported_strategies_are_refused_and_reported(vllm_engine, shared_dat
         assert r.status_code == 200 and r.headers["x-strategy"] in models["strategies"]
         r = httpx.post(srv.url + "/v1/builds", json={"kind": "kv", "doc_ids": ["zorbl"]})
         assert r.status_code == 409 and "cannot build" in r.json()["error"]["message"]
+
+
+def test_both_engines_give_the_same_logprobs(vllm_engine, real_engine, shared_data, embedder):
+    # vLLM's sampler logprobs map to the same OpenAI shape; fp32 kernels differ in the last bits
+    def logprobs(url):
+        r = _ask(url, "direct", QUESTIONS[1], logprobs=True, top_logprobs=3, max_tokens=4)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["logprobs"]["content"]
+
+    with _server(real_engine, shared_data, embedder) as a, _server(vllm_engine, shared_data, embedder) as b:
+        ta, tb = logprobs(a.url), logprobs(b.url)
+    assert len(ta) == len(tb) == 4
+    assert [t["token"] for t in ta] == [t["token"] for t in tb]
+    for x, y in zip(ta, tb):
+        assert x["logprob"] == pytest.approx(y["logprob"], abs=1e-2)
+        assert [t["token"] for t in x["top_logprobs"]] == [t["token"] for t in y["top_logprobs"]]
+        assert [t["logprob"] for t in x["top_logprobs"]] == pytest.approx([t["logprob"] for t in y["top_logprobs"]],
+                                                                         abs=1e-2)

@@ -21,6 +21,7 @@ from .protocol import KNOWN_IGNORED, ChatCompletionRequest
 
 log = logging.getLogger(__name__)
 router = APIRouter()
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit, and vLLM's default max_logprobs
 
 
 def to_input(body: ChatCompletionRequest, request: Request, served: str) -> ChatInput:
@@ -28,8 +29,11 @@ def to_input(body: ChatCompletionRequest, request: Request, served: str) -> Chat
         raise ModelNotFound(f"The model {body.model!r} does not exist; this server serves {served!r}", param="model")
     if body.n != 1:
         raise InvalidRequest("only n=1 is supported", param="n")
-    if body.logprobs:
-        raise InvalidRequest("logprobs are not supported", param="logprobs")
+    if body.top_logprobs is not None:
+        if not body.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs set to true", param="top_logprobs")
+        if not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
     extras = set(body.model_extra or {}) - KNOWN_IGNORED
     if extras:
         log.info("ignoring unknown request fields: %s", ", ".join(sorted(extras)))
@@ -53,7 +57,8 @@ def to_input(body: ChatCompletionRequest, request: Request, served: str) -> Chat
         top_k=body.top_k,
         max_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
         temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop,
-        ignore_eos=body.ignore_eos, options=body.strategy_options())
+        ignore_eos=body.ignore_eos, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        options=body.strategy_options())
 
 
 def knowmux_field(p: Prepared, timings, total_ms: float) -> dict:
@@ -105,10 +110,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt=Dep
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_sse(rt, prepared, events, created, model, include_usage),
                                  media_type="text/event-stream", headers=headers)
-    parts, last = [], None
+    parts, lps, last = [], [], None
     try:
         async for ev in events:
             parts.append(ev.text)
+            lps += ev.logprobs
             last = ev
     finally:
         events.cancel()
@@ -123,8 +129,20 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt=Dep
     return JSONResponse({
         "id": inp.request_id, "object": "chat.completion", "created": created, "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                     "logprobs": None, "finish_reason": last.finish_reason}],
+                     "logprobs": _logprobs(rt.engine.tokenizer, lps) if inp.logprobs is not None else None,
+                     "finish_reason": last.finish_reason}],
         "usage": _usage(last), "knowmux": kx}, headers=headers)
+
+
+def _logprobs(tokenizer, lps) -> dict:
+    """TokenLogprobs in OpenAI's chat shape. -inf (a token a logits hook masked) is sent as
+    -9999.0, as vLLM does, since JSON has no infinity."""
+    def entry(token_id: int, logprob: float) -> dict:
+        text = tokenizer.decode([token_id])
+        return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
+                        for lp in lps]}
 
 
 def _usage(ev) -> dict:
@@ -145,10 +163,13 @@ def _record(rt, p: Prepared, last, total_ms: float) -> None:
 
 
 async def _sse(rt, p: Prepared, events, created: int, model: str, include_usage: bool) -> AsyncIterator[str]:
-    def chunk(delta: dict, finish=None, **extra) -> str:
+    def chunk(delta: dict, finish=None, logprobs=None, **extra) -> str:
         body = {"id": p.input.request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}], **extra}
         return f"data: {json.dumps(body)}\n\n"
+
+    def content(ev) -> str:  # a token's logprobs travel with it even while its text is held back
+        return chunk({"content": ev.text}, logprobs=_logprobs(rt.engine.tokenizer, ev.logprobs) if ev.logprobs else None)
 
     try:
         yield chunk({"role": "assistant", "content": ""})
@@ -158,14 +179,14 @@ async def _sse(rt, p: Prepared, events, created: int, model: str, include_usage:
                 yield f"data: {json.dumps(error_body(ev.error or 'engine error', 'server_error', None, 'engine_error'))}\n\n"
                 break
             if ev.finish_reason is None:
-                if ev.text:
-                    yield chunk({"content": ev.text})
+                if ev.text or ev.logprobs:
+                    yield content(ev)
                 continue
             total_ms = (time.perf_counter() - p.t_start) * 1e3
             _record(rt, p, ev, total_ms)
             kx = knowmux_field(p, ev.timings, total_ms)
-            if ev.text:
-                yield chunk({"content": ev.text})
+            if ev.text or ev.logprobs:
+                yield content(ev)
             if include_usage:
                 yield chunk({}, ev.finish_reason)
                 yield (f"data: {json.dumps({'id': p.input.request_id, 'object': 'chat.completion.chunk', 'created': created, 'model': model, 'choices': [], 'usage': _usage(ev), 'knowmux': kx})}\n\n")

@@ -47,6 +47,7 @@ class ChatCompletionRequest(BaseModel):
     seed: Optional[int] = None
     user: Optional[StrictStr] = None
     logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
     # knowmux extensions (OpenAI extra_body)
     strategy: Optional[StrictStr] = None
     top_k: Optional[int] = None
@@ -67,7 +68,7 @@ class ChatCompletionRequest(BaseModel):
 
 
 KNOWN_IGNORED = {"frequency_penalty", "presence_penalty", "logit_bias", "response_format", "tools", "tool_choice",
-                 "parallel_tool_calls", "metadata", "store", "service_tier", "top_logprobs"}
+                 "parallel_tool_calls", "metadata", "store", "service_tier"}
 
 
 class DocumentIn(BaseModel):

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .types import SamplingParams
+from .types import SamplingParams, TokenLogprob
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]) -> int:
@@ -22,3 +22,13 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[tor
         sorted_p[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """``token``'s log-probability under softmax(logits) and the ``k`` most likely tokens."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    top = ()
+    if k > 0:
+        values, ids = torch.topk(lp, min(k, lp.numel()))
+        top = tuple(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(lp[token]), top)

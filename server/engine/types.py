@@ -26,6 +26,18 @@ class SamplingParams:
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: Optional[int] = None  # None: none; k >= 0: each token's logprob and the k most likely
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the distribution it was drawn from (after
+    a logits hook such as CK-PLUG's, before temperature and top-p, as vLLM's raw logprobs),
+    and the ``top`` most likely tokens of that distribution, best first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -88,3 +100,4 @@ class TokenEvent:
     timings: Optional[Timings] = None
     error: Optional[str] = None
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not prefilled)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token_ids entry, when asked for

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import EngineUnavailable, InvalidRequest, QueueFull
-from .types import GenRequest, Timings, TokenEvent
+from .types import GenRequest, Timings, TokenEvent, TokenLogprob
 from .worker import LoopThread, Sink, WorkerLimits
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ class VLLMEngine(LoopThread):
                 s = r.req.sampling
                 params = SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
                                         seed=s.seed, stop=list(s.stop) or None, ignore_eos=s.ignore_eos,
-                                        output_kind=RequestOutputKind.DELTA)
+                                        logprobs=s.logprobs, output_kind=RequestOutputKind.DELTA)
                 lora = r.req.rows[0].adapters
                 try:
                     self.llm.add_request(rid, {"prompt_token_ids": list(r.req.rows[0].prompt_ids)}, params,
@@ -217,6 +217,7 @@ class VLLMEngine(LoopThread):
                 if c.token_ids and r.t_first is None:
                     r.t_first = now
                 r.n_out += len(c.token_ids)
+                lps = _logprobs(c.token_ids, c.logprobs, r.req.sampling.logprobs)
                 finish = c.finish_reason
                 if finish is not None:
                     finish = {"stop": "stop", "length": "length", "abort": "cancelled"}.get(finish, finish)
@@ -224,9 +225,9 @@ class VLLMEngine(LoopThread):
                     self._emit(r, TokenEvent(c.text, list(c.token_ids), finish, r.prompt_tokens, r.n_out,
                                              Timings.between(r.t_submit, r.t_admit or r.t_submit,
                                                              r.t_first or now, now),
-                                             cached_tokens=out.num_cached_tokens or 0))
+                                             cached_tokens=out.num_cached_tokens or 0, logprobs=lps))
                 elif c.text or c.token_ids:
-                    self._emit(r, TokenEvent(c.text, list(c.token_ids)))
+                    self._emit(r, TokenEvent(c.text, list(c.token_ids), logprobs=lps))
             if self.on_step is not None:
                 self.on_step(tokens, len(self._live), now - t0)
 
@@ -239,6 +240,19 @@ class VLLMEngine(LoopThread):
             r.sink(ev)
         except Exception:
             log.exception("sink failed for %s", r.req.request_id)
+
+
+def _logprobs(token_ids, positions, k) -> list[TokenLogprob]:
+    """vLLM's per-position {token_id: Logprob(logprob, rank)} as TokenLogprobs: the sampled
+    token's and the ``k`` best ranked, best first (vLLM adds the sampled token to its top k)."""
+    if k is None or positions is None:
+        return []
+    out = []
+    for tok, pos in zip(token_ids, positions):
+        top = sorted(((i, p.logprob) for i, p in pos.items() if p.rank is not None and p.rank <= k),
+                     key=lambda t: -t[1])
+        out.append(TokenLogprob(tok, pos[tok].logprob, tuple(top[:k])))
+    return out
 
 
 class VLLMLora:

@@ -27,7 +27,7 @@ from .detok import IncrementalDetokenizer
 from .kvcache import RowCache
 from .model import LlamaRunner, Segment
 from .prefix_cache import PrefixCache
-from .sampling import sample
+from .sampling import sample, token_logprob
 from .scheduler import plan_step
 from .types import GenRequest, RowSpec, Timings, TokenEvent
 
@@ -387,6 +387,8 @@ class EngineWorker(LoopThread):
     def _emit_token(self, seq: _Seq, logits: torch.Tensor) -> None:
         final = seq.req.logits_hook(logits) if seq.req.logits_hook is not None else logits[0]
         tok = sample(final, seq.req.sampling, seq.generator)
+        k = seq.req.sampling.logprobs
+        lps = [token_logprob(final, tok, k)] if k is not None else []
         now = time.perf_counter()
         if not seq.output:
             seq.t_first = now
@@ -396,16 +398,16 @@ class EngineWorker(LoopThread):
                         self.prefix_cache.insert(row.spec.prompt_ids, row.cache)
         seq.output.append(tok)
         if tok in self.eos_ids and not seq.req.sampling.ignore_eos:
-            self._finish(seq, "stop", token_ids=[tok])
+            self._finish(seq, "stop", token_ids=[tok], logprobs=lps)
             return
         text = seq.detok.add(tok)
         if seq.detok.stopped:
-            self._finish(seq, "stop", text, token_ids=[tok])
+            self._finish(seq, "stop", text, token_ids=[tok], logprobs=lps)
         elif len(seq.output) >= seq.req.sampling.max_tokens:
-            self._finish(seq, "length", text + seq.detok.flush(), token_ids=[tok])
+            self._finish(seq, "length", text + seq.detok.flush(), token_ids=[tok], logprobs=lps)
         else:
             try:
-                seq.sink(TokenEvent(text, [tok]))
+                seq.sink(TokenEvent(text, [tok], logprobs=lps))
             except Exception:  # the consumer is gone (closed loop): stop generating for it
                 log.warning("sink failed for %s; cancelling", seq.req.request_id)
                 self._finish(seq, "cancelled")
@@ -414,7 +416,7 @@ class EngineWorker(LoopThread):
                 row.pending = [tok]
 
     def _finish(self, seq: _Seq, reason: str, text: str = "", error: Optional[str] = None,
-                token_ids: Optional[list[int]] = None) -> None:
+                token_ids: Optional[list[int]] = None, logprobs: Optional[list] = None) -> None:
         if seq.done:
             return
         seq.done = True
@@ -432,6 +434,6 @@ class EngineWorker(LoopThread):
         try:
             seq.sink(TokenEvent(text, token_ids or [], finish_reason=reason, prompt_tokens=seq.prompt_tokens,
                                 completion_tokens=len(seq.output), timings=timings, error=error,
-                                cached_tokens=seq.cached_tokens))
+                                cached_tokens=seq.cached_tokens, logprobs=logprobs or []))
         except Exception:
             log.exception("sink failed for %s", seq.req.request_id)
