@@ -40,6 +40,9 @@ class ChatInput:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     logprobs: Optional[int] = None  # None: no logprobs; k: each token's and the k most likely
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     options: dict = field(default_factory=dict)  # strategy-specific fields, validated by the strategy
 
 
@@ -208,7 +211,9 @@ class Pipeline:
                 raise InvalidRequest(f"top_k must be between 1 and {s.max_top_k}", param="top_k")
         sampling = SamplingParams(max_tokens=inp.max_tokens or s.default_max_tokens, temperature=inp.temperature,
                                   top_p=inp.top_p, seed=inp.seed, stop=inp.stop,
-                                  ignore_eos=inp.ignore_eos, logprobs=inp.logprobs)
+                                  ignore_eos=inp.ignore_eos, logprobs=inp.logprobs,
+                                  presence_penalty=inp.presence_penalty, frequency_penalty=inp.frequency_penalty,
+                                  logit_bias=inp.logit_bias)
         query = Query(inp.request_id, inp.messages, question, top_k, sampling, {**inp.options, **route.options},
                       hits=route.hits)
         plan = await asyncio.to_thread(strategy.plan, query, self.ctx)

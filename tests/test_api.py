@@ -96,6 +96,16 @@ def test_logprobs_one_per_token_the_same_streamed_or_not(server, strategy):
     assert no.choices[0].logprobs is None
 
 
+def test_logit_bias_and_penalties_reach_the_engine(server):
+    c = server.client()
+    kw = dict(model="knowmux", messages=ASK, max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    forced = c.chat.completions.create(logit_bias={"5": 100}, **kw).choices[0].message.content
+    assert forced == server.runtime.engine.tokenizer.decode([5] * 4)
+    plain = c.chat.completions.create(**{**kw, "max_tokens": 24}).choices[0].message.content
+    fresh = c.chat.completions.create(presence_penalty=2, **{**kw, "max_tokens": 24}).choices[0].message.content
+    assert fresh != plain
+
+
 def test_stream_with_include_usage_ends_with_a_usage_chunk(server):
     chunks = list(server.client().chat.completions.create(
         model="knowmux", messages=ASK, max_tokens=5, stream=True, stream_options={"include_usage": True}))
@@ -161,6 +171,13 @@ def test_documents_list_in_pages_with_their_artefacts(server):
     ({"model": "knowmux", "messages": ASK, "top_logprobs": 2}, 400, "top_logprobs"),
     ({"model": "knowmux", "messages": ASK, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ({"model": "knowmux", "messages": ASK, "logprobs": True, "top_logprobs": "two"}, 400, "top_logprobs"),
+    ({"model": "knowmux", "messages": ASK, "presence_penalty": 3}, 400, "presence_penalty"),
+    ({"model": "knowmux", "messages": ASK, "frequency_penalty": "lots"}, 400, "frequency_penalty"),
+    ({"model": "knowmux", "messages": ASK, "logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    ({"model": "knowmux", "messages": ASK, "logit_bias": {"\u00b2": 1}}, 400, "logit_bias"),
+    ({"model": "knowmux", "messages": ASK, "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ({"model": "knowmux", "messages": ASK, "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
+    ({"model": "knowmux", "messages": ASK, "logit_bias": [5]}, 400, "logit_bias"),
     ({"model": "knowmux", "messages": ASK, "strategy": "telepathy"}, 400, "strategy"),
     ({"model": "gpt-9", "messages": ASK}, 404, "model"),
 ])

@@ -673,3 +673,28 @@ def test_logprobs_follow_the_logits_hook_and_are_off_unless_asked():
     assert [lp.token_id for lp in lps] == [7, 7, 7]
     assert all(lp.logprob > -1e-3 and lp.top == () for lp in lps)
     assert all(ev.logprobs == [] for ev in plain.events)
+
+
+def test_logit_bias_and_penalties_change_the_choice_as_openai_defines_them():
+    from server.engine.sampling import adjust
+
+    logits = torch.tensor([1.0, 3.0, 2.0, 0.0])
+    p = SamplingParams(max_tokens=1, presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((3, 4.0),))
+    # token 1 generated twice, token 2 once: 3 - 0.5 - 2 * 0.25, 2 - 0.5 - 0.25; token 3 biased
+    torch.testing.assert_close(adjust(logits, p, [1, 2, 1]), torch.tensor([1.0, 2.0, 1.25, 4.0]))
+    assert adjust(logits, SamplingParams(max_tokens=1), [1, 2]) is logits
+    assert logits.tolist() == [1.0, 3.0, 2.0, 0.0]
+
+    # through the worker: the tiny model repeats itself on this prompt; a presence penalty
+    # of 2 stops it (no token twice), and a large bias forces one token throughout
+    out = {name: Collector() for name in ("plain", "presence", "bias")}
+    eng = tiny_engine()
+    for name, kw in (("plain", {}), ("presence", {"presence_penalty": 2.0}), ("bias", {"logit_bias": ((5, 30.0),)})):
+        eng.worker.submit(GenRequest(name, [RowSpec(PROMPTS[2])], greedy(12, **kw)), out[name])
+    while eng.worker.step():
+        pass
+    assert len(set(out["plain"].tokens)) < 12 and len(set(out["presence"].tokens)) == 12
+    assert out["presence"].tokens[:2] == out["plain"].tokens[:2]  # nothing to penalise before a repeat
+    assert out["bias"].tokens == [5] * 12
+    with pytest.raises(InvalidRequest, match="logit_bias"):
+        eng.worker.submit(GenRequest("v", [RowSpec(PROMPTS[2])], greedy(2, logit_bias=((10**6, 1.0),))), Collector())

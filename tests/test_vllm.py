@@ -143,3 +143,16 @@ def test_both_engines_give_the_same_logprobs(vllm_engine, real_engine, shared_da
         assert [t["token"] for t in x["top_logprobs"]] == [t["token"] for t in y["top_logprobs"]]
         assert [t["logprob"] for t in x["top_logprobs"]] == pytest.approx([t["logprob"] for t in y["top_logprobs"]],
                                                                          abs=1e-2)
+
+
+def test_both_engines_apply_logit_bias_and_penalties_alike(vllm_engine, real_engine, shared_data, embedder):
+    penalised = {"presence_penalty": 1.5, "frequency_penalty": 0.5, "max_tokens": 24}
+    forced = _ids(real_engine, " Paris")[0]
+    with _server(real_engine, shared_data, embedder) as a, _server(vllm_engine, shared_data, embedder) as b:
+        answers = [[_ask(srv.url, "direct", QUESTIONS[0], **kw).json()["choices"][0]["message"]["content"]
+                    for kw in (penalised, {"logit_bias": {str(forced): 100}, "max_tokens": 3}, {"max_tokens": 24})]
+                   for srv in (a, b)]
+    (pa, fa, plain), (pb, fb, _) = answers
+    assert fa == fb == " Paris" * 3
+    assert pa != plain  # the penalties changed the answer ...
+    assert _ids(real_engine, pa)[:8] == _ids(vllm_engine, pb)[:8]  # ... the same way on both engines

@@ -34,6 +34,12 @@ def to_input(body: ChatCompletionRequest, request: Request, served: str) -> Chat
             raise InvalidRequest("top_logprobs needs logprobs set to true", param="top_logprobs")
         if not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
+    bias = []
+    for key, value in (body.logit_bias or {}).items():
+        if not (key.isascii() and key.isdigit()) or not -100.0 <= value <= 100.0:
+            raise InvalidRequest(f"logit_bias maps token ids (as strings) to numbers in -100..100; got {key!r}: "
+                                 f"{value!r}", param="logit_bias")
+        bias.append((int(key), float(value)))
     extras = set(body.model_extra or {}) - KNOWN_IGNORED
     if extras:
         log.info("ignoring unknown request fields: %s", ", ".join(sorted(extras)))
@@ -58,6 +64,7 @@ def to_input(body: ChatCompletionRequest, request: Request, served: str) -> Chat
         max_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
         temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop,
         ignore_eos=body.ignore_eos, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty, logit_bias=tuple(bias),
         options=body.strategy_options())
 
 

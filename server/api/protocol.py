@@ -48,6 +48,9 @@ class ChatCompletionRequest(BaseModel):
     user: Optional[StrictStr] = None
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = None
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: Optional[dict[str, float]] = None  # token id (as a string, OpenAI's shape) -> -100..100
     # knowmux extensions (OpenAI extra_body)
     strategy: Optional[StrictStr] = None
     top_k: Optional[int] = None
@@ -67,8 +70,8 @@ class ChatCompletionRequest(BaseModel):
                 if getattr(self, k) not in (None, False)}
 
 
-KNOWN_IGNORED = {"frequency_penalty", "presence_penalty", "logit_bias", "response_format", "tools", "tool_choice",
-                 "parallel_tool_calls", "metadata", "store", "service_tier"}
+KNOWN_IGNORED = {"response_format", "tools", "tool_choice", "parallel_tool_calls", "metadata", "store",
+                 "service_tier"}
 
 
 class DocumentIn(BaseModel):

@@ -9,6 +9,21 @@ import torch
 from .types import SamplingParams, TokenLogprob
 
 
+def adjust(logits: torch.Tensor, params: SamplingParams, output: list[int]) -> torch.Tensor:
+    """OpenAI's logit_bias, then presence and frequency penalties over the tokens generated
+    so far (``output``), as vLLM applies them; ``logits`` itself is left as it is."""
+    if not (params.logit_bias or (output and (params.presence_penalty or params.frequency_penalty))):
+        return logits
+    out = logits.clone()
+    if params.logit_bias:
+        ids, bias = zip(*params.logit_bias)
+        out[list(ids)] += torch.tensor(bias, dtype=out.dtype)
+    if output and (params.presence_penalty or params.frequency_penalty):
+        ids, counts = torch.unique(torch.tensor(output), return_counts=True)
+        out[ids] -= params.frequency_penalty * counts.to(out.dtype) + params.presence_penalty
+    return out
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]) -> int:
     """logits: [vocab] float32 (masked entries may be -inf). Greedy when temperature == 0;
     otherwise temperature, then nucleus (top-p) filtering, then a draw from ``generator``."""

@@ -27,13 +27,16 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     logprobs: Optional[int] = None  # None: none; k >= 0: each token's logprob and the k most likely
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
 
 @dataclass(frozen=True)
 class TokenLogprob:
     """A generated token's log-probability under the distribution it was drawn from (after
-    a logits hook such as CK-PLUG's, before temperature and top-p, as vLLM's raw logprobs),
-    and the ``top`` most likely tokens of that distribution, best first."""
+    a logits hook such as CK-PLUG's; before logit bias, penalties, temperature and top-p, as
+    vLLM's raw logprobs), and the ``top`` most likely tokens of that distribution, best first."""
 
     token_id: int
     logprob: float

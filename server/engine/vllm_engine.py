@@ -121,6 +121,10 @@ class VLLMEngine(LoopThread):
         s = req.sampling
         if s.temperature < 0 or not 0 < s.top_p <= 1 or s.max_tokens < 1:  # checked here: a bad value
             raise InvalidRequest("invalid sampling parameters")  # inside vLLM kills its engine
+        vocab = self.llm.model_config.get_vocab_size()
+        if any(not 0 <= t < vocab for t, _ in s.logit_bias):
+            raise InvalidRequest(f"logit_bias names a token id outside this model's vocabulary (0..{vocab - 1})",
+                                 param="logit_bias")
         with self._cv:
             if not self.alive:
                 raise EngineUnavailable(self.last_error or "the engine is not running", retry_after=5)
@@ -185,7 +189,9 @@ class VLLMEngine(LoopThread):
                 s = r.req.sampling
                 params = SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
                                         seed=s.seed, stop=list(s.stop) or None, ignore_eos=s.ignore_eos,
-                                        logprobs=s.logprobs, output_kind=RequestOutputKind.DELTA)
+                                        logprobs=s.logprobs, presence_penalty=s.presence_penalty,
+                                        frequency_penalty=s.frequency_penalty,
+                                        logit_bias=dict(s.logit_bias) or None, output_kind=RequestOutputKind.DELTA)
                 lora = r.req.rows[0].adapters
                 try:
                     self.llm.add_request(rid, {"prompt_token_ids": list(r.req.rows[0].prompt_ids)}, params,

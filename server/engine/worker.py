@@ -27,7 +27,7 @@ from .detok import IncrementalDetokenizer
 from .kvcache import RowCache
 from .model import LlamaRunner, Segment
 from .prefix_cache import PrefixCache
-from .sampling import sample, token_logprob
+from .sampling import adjust, sample, token_logprob
 from .scheduler import plan_step
 from .types import GenRequest, RowSpec, Timings, TokenEvent
 
@@ -163,6 +163,9 @@ class EngineWorker(LoopThread):
         """Queue a request. Raises InvalidRequest (cannot ever fit), QueueFull, EngineUnavailable."""
         if not req.rows or any(not r.prompt_ids for r in req.rows):
             raise InvalidRequest("every row needs at least one prompt token")
+        if any(not 0 <= t < self.runner.vocab_size for t, _ in req.sampling.logit_bias):
+            raise InvalidRequest(f"logit_bias names a token id outside this model's vocabulary "
+                                 f"(0..{self.runner.vocab_size - 1})", param="logit_bias")
         if req.kv_tokens_needed > self.limits.max_tokens_in_flight:
             raise InvalidRequest(
                 f"request needs {req.kv_tokens_needed} KV slots, more than this server's "
@@ -386,7 +389,7 @@ class EngineWorker(LoopThread):
 
     def _emit_token(self, seq: _Seq, logits: torch.Tensor) -> None:
         final = seq.req.logits_hook(logits) if seq.req.logits_hook is not None else logits[0]
-        tok = sample(final, seq.req.sampling, seq.generator)
+        tok = sample(adjust(final, seq.req.sampling, seq.output), seq.req.sampling, seq.generator)
         k = seq.req.sampling.logprobs
         lps = [token_logprob(final, tok, k)] if k is not None else []
         now = time.perf_counter()
