@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from .config import Settings
@@ -204,6 +204,21 @@ class Pipeline:
             raise InvalidRequest(f"strategy {route.strategy!r} cannot run on the {self.engine.name} engine "
                                  f"(it runs: {', '.join(self.supported)}); serve with --engine torch for it",
                                  param="strategy", code="strategy_not_supported")
+        return await self._plan(inp, route, question, top_k, t0)
+
+    async def again(self, first: Prepared, index: int) -> Prepared:
+        """Choice ``index`` (n > 1) of the request ``first`` was prepared for: the same route
+        (strategy, experiment arm, retrieval), planned afresh so that per-request state such
+        as CK-PLUG's trace is its own; seeded ``seed + index`` when a seed was given."""
+        inp = first.input
+        inp = replace(inp, request_id=f"{inp.request_id}-{index}",
+                      seed=inp.seed + index if inp.seed is not None else None)
+        question = next(m["content"] for m in reversed(inp.messages) if m["role"] == "user")
+        top_k = self.settings.default_top_k if inp.top_k is None else inp.top_k
+        return await self._plan(inp, first.route, question, top_k, first.t_start)  # the client waits since then
+
+    async def _plan(self, inp: ChatInput, route: Route, question: str, top_k: int, t0: float) -> Prepared:
+        s = self.settings
         strategy = get_strategy(route.strategy)
         if route.top_k is not None:
             top_k = route.top_k

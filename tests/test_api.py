@@ -106,6 +106,85 @@ def test_logit_bias_and_penalties_reach_the_engine(server):
     assert fresh != plain
 
 
+COMPARED = ["direct", "rag", "rag+ckplug"]
+
+
+def test_strategies_answer_one_choice_each_as_each_would_alone(server):
+    c = server.client()
+    kw = dict(model="knowmux", messages=ASK, max_tokens=12, temperature=0)
+    alone = [c.chat.completions.create(**kw, extra_body={"strategy": s}) for s in COMPARED]
+    raw = c.chat.completions.with_raw_response.create(**kw, extra_body={"strategies": COMPARED})
+    both = raw.parse()
+    assert raw.headers["x-strategy"] == ",".join(COMPARED)
+    assert [ch.index for ch in both.choices] == [0, 1, 2]
+    for ch, a, name in zip(both.choices, alone, COMPARED):
+        assert ch.model_extra["knowmux"]["strategy"] == name
+        assert ch.message.content == a.choices[0].message.content  # batched together, as alone
+        assert ch.model_extra["knowmux"]["usage"]["prompt_tokens"] == a.usage.prompt_tokens
+    assert both.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert both.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    assert "knowmux" not in both.model_extra  # each choice carries its own
+
+    texts, finished = ["", "", ""], {}
+    for chunk in c.chat.completions.create(stream=True, **kw, extra_body={"strategies": COMPARED}):
+        for ch in chunk.choices:
+            texts[ch.index] += ch.delta.content or ""
+            if ch.finish_reason:
+                finished[ch.index] = ch.model_extra["knowmux"]["strategy"]
+    assert texts == [ch.message.content for ch in both.choices]
+    assert finished == dict(enumerate(COMPARED))
+    metrics = httpx.get(server.url + "/metrics").text
+    for name in COMPARED:
+        assert f'knowmux_requests_total{{arm="",experiment="",status="200",strategy="{name}"}}' in metrics
+
+
+def test_n_choices_share_a_route_and_are_seeded_apart(server):
+    c = server.client()
+    kw = dict(model="knowmux", messages=ASK, max_tokens=8, temperature=1.0, seed=7, n=3,
+              extra_body={"strategy": "rag", "ignore_eos": True})
+    a, b = c.chat.completions.create(**kw), c.chat.completions.create(**kw)
+    texts = [ch.message.content for ch in a.choices]
+    assert texts == [ch.message.content for ch in b.choices]  # reproducible with a seed
+    assert len(set(texts)) == 3  # seed + index: three different samples
+    one = c.chat.completions.create(**{**kw, "n": 1})
+    assert one.choices[0].message.content == texts[0]
+    assert a.usage.prompt_tokens == one.usage.prompt_tokens  # one prompt, counted once
+    assert a.usage.completion_tokens == 24
+    assert {ch.model_extra["knowmux"]["strategy"] for ch in a.choices} == {"rag"}
+    streamed = ["", "", ""]
+    for chunk in c.chat.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            streamed[ch.index] += ch.delta.content or ""
+    assert streamed == texts
+
+
+def test_choices_are_submitted_all_or_none():
+    from server.api.chat import start_choices
+    from server.errors import QueueFull
+
+    class Stream:
+        cancelled = False
+
+        def cancel(self):
+            self.cancelled = True
+
+    started = []
+
+    class Pipeline:
+        def start(self, p):
+            if len(started) == 2:
+                raise QueueFull("full", retry_after=1)
+            started.append(Stream())
+            return started[-1]
+
+    class Runtime:
+        pipeline = Pipeline()
+
+    with pytest.raises(QueueFull):
+        start_choices(Runtime(), [object()] * 3)
+    assert len(started) == 2 and all(s.cancelled for s in started)
+
+
 def test_stream_with_include_usage_ends_with_a_usage_chunk(server):
     chunks = list(server.client().chat.completions.create(
         model="knowmux", messages=ASK, max_tokens=5, stream=True, stream_options={"include_usage": True}))
@@ -167,7 +246,14 @@ def test_documents_list_in_pages_with_their_artefacts(server):
     ({"model": "knowmux", "messages": ASK, "max_tokens": 100000}, 400, "max_tokens"),
     ({"model": "knowmux", "messages": ASK, "temperature": -1}, 400, "temperature"),
     ({"model": "knowmux", "messages": ASK, "top_k": 0}, 400, "top_k"),
-    ({"model": "knowmux", "messages": ASK, "n": 3}, 400, "n"),
+    ({"model": "knowmux", "messages": ASK, "n": 9}, 400, "n"),
+    ({"model": "knowmux", "messages": ASK, "n": 0}, 400, "n"),
+    ({"model": "knowmux", "messages": ASK, "strategies": []}, 400, "strategies"),
+    ({"model": "knowmux", "messages": ASK, "strategies": ["rag"] * 9}, 400, "strategies"),
+    ({"model": "knowmux", "messages": ASK, "strategies": ["rag", "direct"], "n": 2}, 400, "strategies"),
+    ({"model": "knowmux", "messages": ASK, "strategies": ["rag", "direct"], "strategy": "rag"}, 400, "strategies"),
+    ({"model": "knowmux", "messages": ASK, "strategies": ["rag", "telepathy"]}, 400, "strategy"),
+    ({"model": "knowmux", "messages": ASK, "strategies": "rag"}, 400, "strategies"),
     ({"model": "knowmux", "messages": ASK, "top_logprobs": 2}, 400, "top_logprobs"),
     ({"model": "knowmux", "messages": ASK, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ({"model": "knowmux", "messages": ASK, "logprobs": True, "top_logprobs": "two"}, 400, "top_logprobs"),

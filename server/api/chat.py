@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
+from dataclasses import replace
 from typing import AsyncIterator
 from urllib.parse import quote
 
@@ -22,13 +24,22 @@ from .protocol import KNOWN_IGNORED, ChatCompletionRequest
 log = logging.getLogger(__name__)
 router = APIRouter()
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit, and vLLM's default max_logprobs
+MAX_CHOICES = 8  # n, or the strategies compared in one request
 
 
 def to_input(body: ChatCompletionRequest, request: Request, served: str) -> ChatInput:
     if body.model != served:
         raise ModelNotFound(f"The model {body.model!r} does not exist; this server serves {served!r}", param="model")
-    if body.n != 1:
-        raise InvalidRequest("only n=1 is supported", param="n")
+    if not 1 <= body.n <= MAX_CHOICES:
+        raise InvalidRequest(f"n must be between 1 and {MAX_CHOICES}", param="n")
+    if body.strategies is not None:
+        if not 1 <= len(body.strategies) <= MAX_CHOICES:
+            raise InvalidRequest(f"strategies must name 1 to {MAX_CHOICES} strategies", param="strategies")
+        if body.n != 1:
+            raise InvalidRequest("n and strategies cannot be combined: strategies gives one choice each",
+                                 param="strategies")
+        if body.strategy is not None or request.headers.get("x-strategy"):
+            raise InvalidRequest("strategies replaces strategy and X-Strategy; send one of them", param="strategies")
     if body.top_logprobs is not None:
         if not body.logprobs:
             raise InvalidRequest("top_logprobs needs logprobs set to true", param="top_logprobs")
@@ -80,21 +91,54 @@ def knowmux_field(p: Prepared, timings, total_ms: float) -> dict:
             **(p.plan.report() if p.plan.report is not None else {})}
 
 
-def response_headers(p: Prepared) -> dict:
+def response_headers(preps: list[Prepared]) -> dict:
     # Header values must be latin-1 and the list is comma-separated: percent-escape
     # each id (RFC 3986 unreserved characters pass as they are). Route reasons and
-    # experiment/arm names are built from validated names and numbers only.
-    ids = ",".join(quote(r.doc_id, safe="") for r in p.plan.retrieved)
-    h = {"X-Strategy": p.strategy, "X-Route-Reason": p.route.reason, "X-Retrieved-Docs": ids}
-    if p.route.experiment is not None:
-        h["X-Experiment"] = p.route.experiment
-        if p.route.arm is not None:
-            h["X-Experiment-Arm"] = p.route.arm
+    # experiment/arm names are built from validated names and numbers only. With several
+    # choices: each strategy and reason once, in choice order, and every retrieved id.
+    ids = ",".join(dict.fromkeys(quote(r.doc_id, safe="") for p in preps for r in p.plan.retrieved))
+    h = {"X-Strategy": ",".join(dict.fromkeys(p.strategy for p in preps)),
+         "X-Route-Reason": "; ".join(dict.fromkeys(p.route.reason for p in preps)), "X-Retrieved-Docs": ids}
+    first = preps[0]
+    if first.route.experiment is not None:
+        h["X-Experiment"] = first.route.experiment
+        if first.route.arm is not None:
+            h["X-Experiment-Arm"] = first.route.arm
     return h
 
 
 def _labels(p: Prepared) -> tuple[str, str, str]:
     return p.strategy, p.route.experiment or "", p.route.arm or ""
+
+
+async def prepare_choices(rt, inp: ChatInput, body: ChatCompletionRequest) -> list[Prepared]:
+    """One Prepared per choice: ``n`` choices on one route, or one per named strategy.
+    Every choice's latency counts from the request's start."""
+    if not body.strategies:
+        first = await rt.pipeline.prepare(inp)
+        return [first] + [await rt.pipeline.again(first, i) for i in range(1, body.n)]
+    preps = []
+    for i, name in enumerate(body.strategies):
+        p = await rt.pipeline.prepare(replace(inp, request_id=f"{inp.request_id}-{i}" if i else inp.request_id,
+                                              strategy=name, strategy_source="body"))
+        if preps:
+            p.plan_ms += (p.t_start - preps[0].t_start) * 1e3
+            p.t_start = preps[0].t_start
+        preps.append(p)
+    return preps
+
+
+def start_choices(rt, preps: list[Prepared]) -> list:
+    """Submit every choice, or none: a refusal (queue full) cancels those already queued."""
+    streams = []
+    try:
+        for p in preps:
+            streams.append(rt.pipeline.start(p))
+    except BaseException:
+        for st in streams:
+            st.cancel()
+        raise
+    return streams
 
 
 @router.post("/v1/chat/completions", dependencies=[Depends(require_client)])
@@ -103,42 +147,60 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt=Dep
               request.headers.get("x-experiment") or "", "")
     try:
         inp = to_input(body, request, rt.settings.served_model_name)
-        prepared = await rt.pipeline.prepare(inp)
-        labels = _labels(prepared)
-        events = rt.pipeline.start(prepared)
+        preps = await prepare_choices(rt, inp, body)
+        labels = _labels(preps[0])
+        streams = start_choices(rt, preps)
     except KnowmuxError as exc:
         rt.metrics.failed(labels, status_of(exc), exc.code or exc.type)
         raise
-    rt.metrics.routes.labels(prepared.strategy, prepared.route.rule).inc()
-    headers = response_headers(prepared)
+    for p in preps:
+        rt.metrics.routes.labels(p.strategy, p.route.rule).inc()
+    headers = response_headers(preps)
     created = int(time.time())
     model = rt.settings.served_model_name
+    one_prompt = not body.strategies  # n choices share one prompt, counted once as OpenAI does
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(rt, prepared, events, created, model, include_usage),
+        return StreamingResponse(_sse(rt, preps, streams, created, model, include_usage, one_prompt),
                                  media_type="text/event-stream", headers=headers)
-    parts, lps, last = [], [], None
     try:
-        async for ev in events:
-            parts.append(ev.text)
-            lps += ev.logprobs
-            last = ev
+        results = await asyncio.gather(*(_collect(st) for st in streams))
     finally:
-        events.cancel()
-    if last.finish_reason == "error":
-        rt.metrics.failed(labels, 500, "engine_error")
-        raise EngineError(last.error or "engine error")
-    total_ms = (time.perf_counter() - prepared.t_start) * 1e3
-    _record(rt, prepared, last, total_ms)
-    kx = knowmux_field(prepared, last.timings, total_ms)
-    tm = kx["timings_ms"]
-    headers["Server-Timing"] = ", ".join(f"{k};dur={tm.get(k, 0.0):.1f}" for k in ("retrieve", "prefill", "decode"))
-    return JSONResponse({
-        "id": inp.request_id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                     "logprobs": _logprobs(rt.engine.tokenizer, lps) if inp.logprobs is not None else None,
-                     "finish_reason": last.finish_reason}],
-        "usage": _usage(last), "knowmux": kx}, headers=headers)
+        for st in streams:
+            st.cancel()
+    for p, (_, _, last, _) in zip(preps, results):
+        if last.finish_reason == "error":
+            rt.metrics.failed(_labels(p), 500, "engine_error")
+            raise EngineError(last.error or "engine error")
+    choices, lasts = [], []
+    for i, (p, (parts, lps, last, t_end)) in enumerate(zip(preps, results)):
+        total_ms = (t_end - p.t_start) * 1e3
+        _record(rt, p, last, total_ms)
+        choice = {"index": i, "message": {"role": "assistant", "content": "".join(parts)},
+                  "logprobs": _logprobs(rt.engine.tokenizer, lps) if inp.logprobs is not None else None,
+                  "finish_reason": last.finish_reason}
+        kx = knowmux_field(p, last.timings, total_ms)
+        if len(preps) > 1:
+            choice["knowmux"] = {**kx, "usage": _usage(last)}
+        choices.append(choice)
+        lasts.append(last)
+    out = {"id": inp.request_id, "object": "chat.completion", "created": created, "model": model,
+           "choices": choices, "usage": _usage_of(lasts, one_prompt)}
+    if len(preps) == 1:
+        out["knowmux"] = kx
+        tm = kx["timings_ms"]
+        headers["Server-Timing"] = ", ".join(f"{k};dur={tm.get(k, 0.0):.1f}" for k in ("retrieve", "prefill", "decode"))
+    return JSONResponse(out, headers=headers)
+
+
+async def _collect(events) -> tuple[list[str], list, object, float]:
+    """A choice's text pieces, logprobs, last event and the time it finished."""
+    parts, lps, last = [], [], None
+    async for ev in events:
+        parts.append(ev.text)
+        lps += ev.logprobs
+        last = ev
+    return parts, lps, last, time.perf_counter()
 
 
 def _logprobs(tokenizer, lps) -> dict:
@@ -153,9 +215,15 @@ def _logprobs(tokenizer, lps) -> dict:
 
 
 def _usage(ev) -> dict:
-    return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
-            "total_tokens": ev.prompt_tokens + ev.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": ev.cached_tokens}}
+    return _usage_of([ev], True)
+
+
+def _usage_of(lasts: list, one_prompt: bool) -> dict:
+    """Usage over choices: completions summed; prompts once when the choices share one."""
+    prompts = lasts[:1] if one_prompt else lasts
+    prompt, completion = sum(e.prompt_tokens for e in prompts), sum(e.completion_tokens for e in lasts)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(e.cached_tokens for e in prompts)}}
 
 
 def _record(rt, p: Prepared, last, total_ms: float) -> None:
@@ -169,36 +237,60 @@ def _record(rt, p: Prepared, last, total_ms: float) -> None:
     m.tokens.labels(*labels, "completion").inc(last.completion_tokens)
 
 
-async def _sse(rt, p: Prepared, events, created: int, model: str, include_usage: bool) -> AsyncIterator[str]:
-    def chunk(delta: dict, finish=None, logprobs=None, **extra) -> str:
-        body = {"id": p.input.request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}], **extra}
+async def _sse(rt, preps: list[Prepared], streams: list, created: int, model: str, include_usage: bool,
+               one_prompt: bool) -> AsyncIterator[str]:
+    rid, multi = preps[0].input.request_id, len(preps) > 1
+
+    def chunk(choices: list, **extra) -> str:
+        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": choices, **extra}
         return f"data: {json.dumps(body)}\n\n"
 
-    def content(ev) -> str:  # a token's logprobs travel with it even while its text is held back
-        return chunk({"content": ev.text}, logprobs=_logprobs(rt.engine.tokenizer, ev.logprobs) if ev.logprobs else None)
+    def choice(i: int, delta: dict, finish=None, logprobs=None, **extra) -> dict:
+        return {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish, **extra}
 
-    try:
-        yield chunk({"role": "assistant", "content": ""})
+    def content(i: int, ev) -> str:  # a token's logprobs travel with it even while its text is held back
+        lps = _logprobs(rt.engine.tokenizer, ev.logprobs) if ev.logprobs else None
+        return chunk([choice(i, {"content": ev.text}, logprobs=lps)])
+
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, events) -> None:
         async for ev in events:
+            merged.put_nowait((i, ev))
+
+    pumps = [asyncio.create_task(pump(i, st)) for i, st in enumerate(streams)]
+    try:
+        yield chunk([choice(i, {"role": "assistant", "content": ""}) for i in range(len(preps))])
+        lasts = [None] * len(preps)
+        while any(last is None for last in lasts):
+            i, ev = await merged.get()
+            p = preps[i]
             if ev.finish_reason == "error":
                 rt.metrics.failed(_labels(p), 500, "engine_error")
                 yield f"data: {json.dumps(error_body(ev.error or 'engine error', 'server_error', None, 'engine_error'))}\n\n"
                 break
+            if ev.text or ev.logprobs:
+                yield content(i, ev)
             if ev.finish_reason is None:
-                if ev.text or ev.logprobs:
-                    yield content(ev)
                 continue
+            lasts[i] = ev
             total_ms = (time.perf_counter() - p.t_start) * 1e3
             _record(rt, p, ev, total_ms)
             kx = knowmux_field(p, ev.timings, total_ms)
-            if ev.text or ev.logprobs:
-                yield content(ev)
-            if include_usage:
-                yield chunk({}, ev.finish_reason)
-                yield (f"data: {json.dumps({'id': p.input.request_id, 'object': 'chat.completion.chunk', 'created': created, 'model': model, 'choices': [], 'usage': _usage(ev), 'knowmux': kx})}\n\n")
+            if multi:
+                yield chunk([choice(i, {}, ev.finish_reason, knowmux={**kx, "usage": _usage(ev)})])
+            elif include_usage:
+                yield chunk([choice(i, {}, ev.finish_reason)])
+                yield chunk([], usage=_usage(ev), knowmux=kx)
             else:
-                yield chunk({}, ev.finish_reason, usage=_usage(ev), knowmux=kx)
+                yield chunk([choice(i, {}, ev.finish_reason)], usage=_usage(ev), knowmux=kx)
+        else:
+            if multi and include_usage:
+                yield chunk([], usage=_usage_of(lasts, one_prompt))
         yield "data: [DONE]\n\n"
     finally:
-        events.cancel()  # the client went away or we are done: free the batch slot
+        for task in pumps:
+            task.cancel()
+        for st in streams:
+            st.cancel()  # the client went away or we are done: free the batch slots

@@ -53,6 +53,7 @@ class ChatCompletionRequest(BaseModel):
     logit_bias: Optional[dict[str, float]] = None  # token id (as a string, OpenAI's shape) -> -100..100
     # knowmux extensions (OpenAI extra_body)
     strategy: Optional[StrictStr] = None
+    strategies: Optional[list[StrictStr]] = None  # one choice per strategy, generated in one batch
     top_k: Optional[int] = None
     ignore_eos: bool = False  # as in vLLM: for benchmarks that need fixed-length outputs
     # CK-PLUG (rag+ckplug): validated by the strategy, so that errors name the field
