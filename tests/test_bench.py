@@ -221,3 +221,17 @@ def test_batching_records_the_kernels_a_server_chose():
     m.bind_engine(Engine())
     assert gemm_kernels(generate_latest(m.registry).decode()) == {
         "960x576": {"1": "onednn_packed", "8": "onednn", "64": "onednn", "512": "mkl"}}
+
+
+def test_compare_times_both_ways_and_checks_the_answers_agree(make_server):
+    import httpx
+
+    from bench.compare import run
+
+    srv = make_server()
+    r = httpx.post(srv.url + "/v1/documents", json={"documents": [
+        {"id": "a", "title": "Zorbl", "text": "Zorbl is a purple cat."}]})
+    assert r.status_code == 200
+    res = run(srv.url, ["What colour is Zorbl?", "Who is Zorbl?"], ["direct", "rag", "rag+ckplug"], 6)
+    assert res["questions"] == 2 and res["identical_answers"] == 2  # batched together, as alone
+    assert len(res["one_request_each_s"]) == len(res["one_request_all_s"]) == 2 and res["speedup_median"] > 0
