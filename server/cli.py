@@ -1,4 +1,4 @@
-"""The ``knowmux`` command: setup, serve, ingest."""
+"""The ``knowmux`` command: setup, serve, ingest, ask, router, bench."""
 
 from __future__ import annotations
 
@@ -48,6 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--build", default="", help="artefacts to build after ingest, comma-separated: kv, adapters")
     s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("ask", help="ask a running server one question under several strategies, side by side")
+    s.add_argument("question")
+    s.add_argument("--url", default="http://127.0.0.1:8000", help="the knowmux server (default %(default)s)")
+    s.add_argument("--strategies", default="direct,rag", help="comma-separated (default %(default)s)")
+    s.add_argument("--max-tokens", type=int, default=64)
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--api-key", default=os.environ.get("KNOWMUX_API_KEY"), help="a client key (env KNOWMUX_API_KEY)")
+    s.set_defaults(func=cmd_ask)
 
     s = sub.add_parser("router", help="the router's classifier: knowmux router train --from RUN --out DIR",
                        add_help=False)
@@ -206,6 +215,44 @@ def build(settings: Settings, engine, kb, doc_ids: list[str], kinds: list[str]) 
             print(f"  failed {line}", file=sys.stderr)
         n_failed += len(failed)
     return n_failed
+
+
+def cmd_ask(args) -> int:
+    """One request naming every strategy (they share the engine's batch); each answer with
+    its time to first token, total time, prompt size, mean token logprob and retrieval."""
+    import httpx
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # its INFO line per request is noise here
+    strategies = [x for x in args.strategies.split(",") if x]
+    body = {"model": "knowmux", "messages": [{"role": "user", "content": args.question}], "temperature": 0,
+            "max_tokens": args.max_tokens, "logprobs": True, "strategies": strategies}
+    if args.top_k is not None:
+        body["top_k"] = args.top_k
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        r = httpx.post(args.url.rstrip("/") + "/v1/chat/completions", json=body, headers=headers, timeout=600)
+    except httpx.HTTPError as e:
+        print(f"knowmux ask: cannot reach {args.url}: {e}", file=sys.stderr)
+        return 2
+    if r.status_code != 200:
+        try:
+            message = r.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = r.text[:500]
+        print(f"knowmux ask: {r.status_code}: {message}", file=sys.stderr)
+        return 1
+    data = r.json()
+    for c in data["choices"]:
+        kx = c.get("knowmux") or data.get("knowmux", {})  # one choice: the response's own
+        usage = kx.get("usage") or data.get("usage", {})
+        t, lps = kx.get("timings_ms", {}), (c.get("logprobs") or {}).get("content") or []
+        mean_lp = sum(x["logprob"] for x in lps) / len(lps) if lps else float("nan")
+        docs = ", ".join(f"{d['id']} ({d['score']:.2f})" for d in kx.get("retrieved", [])) or "-"
+        print(f"[{kx.get('strategy', '?')}] ttft {t.get('ttft', float('nan')):.0f} ms, total "
+              f"{t.get('total', float('nan')):.0f} ms, {usage.get('prompt_tokens', '?')} prompt "
+              f"tokens, mean logprob {mean_lp:.2f}; retrieved: {docs}")
+        print("  " + " ".join(c["message"]["content"].split()))
+    return 0
 
 
 if __name__ == "__main__":

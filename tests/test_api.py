@@ -481,3 +481,19 @@ def test_jobs_build_in_groups_and_count_each_document(tmp_path):
     assert done.errors == [{"doc_id": "d4", "error": "ValueError: bad doc"}]
     assert json.loads((tmp_path / f"{job.id}.json").read_text())["done"] == 7
     jobs.shutdown()
+
+
+def test_ask_cli_prints_each_strategy_side_by_side(server, capsys):
+    from server.cli import main
+
+    args = ["ask", "Where does Zorbl the cat live?", "--url", server.url, "--max-tokens", "4"]
+    assert main(args + ["--strategies", "direct,rag"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("[direct] ttft") and "retrieved: -" in out[0] and "mean logprob -" in out[0]
+    assert out[2].startswith("[rag] ttft") and "retrieved: zorbl (0." in out[2]
+    assert main(args + ["--strategies", "rag"]) == 0  # one choice: the response's own knowmux object
+    assert capsys.readouterr().out.startswith("[rag] ttft")
+    assert main(args + ["--strategies", "telepathy"]) == 1
+    assert "400" in capsys.readouterr().err
+    assert main(["ask", "q", "--url", "http://127.0.0.1:9"]) == 2
+    assert "cannot reach" in capsys.readouterr().err
