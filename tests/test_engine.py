@@ -698,3 +698,27 @@ def test_logit_bias_and_penalties_change_the_choice_as_openai_defines_them():
     assert out["bias"].tokens == [5] * 12
     with pytest.raises(InvalidRequest, match="logit_bias"):
         eng.worker.submit(GenRequest("v", [RowSpec(PROMPTS[2])], greedy(2, logit_bias=((10**6, 1.0),))), Collector())
+
+
+def test_a_second_start_does_not_add_a_second_loop():
+    # two runtimes around one engine (the tests' session engines; an embedding application)
+    # each start it: two loops stepping one engine corrupted vLLM's batch state
+    from server.engine.worker import LoopThread
+
+    class Loop(LoopThread):
+        def __init__(self):
+            self._cv, self._stop, self._thread, self.loops = threading.Condition(), False, None, 0
+
+        def _loop(self):
+            with self._cv:
+                self.loops += 1
+                while not self._stop:
+                    self._cv.wait()
+
+    loop = Loop()
+    loop.start()
+    loop.start()
+    time.sleep(0.2)
+    assert loop.loops == 1 and loop.alive
+    loop.shutdown()
+    assert not loop.alive

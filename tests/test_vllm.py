@@ -156,3 +156,15 @@ def test_both_engines_apply_logit_bias_and_penalties_alike(vllm_engine, real_eng
     assert fa == fb == " Paris" * 3
     assert pa != plain  # the penalties changed the answer ...
     assert _ids(real_engine, pa)[:8] == _ids(vllm_engine, pb)[:8]  # ... the same way on both engines
+
+
+def test_strategies_and_n_on_the_vllm_engine(vllm_engine, shared_data, embedder):
+    with _server(vllm_engine, shared_data, embedder) as srv:
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=300, json={
+            "model": "knowmux", "messages": [{"role": "user", "content": QUESTIONS[1]}], "max_tokens": 8,
+            "temperature": 0, "strategies": ["direct", "rag"]})
+        assert r.status_code == 200, r.text
+        assert [c["knowmux"]["strategy"] for c in r.json()["choices"]] == ["direct", "rag"]
+        r = _ask(srv.url, "rag", QUESTIONS[1], max_tokens=8, n=2, temperature=1.0, seed=3)
+        assert r.status_code == 200, r.text
+        assert len(r.json()["choices"]) == 2 and r.json()["usage"]["completion_tokens"] <= 16

@@ -98,7 +98,10 @@ class LoopThread:
 
     def start(self, on: Optional[ComputeThread] = None) -> None:
         """Run the loop on a thread of its own, or as a job of ``on`` (the thread that
-        loaded the model: see server.engine.compute)."""
+        loaded the model: see server.engine.compute). Once: a second start (a second
+        runtime around the same engine) must not add a second loop stepping it."""
+        if self._thread is not None:
+            return
         if on is None:
             self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
             self._thread.start()
