@@ -13,6 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jinja2 import TemplateError
+
+from .errors import InvalidRequest
+
 SYSTEM_PROMPT = (
     "You are a helpful assistant. Answer the question using the documents below. "
     "If they do not contain the answer, answer from your own knowledge. Answer briefly."
@@ -52,7 +56,10 @@ class PromptBuilder:
         self.tok = tokenizer
 
     def _render(self, messages: list[dict]) -> str:
-        return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        try:
+            return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateError as e:  # a model's template may refuse a conversation (roles must alternate, ...)
+            raise InvalidRequest(f"the model's chat template refused these messages: {e}", param="messages") from None
 
     def _encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)

@@ -520,3 +520,37 @@ def test_ask_cli_prints_each_strategy_side_by_side(server, capsys):
     assert "400" in capsys.readouterr().err
     assert main(["ask", "q", "--url", "http://127.0.0.1:9"]) == 2
     assert "cannot reach" in capsys.readouterr().err
+
+
+def test_tokenize_and_detokenize_as_vllm_serves_them(server):
+    tok = server.runtime.engine.tokenizer
+    r = httpx.post(server.url + "/tokenize", json={"model": "knowmux", "prompt": "Zorbl is a cat"})
+    assert r.status_code == 200 and r.json()["tokens"] == tok.encode("Zorbl is a cat")
+    assert r.json()["count"] == len(r.json()["tokens"]) and r.json()["max_model_len"] > 0
+    back = httpx.post(server.url + "/detokenize", json={"tokens": r.json()["tokens"]})
+    assert back.status_code == 200 and back.json()["prompt"] == "Zorbl is a cat"
+    # messages: the prompt `direct` prefills, so its count is a direct request's prompt tokens
+    counted = httpx.post(server.url + "/tokenize", json={"messages": ASK}).json()["count"]
+    direct = server.client().chat.completions.create(model="knowmux", messages=ASK, max_tokens=1,
+                                                    extra_body={"strategy": "direct"})
+    assert counted == direct.usage.prompt_tokens
+    for path, body, param in [("/tokenize", {"prompt": "a", "messages": ASK}, "prompt"), ("/tokenize", {}, "prompt"),
+                              ("/tokenize", {"prompt": "a", "model": "gpt-9"}, "model"),
+                              ("/detokenize", {"tokens": [10 ** 9]}, "tokens"), ("/detokenize", {"tokens": [-1]}, "tokens"),
+                              ("/detokenize", {"tokens": "abc"}, "tokens")]:
+        r = httpx.post(server.url + path, json=body)
+        assert r.status_code in (400, 404) and error_of(r)["param"] == param, (path, body, r.text)
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400(make_server):
+    srv = make_server()
+    srv.runtime.engine.tokenizer.chat_template = (
+        "{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+        "{{ raise_exception('roles must alternate') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    twice = [{"role": "user", "content": "hi"}, {"role": "user", "content": "hi again"}]
+    r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "knowmux", "messages": twice, "max_tokens": 2})
+    assert r.status_code == 400 and error_of(r)["param"] == "messages" and "roles must alternate" in r.text
+    r = httpx.post(srv.url + "/tokenize", json={"messages": twice})
+    assert r.status_code == 400 and error_of(r)["param"] == "messages"
+    assert httpx.get(srv.url + "/health").status_code == 200

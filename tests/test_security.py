@@ -50,6 +50,9 @@ def test_keys_guard_admin_and_client_endpoints(keyed):
     assert httpx.post(url + "/v1/chat/completions", json=chat, headers=_auth(CLIENT)).status_code == 200
     assert httpx.post(url + "/v1/chat/completions", json=chat, headers=_auth(ADMIN)).status_code == 200
     assert httpx.get(url + "/v1/models", headers={"Authorization": CLIENT}).status_code == 401  # no scheme
+    for path, body in (("/tokenize", {"prompt": "a"}), ("/detokenize", {"tokens": [5]})):
+        assert httpx.post(url + path, json=body).status_code == 401, path
+        assert httpx.post(url + path, json=body, headers=_auth(CLIENT)).status_code == 200, path
     # a wrong key and a missing key look the same
     a = httpx.get(url + "/v1/models").json()
     b = httpx.get(url + "/v1/models", headers=_auth(CLIENT[:-1])).json()

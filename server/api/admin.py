@@ -12,10 +12,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from indexes.ingest import DocumentError, validate_document
 
-from ..errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, StrategyUnavailable
+from ..errors import Conflict, InvalidRequest, ModelNotFound, NotFound, PayloadTooLarge, StrategyUnavailable
 from .auth import Principal, require_admin, require_client
 from .deps import get_runtime
-from .protocol import BuildRequest, DocumentsRequest, RetrieveRequest
+from .protocol import (BuildRequest, DetokenizeRequest, DocumentsRequest, RetrieveRequest, TokenizeRequest,
+                       template_messages)
 
 router = APIRouter()
 
@@ -78,6 +79,37 @@ async def retrieve(body: RetrieveRequest, rt=Depends(get_runtime)):
         raise InvalidRequest(f"top_k must be between 1 and {rt.settings.max_top_k}", param="top_k")
     hits = await asyncio.to_thread(rt.kb.search, body.query, body.top_k)
     return {"object": "list", "data": [{"id": h.doc_id, "score": round(h.score, 6)} for h in hits]}
+
+
+def _served(rt, model: Optional[str]) -> None:
+    if model is not None and model != rt.settings.served_model_name:
+        raise ModelNotFound(f"The model {model!r} does not exist; this server serves "
+                            f"{rt.settings.served_model_name!r}", param="model")
+
+
+@router.post("/tokenize", dependencies=[Depends(require_client)])
+async def tokenize(body: TokenizeRequest, rt=Depends(get_runtime)):
+    """Token ids of a prompt, or of chat messages as the model's template renders them, as
+    vLLM's /tokenize; ``count`` against ``max_model_len`` is the budget left to generate."""
+    _served(rt, body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise InvalidRequest("send either prompt or messages", param="prompt")
+    tok = rt.engine.tokenizer
+    if body.prompt is not None:
+        ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    else:
+        ids = await asyncio.to_thread(rt.pipeline.prompts.plain, template_messages(body.messages))
+    return {"count": len(ids), "max_model_len": rt.pipeline.max_context, "tokens": ids, "token_strs": None}
+
+
+@router.post("/detokenize", dependencies=[Depends(require_client)])
+async def detokenize(body: DetokenizeRequest, rt=Depends(get_runtime)):
+    _served(rt, body.model)
+    vocab = len(rt.engine.tokenizer)
+    bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise InvalidRequest(f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param="tokens")
+    return {"prompt": rt.engine.tokenizer.decode(body.tokens)}
 
 
 @router.post("/v1/builds", dependencies=[Depends(require_admin)])

@@ -19,7 +19,7 @@ from ..pipeline import ChatInput, Prepared
 from .auth import require_client
 from .deps import get_runtime
 from .errors import error_body, status_of
-from .protocol import KNOWN_IGNORED, ChatCompletionRequest
+from .protocol import KNOWN_IGNORED, ChatCompletionRequest, template_messages
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -63,7 +63,7 @@ def to_input(body: ChatCompletionRequest, request: Request, served: str) -> Chat
         except ValueError:
             raise InvalidRequest("X-Latency-Budget-Ms must be a positive number of milliseconds",
                                  param="X-Latency-Budget-Ms", code="invalid_value") from None
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    messages = template_messages(body.messages)
     return ChatInput(
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
         messages=messages,

@@ -28,6 +28,12 @@ class ChatMessage(BaseModel):
         return "".join(p.text for p in self.content)
 
 
+def template_messages(messages: list[ChatMessage]) -> list[dict]:
+    """Messages as a chat template takes them: text content; OpenAI's developer role is the
+    system role."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -90,6 +96,21 @@ class DocumentsRequest(BaseModel):
 class RetrieveRequest(BaseModel):
     query: StrictStr = Field(min_length=1)
     top_k: int = 3
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a ``prompt`` as it is, or ``messages`` as the chat template renders
+    them (the prompt ``direct`` prefills)."""
+
+    model: Optional[StrictStr] = None
+    prompt: Optional[StrictStr] = None
+    messages: Optional[list[ChatMessage]] = Field(default=None, min_length=1)
+    add_special_tokens: bool = True  # for ``prompt``
+
+
+class DetokenizeRequest(BaseModel):
+    model: Optional[StrictStr] = None
+    tokens: list[int] = Field(max_length=1_000_000)
 
 
 class BuildRequest(BaseModel):
