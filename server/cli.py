@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-tokens-in-flight", type=int)
     s.add_argument("--experiments", help="TOML file of A/B experiments (env KNOWMUX_EXPERIMENTS; reloaded on change)")
     s.add_argument("--default-strategy", help="strategy when a request names none (default auto: the router)")
+    s.add_argument("--chat-template", type=Path,
+                   help="a Jinja chat template file, for a model folder without one (env KNOWMUX_CHAT_TEMPLATE)")
     s.add_argument("--router-probe", action="store_const", const=True, default=None,
                    help="let the router probe the model's confidence with and without context")
     s.add_argument("--log-level", default=None)
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _settings(args) -> Settings:
     keys = ("data_dir", "model", "host", "port", "engine", "threads", "max_batch_size", "max_queue",
-            "max_tokens_in_flight", "experiments", "default_strategy", "router_probe", "log_level")
+            "max_tokens_in_flight", "experiments", "default_strategy", "router_probe", "chat_template", "log_level")
     return Settings.from_env(**{k: getattr(args, k, None) for k in keys})
 
 
@@ -121,6 +123,8 @@ def cmd_serve(args) -> int:
         parse(Path(settings.experiments).read_text(encoding="utf-8"), list(NAMES), str(settings.experiments))
     if settings.default_strategy not in NAMES:
         raise ValueError(f"unknown default strategy {settings.default_strategy!r}")
+    if settings.chat_template is not None and not Path(settings.chat_template).is_file():
+        raise ValueError(f"KNOWMUX_CHAT_TEMPLATE: no file {settings.chat_template}")  # before the model loads
     app = create_app(settings)
     serve_app(app, settings.host, settings.port, settings.log_level)
     return 1 if app.state.engine_died else 0

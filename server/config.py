@@ -30,6 +30,7 @@ class Settings:
     default_max_tokens: int = 256
     max_tokens_limit: int = 4096
     max_context: Optional[int] = None  # None = the model's max_position_embeddings
+    chat_template: Optional[Path] = None  # a Jinja chat template file, for a model folder without one (or to replace it)
     default_top_k: int = 3
     max_top_k: int = 20
     max_document_chars: int = 100_000

@@ -18,7 +18,7 @@ from .config import Settings
 from .engine.aio import EventStream
 from .engine.types import GenRequest, SamplingParams
 from .errors import ContextLengthExceeded, InvalidRequest, UnknownExperiment
-from .prompt import PromptBuilder
+from .prompt import PromptBuilder, ensure_chat_template
 from .router import Experiments, Router
 from .strategies import AUTO, NAMES, STRATEGIES, Plan, Query, StrategyContext, get_strategy
 
@@ -75,6 +75,7 @@ class Prepared:
 class Pipeline:
     def __init__(self, engine, kb, settings: Settings, data_dir=None):
         self.engine, self.kb, self.settings = engine, kb, settings
+        ensure_chat_template(engine.tokenizer, settings.chat_template)  # before anything renders a prompt
         self.prompts = PromptBuilder(engine.tokenizer)
         kv = prag = None
         builds_adapters = False  # training needs the torch engine; vllm only serves what it trained

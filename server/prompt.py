@@ -11,11 +11,16 @@ and the conversation, so everything before them is a fixed prefix.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 from jinja2 import TemplateError
 
 from .errors import InvalidRequest
+
+log = logging.getLogger(__name__)
 
 SYSTEM_PROMPT = (
     "You are a helpful assistant. Answer the question using the documents below. "
@@ -25,6 +30,35 @@ SYSTEM_PROMPT = (
 # depend on where retrieval placed it.
 PASSAGE_WRAPPER = "\n\nDocument: {title}\n{text}"
 _SENTINEL = "\x00KNOWMUX_PASSAGES\x00"
+
+
+# For a model folder whose tokenizer has no chat template (a base model) and no
+# --chat-template: plain role prefixes, which a base model continues more sensibly than
+# special tokens it never saw (llama.cpp falls back to a template the same way).
+PLAIN_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n"
+    "{% else %}Assistant: {{ m['content'] }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def ensure_chat_template(tokenizer, path: Optional[Path] = None) -> str:
+    """Give ``tokenizer`` the chat template every prompt is rendered with: the file at
+    ``path`` if given, else its own, else PLAIN_TEMPLATE (with a warning). Returns which."""
+    if path is not None:
+        try:
+            tokenizer.chat_template = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"KNOWMUX_CHAT_TEMPLATE: cannot read {path}: {e}") from None
+        return str(path)
+    if getattr(tokenizer, "chat_template", None):
+        return "the model's"
+    log.warning("the model's tokenizer has no chat template: prompts use knowmux's plain one "
+                "(User:/Assistant: lines); give one with --chat-template FILE")
+    tokenizer.chat_template = PLAIN_TEMPLATE
+    return "plain"
 
 
 @dataclass(frozen=True)

@@ -554,3 +554,29 @@ def test_a_chat_template_that_refuses_the_messages_is_a_400(make_server):
     r = httpx.post(srv.url + "/tokenize", json={"messages": twice})
     assert r.status_code == 400 and error_of(r)["param"] == "messages"
     assert httpx.get(srv.url + "/health").status_code == 200
+
+
+def test_a_model_without_a_chat_template_gets_the_plain_one_or_the_given_file(make_server, tmp_path, caplog):
+    from server.config import Settings
+    from server.runtime import Runtime
+    from tests.tiny import tiny_engine
+
+    base = tiny_engine()
+    base.tokenizer.chat_template = None  # a base model's folder
+    srv = make_server(engine=base)
+    assert "no chat template" in caplog.text
+    hi = [{"role": "user", "content": "hi"}]
+    ids = httpx.post(srv.url + "/tokenize", json={"messages": hi}).json()["tokens"]
+    assert base.tokenizer.decode(ids) == "User: hi\nAssistant:"
+    r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "knowmux", "messages": hi, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}"
+                        "{% if add_generation_prompt %}[answer]{% endif %}")
+    srv = make_server(chat_template=template)
+    ids = httpx.post(srv.url + "/tokenize", json={"messages": hi}).json()["tokens"]
+    assert srv.runtime.engine.tokenizer.decode(ids) == "[user] hi [answer]"
+    with pytest.raises(ValueError, match="KNOWMUX_CHAT_TEMPLATE"):
+        Runtime.build(Settings.from_env(env={}, data_dir=tmp_path / "d", chat_template=tmp_path / "missing"),
+                      engine=tiny_engine())
