@@ -10,6 +10,7 @@ from server.engine.aio import generate_blocking
 from server.engine.kvcache import KVPrefix
 from server.engine.lora import AdapterSet
 from server.engine.model import _ONEDNN_LINEAR, _ONEDNN_REORDER, KERNELS, LlamaRunner, Segment, _Proj, tune_kernels
+from server.engine.torch_engine import TorchEngine
 from server.engine.types import GenRequest, RowSpec, SamplingParams
 from server.engine.worker import WorkerLimits
 from server.errors import InvalidRequest, QueueFull
@@ -722,3 +723,40 @@ def test_a_second_start_does_not_add_a_second_loop():
     assert loop.loops == 1 and loop.alive
     loop.shutdown()
     assert not loop.alive
+
+
+@pytest.mark.parametrize("model_type,config", [("qwen2", {}), ("qwen2", {"tie_word_embeddings": True}),
+                                               ("mistral", {"sliding_window": None})])
+def test_other_llama_family_models_match_transformers(model_type, config):
+    # the README's claim: Qwen2 (q/k/v biases) and Mistral run on the same forward
+    from tests.tiny import tiny_model_of
+
+    model = tiny_model_of(model_type, **config)
+    prompt = PROMPTS[1]
+    ref = model(torch.tensor([prompt])).logits[0].detach()
+    runner = LlamaRunner(model)
+    cache = runner.new_cache(64)
+    out = runner.forward(torch.tensor(prompt), [Segment(cache, 0, len(prompt), want_logits=True)])[0]
+    torch.testing.assert_close(out, ref[-1], atol=1e-4, rtol=1e-4)
+    expected = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+    eng = TorchEngine(model, tiny_tokenizer(), model_id=model_type)
+    seen = []
+    eng.worker.submit(GenRequest("g", [RowSpec(prompt)], greedy(8), logits_hook=recording_hook(seen)), Collector())
+    while eng.worker.step():
+        pass
+    assert seen == expected
+
+
+def test_a_sliding_window_caps_the_context_where_full_attention_is_the_same():
+    from tests.tiny import tiny_model_of
+
+    model = tiny_model_of("mistral", sliding_window=16)
+    runner = LlamaRunner(model)
+    assert runner.max_positions == 16
+    prompt = PROMPTS[1][:16]
+    ref = model(torch.tensor([prompt])).logits[0, -1].detach()
+    cache = runner.new_cache(16)
+    out = runner.forward(torch.tensor(prompt), [Segment(cache, 0, 16, want_logits=True)])[0]
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert LlamaRunner(tiny_model_of("qwen2", sliding_window=16, use_sliding_window=False)).max_positions == 2048

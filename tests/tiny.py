@@ -41,6 +41,25 @@ def tiny_model(seed: int = 0, vocab_size: int = 259, layers: int = 2, std: float
     return model
 
 
+def tiny_model_of(model_type: str, seed: int = 0, **config):
+    """A tiny random Qwen2 (biases on q/k/v, drawn wide too) or Mistral, shaped as tiny_model."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                             "mistral": (MistralConfig, MistralForCausalLM)}[model_type]
+    cfg = config_cls(**{**dict(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                               tie_word_embeddings=False, bos_token_id=0, eos_token_id=2, pad_token_id=0),
+                        **config})
+    model = model_cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1 or name.endswith("bias"):
+                p.normal_(0.0, 0.3)
+    return model
+
+
 def tiny_model_folder(path):
     """The tiny model and tokenizer saved as a model folder at ``path`` (for code that loads
     from a folder: ``TorchEngine.from_folder``, ``--model``); returns ``path``."""

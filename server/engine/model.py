@@ -329,6 +329,12 @@ class LlamaRunner:
         self.eps = cfg.rms_norm_eps
         self.vocab_size = cfg.vocab_size
         self.max_positions = cfg.max_position_embeddings
+        window = getattr(cfg, "sliding_window", None)  # Mistral; Qwen2 with use_sliding_window
+        if window and window < self.max_positions and "sliding_attention" in (getattr(cfg, "layer_types", None)
+                                                                               or ["sliding_attention"]):
+            # this forward attends to every earlier token: up to the window that is the same
+            log.warning("the model attends within a sliding window of %d tokens: contexts are capped there", window)
+            self.max_positions = window
         self.embed = m.embed_tokens.weight
         self.norm = m.norm.weight
         tied = hf_model.lm_head.weight.data_ptr() == self.embed.data_ptr()
