@@ -44,21 +44,19 @@ PLAIN_TEMPLATE = (
 )
 
 
-def ensure_chat_template(tokenizer, path: Optional[Path] = None) -> str:
+def ensure_chat_template(tokenizer, path: Optional[Path] = None) -> None:
     """Give ``tokenizer`` the chat template every prompt is rendered with: the file at
-    ``path`` if given, else its own, else PLAIN_TEMPLATE (with a warning). Returns which."""
+    ``path`` if given, else its own, else PLAIN_TEMPLATE (with a warning)."""
     if path is not None:
         try:
             tokenizer.chat_template = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"KNOWMUX_CHAT_TEMPLATE: cannot read {path}: {e}") from None
-        return str(path)
-    if getattr(tokenizer, "chat_template", None):
-        return "the model's"
-    log.warning("the model's tokenizer has no chat template: prompts use knowmux's plain one "
-                "(User:/Assistant: lines); give one with --chat-template FILE")
-    tokenizer.chat_template = PLAIN_TEMPLATE
-    return "plain"
+        log.info("chat template from %s", path)
+    elif not getattr(tokenizer, "chat_template", None):
+        log.warning("the model's tokenizer has no chat template: prompts use knowmux's plain one "
+                    "(User:/Assistant: lines); give one with --chat-template FILE")
+        tokenizer.chat_template = PLAIN_TEMPLATE
 
 
 @dataclass(frozen=True)

@@ -94,9 +94,9 @@ async def tokenize(body: TokenizeRequest, rt=Depends(get_runtime)):
     _served(rt, body.model)
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequest("send either prompt or messages", param="prompt")
-    tok = rt.engine.tokenizer
-    if body.prompt is not None:
-        ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    if body.prompt is not None:  # off the event loop: a prompt may be megabytes
+        ids = await asyncio.to_thread(rt.engine.tokenizer.encode, body.prompt,
+                                      add_special_tokens=body.add_special_tokens)
     else:
         ids = await asyncio.to_thread(rt.pipeline.prompts.plain, template_messages(body.messages))
     return {"count": len(ids), "max_model_len": rt.pipeline.max_context, "tokens": ids, "token_strs": None}
