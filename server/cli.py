@@ -228,14 +228,15 @@ def cmd_ask(args) -> int:
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # its INFO line per request is noise here
     strategies = [x for x in args.strategies.split(",") if x]
-    body = {"model": "knowmux", "messages": [{"role": "user", "content": args.question}], "temperature": 0,
-            "max_tokens": args.max_tokens, "logprobs": True, "strategies": strategies}
-    if args.top_k is not None:
-        body["top_k"] = args.top_k
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    url, headers = args.url.rstrip("/"), {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
-        r = httpx.post(args.url.rstrip("/") + "/v1/chat/completions", json=body, headers=headers, timeout=600)
-    except httpx.HTTPError as e:
+        models = httpx.get(url + "/v1/models", headers=headers, timeout=30).json().get("data") or [{}]
+        body = {"model": models[0].get("id", "knowmux"), "messages": [{"role": "user", "content": args.question}],
+                "temperature": 0, "max_tokens": args.max_tokens, "logprobs": True, "strategies": strategies}
+        if args.top_k is not None:
+            body["top_k"] = args.top_k
+        r = httpx.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=600)
+    except (httpx.HTTPError, ValueError) as e:
         print(f"knowmux ask: cannot reach {args.url}: {e}", file=sys.stderr)
         return 2
     if r.status_code != 200:

@@ -506,7 +506,7 @@ def test_jobs_build_in_groups_and_count_each_document(tmp_path):
     jobs.shutdown()
 
 
-def test_ask_cli_prints_each_strategy_side_by_side(server, capsys):
+def test_ask_cli_prints_each_strategy_side_by_side(server, make_server, capsys):
     from server.cli import main
 
     args = ["ask", "Where does Zorbl the cat live?", "--url", server.url, "--max-tokens", "4"]
@@ -520,6 +520,8 @@ def test_ask_cli_prints_each_strategy_side_by_side(server, capsys):
     assert "400" in capsys.readouterr().err
     assert main(["ask", "q", "--url", "http://127.0.0.1:9"]) == 2
     assert "cannot reach" in capsys.readouterr().err
+    named = make_server(served_model_name="smol")  # asks for the model the server serves
+    assert main(["ask", "hi", "--url", named.url, "--strategies", "direct", "--max-tokens", "2"]) == 0
 
 
 def test_tokenize_and_detokenize_as_vllm_serves_them(server):
