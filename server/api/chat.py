@@ -259,12 +259,15 @@ async def _sse(rt, preps: list[Prepared], streams: list, created: int, model: st
         async for ev in events:
             merged.put_nowait((i, ev))
 
-    pumps = [asyncio.create_task(pump(i, st)) for i, st in enumerate(streams)]
+    async def next_event() -> tuple[int, object]:  # one choice: read its stream directly
+        return (0, await anext(streams[0])) if not multi else await merged.get()
+
+    pumps = [asyncio.create_task(pump(i, st)) for i, st in enumerate(streams)] if multi else []
     try:
         yield chunk([choice(i, {"role": "assistant", "content": ""}) for i in range(len(preps))])
         lasts = [None] * len(preps)
         while any(last is None for last in lasts):
-            i, ev = await merged.get()
+            i, ev = await next_event()
             p = preps[i]
             if ev.finish_reason == "error":
                 rt.metrics.failed(_labels(p), 500, "engine_error")
