@@ -133,6 +133,9 @@ def test_strategies_answer_one_choice_each_as_each_would_alone(server):
                 finished[ch.index] = ch.model_extra["knowmux"]["strategy"]
     assert texts == [ch.message.content for ch in both.choices]
     assert finished == dict(enumerate(COMPARED))
+    chunks = list(c.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw,
+                                            extra_body={"strategies": COMPARED}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == both.usage.completion_tokens
     metrics = httpx.get(server.url + "/metrics").text
     for name in COMPARED:
         assert f'knowmux_requests_total{{arm="",experiment="",status="200",strategy="{name}"}}' in metrics
