@@ -760,3 +760,40 @@ def test_a_sliding_window_caps_the_context_where_full_attention_is_the_same():
     out = runner.forward(torch.tensor(prompt), [Segment(cache, 0, 16, want_logits=True)])[0]
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     assert LlamaRunner(tiny_model_of("qwen2", sliding_window=16, use_sliding_window=False)).max_positions == 2048
+
+
+def test_a_request_waits_for_its_twins_prefill_and_then_reuses_it():
+    # n > 1 choices and rag beside rag+ckplug bring the same long prompt in one step:
+    # the second waits one prefill, then prefills only what the prefix cache lacks
+    prompt = list(range(60, 120))  # 60 tokens: 3 full 16-token blocks to reuse
+    eng = tiny_engine()
+    solo = Collector()
+    eng.worker.submit(GenRequest("s", [RowSpec(prompt)], greedy(6)), solo)
+    while eng.worker.step():
+        pass
+    eng = tiny_engine()  # an empty prefix cache again
+    a, b, c = Collector(), Collector(), Collector()
+    eng.worker.submit(GenRequest("a", [RowSpec(prompt)], greedy(6)), a)
+    eng.worker.submit(GenRequest("b", [RowSpec(prompt)], greedy(6)), b)
+    head_only = list(range(60, 76)) + list(range(150, 194))  # shares one block only: no reason to wait
+    eng.worker.submit(GenRequest("c", [RowSpec(head_only)], greedy(6)), c)
+    eng.worker.step()
+    assert eng.worker.stats()["running"] == 2 and eng.worker.stats()["queue"] == 1  # a and c; b waits
+    while eng.worker.step():
+        pass
+    assert a.events[-1].cached_tokens == 0 and b.events[-1].cached_tokens == 48
+    assert a.tokens == b.tokens == solo.tokens
+
+
+def test_a_request_waiting_for_a_cancelled_twin_goes_on():
+    prompt = list(range(60, 120))
+    eng = tiny_engine(WorkerLimits(step_token_budget=16))  # the twin's prefill takes several steps
+    a, b = Collector(), Collector()
+    handle = eng.worker.submit(GenRequest("a", [RowSpec(prompt)], greedy(6)), a)
+    eng.worker.submit(GenRequest("b", [RowSpec(prompt)], greedy(6)), b)
+    eng.worker.step()
+    assert eng.worker.stats()["queue"] == 1
+    handle.cancel()
+    while eng.worker.step():
+        pass
+    assert a.finish == "cancelled" and b.finish == "length" and b.events[-1].cached_tokens == 0

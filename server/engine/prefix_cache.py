@@ -54,6 +54,16 @@ class PrefixCache:
         self.hits += len(parts) * self.block
         return KVPrefix(torch.cat(parts, dim=3), 0)
 
+    def cached_length(self, ids: list[int]) -> int:
+        """How many leading tokens of ``ids`` a lookup would serve now (no statistics, no
+        reordering): for the scheduler's question whether waiting for a twin is worth it."""
+        n = 0
+        for key in self._keys(ids, (len(ids) - 1) // self.block):
+            if key not in self._blocks:
+                break
+            n += self.block
+        return n
+
     def insert(self, ids: list[int], cache: RowCache) -> None:
         """Store the full blocks of ``ids`` whose KV ``cache`` holds at positions 0.."""
         n_blocks = min(len(ids), cache.length) // self.block

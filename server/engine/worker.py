@@ -307,7 +307,11 @@ class EngineWorker(LoopThread):
 
     def _admit(self) -> None:
         with self._cv:
+            deferred = []
             while self._waiting and len(self._running) < self.limits.max_batch_size:
+                if self._twin_in_prefill(self._waiting[0]):
+                    deferred.append(self._waiting.popleft())
+                    continue
                 need = self._waiting[0].req.kv_tokens_needed
                 if self._kv_in_flight + need > self.limits.max_tokens_in_flight:
                     break
@@ -315,6 +319,7 @@ class EngineWorker(LoopThread):
                 self._kv_in_flight += need
                 self._running.append(seq)
                 seq.t_admit = time.perf_counter()
+            self._waiting.extendleft(reversed(deferred))  # first in line once the twin's prompt is cached
         for seq in list(self._running):
             if not seq.rows:
                 try:
@@ -322,6 +327,27 @@ class EngineWorker(LoopThread):
                 except Exception as exc:  # e.g. an injected prefix that does not fit: fail this request only
                     log.warning("could not admit %s: %s", seq.req.request_id, exc)
                     self._finish(seq, "error", error=f"could not admit the request: {exc}")
+
+    def _twin_in_prefill(self, seq: _Seq) -> bool:
+        """Whether ``seq`` should wait for a running request that is prefilling the larger
+        part of one of its prompts: that prompt's blocks enter the prefix cache at the
+        twin's first token, and ``seq`` then prefills only the rest, where prefilling both
+        at once would compute the shared part twice (n > 1 choices; `rag` beside
+        `rag+ckplug` in one `strategies` request; clients repeating a question)."""
+        if self.prefix_cache is None:
+            return False
+        block = self.prefix_cache.block
+        mine = [r.prompt_ids for r in seq.req.rows if r.prefix is None and r.adapters is None]
+        theirs = [r.prompt_ids for s in self._running if not s.output and not s.done for r in s.req.rows
+                  if r.prefix is None and r.adapters is None]
+        for ids in mine:
+            floor = max(2 * block, len(ids) // 2)  # worth a wait: most of the prompt, not a shared head
+            if len(ids) <= floor:
+                continue
+            for other in theirs:
+                if ids[:floor] == other[:floor] and self.prefix_cache.cached_length(ids) < floor:
+                    return True
+        return False
 
     def _allocate(self, seq: _Seq) -> None:
         for spec in seq.req.rows:
