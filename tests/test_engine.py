@@ -765,7 +765,7 @@ def test_a_sliding_window_caps_the_context_where_full_attention_is_the_same():
 def test_a_request_waits_for_its_twins_prefill_and_then_reuses_it():
     # n > 1 choices and rag beside rag+ckplug bring the same long prompt in one step:
     # the second waits one prefill, then prefills only what the prefix cache lacks
-    prompt = list(range(60, 120))  # 60 tokens: 3 full 16-token blocks to reuse
+    prompt = list(range(60, 160))  # 100 tokens: 6 full 16-token blocks to reuse
     eng = tiny_engine()
     solo = Collector()
     eng.worker.submit(GenRequest("s", [RowSpec(prompt)], greedy(6)), solo)
@@ -775,18 +775,23 @@ def test_a_request_waits_for_its_twins_prefill_and_then_reuses_it():
     a, b, c = Collector(), Collector(), Collector()
     eng.worker.submit(GenRequest("a", [RowSpec(prompt)], greedy(6)), a)
     eng.worker.submit(GenRequest("b", [RowSpec(prompt)], greedy(6)), b)
-    head_only = list(range(60, 76)) + list(range(150, 194))  # shares one block only: no reason to wait
+    head_only = list(range(60, 100)) + list(range(170, 230))  # shares a 40-token head only: no reason to wait
     eng.worker.submit(GenRequest("c", [RowSpec(head_only)], greedy(6)), c)
     eng.worker.step()
     assert eng.worker.stats()["running"] == 2 and eng.worker.stats()["queue"] == 1  # a and c; b waits
     while eng.worker.step():
         pass
-    assert a.events[-1].cached_tokens == 0 and b.events[-1].cached_tokens == 48
+    assert a.events[-1].cached_tokens == 0 and b.events[-1].cached_tokens == 96
     assert a.tokens == b.tokens == solo.tokens
+    short = Collector(), Collector()  # direct-sized prompts: cheaper to prefill side by side than to wait
+    for i, c in enumerate(short):
+        eng.worker.submit(GenRequest(f"s{i}", [RowSpec(list(range(10, 50)))], greedy(2)), c)
+    eng.worker.step()
+    assert eng.worker.stats()["queue"] == 0
 
 
 def test_a_request_waiting_for_a_cancelled_twin_goes_on():
-    prompt = list(range(60, 120))
+    prompt = list(range(60, 160))
     eng = tiny_engine(WorkerLimits(step_token_budget=16))  # the twin's prefill takes several steps
     a, b = Collector(), Collector()
     handle = eng.worker.submit(GenRequest("a", [RowSpec(prompt)], greedy(6)), a)

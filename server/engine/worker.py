@@ -135,6 +135,7 @@ class LoopThread:
 
 
 class EngineWorker(LoopThread):
+    TWIN_MIN_TOKENS = 64  # shorter shared prompts are prefilled side by side (see _twin_in_prefill)
     CALLS_PER_STEP_S = 0.02  # live calls run back to back between two steps for up to this long
 
     def __init__(self, runner: LlamaRunner, tokenizer, eos_ids: set[int], limits: WorkerLimits,
@@ -341,7 +342,8 @@ class EngineWorker(LoopThread):
         theirs = [r.prompt_ids for s in self._running if not s.output and not s.done for r in s.req.rows
                   if r.prefix is None and r.adapters is None]
         for ids in mine:
-            floor = max(2 * block, len(ids) // 2)  # worth a wait: most of the prompt, not a shared head
+            # worth a wait: most of a long prompt, not a chat template's head before different questions
+            floor = max(self.TWIN_MIN_TOKENS, 2 * block, len(ids) // 2)
             if len(ids) <= floor:
                 continue
             for other in theirs:
