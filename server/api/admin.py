@@ -12,11 +12,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from indexes.ingest import DocumentError, validate_document
 
-from ..errors import Conflict, InvalidRequest, ModelNotFound, NotFound, PayloadTooLarge, StrategyUnavailable
+from ..errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, StrategyUnavailable
 from .auth import Principal, require_admin, require_client
 from .deps import get_runtime
 from .protocol import (BuildRequest, DetokenizeRequest, DocumentsRequest, RetrieveRequest, TokenizeRequest,
-                       template_messages)
+                       check_model, template_messages)
 
 router = APIRouter()
 
@@ -81,17 +81,11 @@ async def retrieve(body: RetrieveRequest, rt=Depends(get_runtime)):
     return {"object": "list", "data": [{"id": h.doc_id, "score": round(h.score, 6)} for h in hits]}
 
 
-def _served(rt, model: Optional[str]) -> None:
-    if model is not None and model != rt.settings.served_model_name:
-        raise ModelNotFound(f"The model {model!r} does not exist; this server serves "
-                            f"{rt.settings.served_model_name!r}", param="model")
-
-
 @router.post("/tokenize", dependencies=[Depends(require_client)])
 async def tokenize(body: TokenizeRequest, rt=Depends(get_runtime)):
     """Token ids of a prompt, or of chat messages as the model's template renders them, as
     vLLM's /tokenize; ``count`` against ``max_model_len`` is the budget left to generate."""
-    _served(rt, body.model)
+    check_model(body.model, rt.settings.served_model_name)
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequest("send either prompt or messages", param="prompt")
     if body.prompt is not None:  # off the event loop: a prompt may be megabytes
@@ -104,7 +98,7 @@ async def tokenize(body: TokenizeRequest, rt=Depends(get_runtime)):
 
 @router.post("/detokenize", dependencies=[Depends(require_client)])
 async def detokenize(body: DetokenizeRequest, rt=Depends(get_runtime)):
-    _served(rt, body.model)
+    check_model(body.model, rt.settings.served_model_name)
     vocab = len(rt.engine.tokenizer)
     bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
     if bad is not None:

@@ -14,12 +14,12 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..errors import EngineError, InvalidRequest, KnowmuxError, ModelNotFound
+from ..errors import EngineError, InvalidRequest, KnowmuxError
 from ..pipeline import ChatInput, Prepared
 from .auth import require_client
 from .deps import get_runtime
 from .errors import error_body, status_of
-from .protocol import KNOWN_IGNORED, ChatCompletionRequest, template_messages
+from .protocol import KNOWN_IGNORED, ChatCompletionRequest, check_model, template_messages
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -28,8 +28,7 @@ MAX_CHOICES = 8  # n, or the strategies compared in one request
 
 
 def to_input(body: ChatCompletionRequest, request: Request, served: str) -> ChatInput:
-    if body.model != served:
-        raise ModelNotFound(f"The model {body.model!r} does not exist; this server serves {served!r}", param="model")
+    check_model(body.model, served)
     if not 1 <= body.n <= MAX_CHOICES:
         raise InvalidRequest(f"n must be between 1 and {MAX_CHOICES}", param="n")
     if body.strategies is not None:

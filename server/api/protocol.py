@@ -7,6 +7,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
+from ..errors import ModelNotFound
+
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -26,6 +28,12 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
+
+
+def check_model(model: Optional[str], served: str) -> None:
+    """A request naming a model must name the one served (``None``: the field is optional)."""
+    if model is not None and model != served:
+        raise ModelNotFound(f"The model {model!r} does not exist; this server serves {served!r}", param="model")
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict]:
