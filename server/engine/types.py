@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
 
+from ..errors import InvalidRequest
+
 if TYPE_CHECKING:  # torch stays out of modules that only need the types
     import torch
 
@@ -30,6 +32,12 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI's: subtracted from every token already generated
     frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was generated
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Refuse a logit bias on a token id the model does not have (an engine's guard)."""
+        if any(not 0 <= t < vocab_size for t, _ in self.logit_bias):
+            raise InvalidRequest(f"logit_bias names a token id outside this model's vocabulary "
+                                 f"(0..{vocab_size - 1})", param="logit_bias")
 
 
 @dataclass(frozen=True)

@@ -121,10 +121,7 @@ class VLLMEngine(LoopThread):
         s = req.sampling
         if s.temperature < 0 or not 0 < s.top_p <= 1 or s.max_tokens < 1:  # checked here: a bad value
             raise InvalidRequest("invalid sampling parameters")  # inside vLLM kills its engine
-        vocab = self.llm.model_config.get_vocab_size()
-        if any(not 0 <= t < vocab for t, _ in s.logit_bias):
-            raise InvalidRequest(f"logit_bias names a token id outside this model's vocabulary (0..{vocab - 1})",
-                                 param="logit_bias")
+        s.check_vocabulary(self.llm.model_config.get_vocab_size())
         with self._cv:
             if not self.alive:
                 raise EngineUnavailable(self.last_error or "the engine is not running", retry_after=5)

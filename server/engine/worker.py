@@ -167,9 +167,7 @@ class EngineWorker(LoopThread):
         """Queue a request. Raises InvalidRequest (cannot ever fit), QueueFull, EngineUnavailable."""
         if not req.rows or any(not r.prompt_ids for r in req.rows):
             raise InvalidRequest("every row needs at least one prompt token")
-        if any(not 0 <= t < self.runner.vocab_size for t, _ in req.sampling.logit_bias):
-            raise InvalidRequest(f"logit_bias names a token id outside this model's vocabulary "
-                                 f"(0..{self.runner.vocab_size - 1})", param="logit_bias")
+        req.sampling.check_vocabulary(self.runner.vocab_size)
         if req.kv_tokens_needed > self.limits.max_tokens_in_flight:
             raise InvalidRequest(
                 f"request needs {req.kv_tokens_needed} KV slots, more than this server's "
