@@ -184,15 +184,25 @@ class Pipeline:
         if len(prepared.request.rows) == 1 and prepared.request.rows[0].prefix is None:
             self.router.observe_prefill(prompt_tokens - cached_tokens, prefill_ms)
 
-    async def prepare(self, inp: ChatInput) -> Prepared:
-        t0 = time.perf_counter()
+    def _top_k(self, inp: ChatInput) -> int:
+        return self.settings.default_top_k if inp.top_k is None else inp.top_k
+
+    @staticmethod
+    def _question(inp: ChatInput) -> Optional[str]:
+        """The last user message: what retrieval searches for."""
+        return next((m["content"] for m in reversed(inp.messages) if m["role"] == "user"), None)
+
+    async def prepare(self, inp: ChatInput, t_start: Optional[float] = None) -> Prepared:
+        """Route and plan ``inp``. ``t_start``: when the client's request began, if before
+        now (a later choice of a several-choice request counts from the request's start)."""
+        t0 = time.perf_counter() if t_start is None else t_start
         s = self.settings
-        top_k = s.default_top_k if inp.top_k is None else inp.top_k
+        top_k = self._top_k(inp)
         if not 1 <= top_k <= s.max_top_k:
             raise InvalidRequest(f"top_k must be between 1 and {s.max_top_k}", param="top_k")
         if inp.max_tokens is not None and not 1 <= inp.max_tokens <= s.max_tokens_limit:
             raise InvalidRequest(f"max_tokens must be between 1 and {s.max_tokens_limit}", param="max_tokens")
-        question = next((m["content"] for m in reversed(inp.messages) if m["role"] == "user"), None)
+        question = self._question(inp)
         if not question or not question.strip():
             raise InvalidRequest("messages need at least one non-empty user message", param="messages")
         if inp.latency_budget_ms is not None and not 0 < inp.latency_budget_ms < float("inf"):
@@ -214,9 +224,7 @@ class Pipeline:
         inp = first.input
         inp = replace(inp, request_id=f"{inp.request_id}-{index}",
                       seed=inp.seed + index if inp.seed is not None else None)
-        question = next(m["content"] for m in reversed(inp.messages) if m["role"] == "user")
-        top_k = self.settings.default_top_k if inp.top_k is None else inp.top_k
-        return await self._plan(inp, first.route, question, top_k, first.t_start)  # the client waits since then
+        return await self._plan(inp, first.route, self._question(inp), self._top_k(inp), first.t_start)
 
     async def _plan(self, inp: ChatInput, route: Route, question: str, top_k: int, t0: float) -> Prepared:
         s = self.settings

@@ -118,12 +118,9 @@ async def prepare_choices(rt, inp: ChatInput, body: ChatCompletionRequest) -> li
         return [first] + [await rt.pipeline.again(first, i) for i in range(1, body.n)]
     preps = []
     for i, name in enumerate(body.strategies):
-        p = await rt.pipeline.prepare(replace(inp, request_id=f"{inp.request_id}-{i}" if i else inp.request_id,
-                                              strategy=name, strategy_source="body"))
-        if preps:
-            p.plan_ms += (p.t_start - preps[0].t_start) * 1e3
-            p.t_start = preps[0].t_start
-        preps.append(p)
+        preps.append(await rt.pipeline.prepare(
+            replace(inp, request_id=f"{inp.request_id}-{i}" if i else inp.request_id, strategy=name,
+                    strategy_source="body"), t_start=preps[0].t_start if preps else None))
     return preps
 
 
