@@ -29,24 +29,17 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_model(seed: int = 0, vocab_size: int = 259, layers: int = 2, std: float = 0.3,
                max_positions: int = 2048) -> LlamaForCausalLM:
     """Weights drawn wide (std 0.3) so that top-2 logit gaps exceed float noise."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-                      tie_word_embeddings=False, bos_token_id=0, eos_token_id=2, pad_token_id=0)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, std)
-    return model
+    return tiny_model_of("llama", seed, std, vocab_size=vocab_size, num_hidden_layers=layers,
+                         max_position_embeddings=max_positions)
 
 
-def tiny_model_of(model_type: str, seed: int = 0, **config):
-    """A tiny random Qwen2 (biases on q/k/v, drawn wide too) or Mistral, shaped as tiny_model."""
+def tiny_model_of(model_type: str, seed: int = 0, std: float = 0.3, **config):
+    """A tiny random Llama, Qwen2 (biases on q/k/v, drawn wide too) or Mistral: 64 wide,
+    4 heads over 2 KV heads, 2 layers, weights drawn with ``std``; ``config`` overrides."""
     from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
                              "mistral": (MistralConfig, MistralForCausalLM)}[model_type]
     cfg = config_cls(**{**dict(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
@@ -56,7 +49,7 @@ def tiny_model_of(model_type: str, seed: int = 0, **config):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1 or name.endswith("bias"):
-                p.normal_(0.0, 0.3)
+                p.normal_(0.0, std)
     return model
 
 
