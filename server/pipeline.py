@@ -172,12 +172,13 @@ class Pipeline:
                 reason, rule = f"experiment {exp} arm {arm}", "experiment"
         elif name and name != AUTO:
             reason, rule = f"explicit strategy ({inp.strategy_source})", "explicit"
-        name = name or self.settings.default_strategy
+        name = self.settings.default_strategy if name is None else name
         if name != AUTO:
             return Route(name, reason or "server default", rule or "server_default", exp, arm, arm_top_k, options)
-        d = self.router.route(inp.messages, question, arm_top_k or top_k, inp.latency_budget_ms)
+        d = self.router.route(inp.messages, question, top_k if arm_top_k is None else arm_top_k,
+                              inp.latency_budget_ms)
         return Route(d.strategy, f"{reason}: {d.reason}" if reason else d.reason, d.rule, exp, arm,
-                     d.top_k or arm_top_k, options, d.hits)
+                     arm_top_k if d.top_k is None else d.top_k, options, d.hits)
 
     def observe(self, prepared: Prepared, prompt_tokens: int, cached_tokens: int, prefill_ms: float) -> None:
         """A request finished: feed its prefill rate to the router's latency estimates."""
@@ -233,7 +234,7 @@ class Pipeline:
             top_k = route.top_k
             if not 1 <= top_k <= s.max_top_k:
                 raise InvalidRequest(f"top_k must be between 1 and {s.max_top_k}", param="top_k")
-        sampling = SamplingParams(max_tokens=inp.max_tokens or s.default_max_tokens, temperature=inp.temperature,
+        sampling = SamplingParams(max_tokens=s.default_max_tokens if inp.max_tokens is None else inp.max_tokens, temperature=inp.temperature,
                                   top_p=inp.top_p, seed=inp.seed, stop=inp.stop,
                                   ignore_eos=inp.ignore_eos, logprobs=inp.logprobs,
                                   presence_penalty=inp.presence_penalty, frequency_penalty=inp.frequency_penalty,

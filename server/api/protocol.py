@@ -73,16 +73,21 @@ class ChatCompletionRequest(BaseModel):
     # CK-PLUG (rag+ckplug): validated by the strategy, so that errors name the field
     ckplug_alpha: Any = None  # a number in [0, 1] or "adaptive" (default)
     ckplug_condition: Optional[StrictStr] = None  # "paper" (CG < 0, default) or "code" (CG < H_c)
-    ckplug_trace: bool = False
+    ckplug_trace: Optional[bool] = None
     # what a strategy does with a retrieved document whose stored artefact (KV cache) is missing
     on_missing: Optional[Literal["build", "skip", "error"]] = None
     kv_recompute: Optional[float] = None  # kv: CacheBlend fraction of passage tokens to recompute
     adapters: Optional[list[Any]] = None  # prag: [{"doc_id", "scale"}] instead of retrieval (llama.cpp's "lora")
 
     def strategy_options(self) -> dict:
-        return {k: getattr(self, k) for k in ("ckplug_alpha", "ckplug_condition", "ckplug_trace", "on_missing",
-                                                 "kv_recompute", "adapters")
-                if getattr(self, k) not in (None, False)}
+        """The strategy options the request sets, as sent. ``None`` alone means "not given":
+        a 0, 0.0, False or "" is a value (``0 == False`` in Python, so a truthiness or
+        ``in (None, False)`` filter would turn ``ckplug_alpha: 0`` into the default)."""
+        return {k: getattr(self, k) for k in STRATEGY_OPTIONS if getattr(self, k) is not None}
+
+
+# the request fields that travel to the strategy in Query.options
+STRATEGY_OPTIONS = ("ckplug_alpha", "ckplug_condition", "ckplug_trace", "on_missing", "kv_recompute", "adapters")
 
 
 KNOWN_IGNORED = {"response_format", "tools", "tool_choice", "parallel_tool_calls", "metadata", "store",

@@ -22,7 +22,8 @@ def ckplug_hook(query: Query) -> CKPlugHook:
         alpha = parse_alpha(opts.get("ckplug_alpha"))
     except ValueError as e:
         raise InvalidRequest(str(e), param="ckplug_alpha") from None
-    condition = opts.get("ckplug_condition") or "paper"
+    condition = opts.get("ckplug_condition")
+    condition = "paper" if condition is None else condition
     if condition not in CONDITIONS:
         raise InvalidRequest(f"ckplug_condition must be one of {', '.join(CONDITIONS)}", param="ckplug_condition")
     return CKPlugHook(alpha=alpha, condition=condition, record=bool(opts.get("ckplug_trace")))

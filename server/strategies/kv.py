@@ -39,7 +39,7 @@ class KV(Strategy):
         retrieved, passages, ms = retrieve(query, ctx)
         layout = ctx.prompts.with_passages(query.messages, passages)
         t0 = time.perf_counter()
-        on_missing = query.options.get("on_missing") or "build"
+        on_missing = query.options.get("on_missing", "build")
         found = [ctx.kv.passage(p.doc_id, ids, build=on_missing == "build") for p, ids in zip(passages, layout.passages)]
         missing = [p.doc_id for p, f in zip(passages, found) if f is None]
         if missing and on_missing == "error":

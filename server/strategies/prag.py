@@ -49,7 +49,7 @@ class Prag(Strategy):
     def plan(self, query: Query, ctx: StrategyContext) -> Plan:
         if ctx.prag is None:
             raise StrategyUnavailable("this server has no adapter bank")
-        on_missing = query.options.get("on_missing") or "skip"
+        on_missing = query.options.get("on_missing", "skip")
         if on_missing not in ("skip", "error"):
             raise InvalidRequest("on_missing must be skip or error for prag", param="on_missing")
         named = _named(query, ctx)
