@@ -26,7 +26,7 @@ from bench.speed_common import measure, make_prompts
 def knowmux_rates(model_dir, prompts) -> dict:
     from server.engine.torch_engine import TorchEngine
     from server.engine.types import GenRequest, RowSpec, SamplingParams
-    from server.engine.worker import WorkerLimits
+    from server.engine.types import WorkerLimits
 
     # No prefix cache, as for vLLM: the benchmark repeats the same prompt (best of 3), and
     # a cache hit would skip the prefill being measured

@@ -49,7 +49,7 @@ class Metrics:
         self.running.set_function(lambda: engine.stats()["running"])
         # the start-up kernel choice sets decode speed and depends on the CPU: visible per
         # server, so two machines (or two restarts) can be compared (torch engine only)
-        from .engine.model import ROW_BUCKETS
+        from .engine.kernels import ROW_BUCKETS
 
         for (out_f, in_f), per_bucket in (getattr(getattr(engine, "runner", None), "kernels", None) or {}).items():
             for rows, kernel in zip(ROW_BUCKETS, per_bucket):

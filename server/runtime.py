@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def worker_limits(settings: Settings):
-    from .engine.worker import WorkerLimits
+    from .engine.types import WorkerLimits
 
     return WorkerLimits(max_batch_size=settings.max_batch_size, max_tokens_in_flight=settings.max_tokens_in_flight,
                         max_queue=settings.max_queue, step_token_budget=settings.step_token_budget,

@@ -6,8 +6,8 @@ import httpx
 import openai
 import pytest
 
-from server.engine.model import ROW_BUCKETS
-from server.engine.worker import WorkerLimits
+from server.engine.kernels import ROW_BUCKETS
+from server.engine.types import WorkerLimits
 
 DOCS = [{"id": "zorbl", "title": "Zorbl", "text": "Zorbl is a purple cat who lives on the moon base Tycho."},
         {"id": "paris", "title": "Paris", "text": "Paris is the capital and largest city of France."},

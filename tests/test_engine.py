@@ -9,10 +9,11 @@ import torch
 from server.engine.aio import generate_blocking
 from server.engine.kvcache import KVPrefix
 from server.engine.lora import AdapterSet
-from server.engine.model import _ONEDNN_LINEAR, _ONEDNN_REORDER, KERNELS, LlamaRunner, Segment, _Proj, tune_kernels
+from server.engine.kernels import _ONEDNN_LINEAR, _ONEDNN_REORDER, KERNELS, Proj, tune_kernels
+from server.engine.model import LlamaRunner, Segment
 from server.engine.torch_engine import TorchEngine
 from server.engine.types import GenRequest, RowSpec, SamplingParams
-from server.engine.worker import WorkerLimits
+from server.engine.types import WorkerLimits
 from server.errors import InvalidRequest, QueueFull
 from tests.tiny import tiny_engine, tiny_model, tiny_tokenizer
 
@@ -318,8 +319,8 @@ def test_per_row_lora_deltas_equal_merged_weights():
     torch.testing.assert_close(out[1], plain, atol=1e-4, rtol=1e-4)
 
 
-def _forced(proj: _Proj, kernel: str) -> _Proj:
-    proj.use((kernel,) * len(_Proj.BUCKETS))
+def _forced(proj: Proj, kernel: str) -> Proj:
+    proj.use((kernel,) * len(Proj.BUCKETS))
     return proj
 
 
@@ -330,8 +331,8 @@ def test_every_gemm_kernel_computes_the_same_product_at_every_row_count(bias):
     torch.manual_seed(3)
     w, b = torch.randn(96, 40), (torch.randn(96) if bias else None)
     kept = w.clone()  # a weight the caller holds anyway (a tied lm_head's embedding)
-    projs = [_forced(_Proj(w, b), k) for k in KERNELS] + [_forced(_Proj(kept, b, keep_rows=True), k) for k in KERNELS]
-    assert projs[1].packed is not None or not _Proj._mkl  # MKL as served: packed for a few rows
+    projs = [_forced(Proj(w, b), k) for k in KERNELS] + [_forced(Proj(kept, b, keep_rows=True), k) for k in KERNELS]
+    assert projs[1].packed is not None or not Proj._mkl  # MKL as served: packed for a few rows
     assert projs[2].dnn_packed is not None and projs[0].packed is None and projs[0].dnn_packed is None
     # on oneDNN a kept weight gets no transposed copy; MKL's x @ t needs one
     assert projs[3].t.data_ptr() == projs[5].t.data_ptr() == kept.data_ptr() and not projs[3].t.is_contiguous()
@@ -357,7 +358,7 @@ def test_onednn_training_product_gives_the_plain_gradient(kernel, keep_rows):
     grads = []
     for k, keep in (("mkl", False), (kernel, keep_rows)):
         xi = x.clone().requires_grad_()
-        y = _forced(_Proj(w, b, keep_rows=keep), k).train_call(xi)
+        y = _forced(Proj(w, b, keep_rows=keep), k).train_call(xi)
         (y * torch.linspace(-1, 1, 80)).square().sum().backward()
         grads.append((y.detach(), xi.grad))
     torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-4, rtol=1e-4)
@@ -375,14 +376,14 @@ def test_kernel_tuning_keeps_packed_copies_only_where_a_chosen_kernel_reads_them
             return kernel_fn(self, kernel, x)
         return call
 
-    monkeypatch.setattr(_Proj, "call_with", timed(_Proj.call_with))
+    monkeypatch.setattr(Proj, "call_with", timed(Proj.call_with))
     monkeypatch.setattr(time_mod, "perf_counter", lambda: clock[0])
     monkeypatch.setenv("KNOWMUX_ONEDNN", "1")
-    every = len(_Proj.BUCKETS)
+    every = len(Proj.BUCKETS)
 
     def tuned(**costs):
         cost.update(costs)
-        projs = [_Proj(torch.randn(64, 32)) for _ in range(2)]
+        projs = [Proj(torch.randn(64, 32)) for _ in range(2)]
         assert all(p.packed is None and p.dnn_packed is None for p in projs)  # packed only once chosen
         return tune_kernels(projs), projs
 
@@ -395,25 +396,25 @@ def test_kernel_tuning_keeps_packed_copies_only_where_a_chosen_kernel_reads_them
     assert all(p.dnn_packed is not None and p.packed is None for p in projs)  # every projection of the shape
     choice, projs = tuned(mkl=1)
     assert choice == {(64, 32): ["mkl"] * every}
-    assert all((p.packed is not None or not _Proj._mkl) and p.dnn_packed is None for p in projs)
+    assert all((p.packed is not None or not Proj._mkl) and p.dnn_packed is None for p in projs)
 
     # an lm_head serves one row per sequence: never timed at prefill sizes, it keeps its decode choice
     rows_seen = []
-    monkeypatch.setattr(_Proj, "call_with", lambda self, kernel, x: rows_seen.append(x.shape[0]))
-    head = _Proj(torch.randn(64, 32), few_rows=True)
+    monkeypatch.setattr(Proj, "call_with", lambda self, kernel, x: rows_seen.append(x.shape[0]))
+    head = Proj(torch.randn(64, 32), few_rows=True)
     assert tune_kernels([head]) == {(64, 32): ["onednn"] * every}
-    assert max(rows_seen) == _Proj.PACKED_MAX_ROWS
+    assert max(rows_seen) == Proj.PACKED_MAX_ROWS
 
 
 def test_kernel_tuning_serves_without_the_blocked_layout_where_onednn_cannot_reorder(monkeypatch, caplog):
-    import server.engine.model as model_mod
+    import server.engine.kernels as kernels_mod
 
     def refuse(w, rows):
         raise RuntimeError("unsupported")
 
-    monkeypatch.setattr(model_mod, "_ONEDNN_REORDER", refuse)
+    monkeypatch.setattr(kernels_mod, "_ONEDNN_REORDER", refuse)
     monkeypatch.setenv("KNOWMUX_ONEDNN", "1")
-    projs = [_Proj(torch.randn(64, 32)) for _ in range(2)]
+    projs = [Proj(torch.randn(64, 32)) for _ in range(2)]
     choice = tune_kernels(projs)
     assert all(k in ("onednn", "mkl") for k in choice[(64, 32)])
     assert all(p.dnn_packed is None for p in projs) and "no blocked oneDNN layout" in caplog.text
@@ -598,7 +599,7 @@ def test_background_generation_yields_to_live_requests_and_keeps_its_tokens():
     live request runs, then at full speed; its tokens are those it gets alone."""
     alone_bg, _ = run_alone(PROMPTS[1], 6)
     eng = tiny_engine(WorkerLimits(background_interval_s=3600.0))
-    eng.worker._last_background = time.perf_counter()  # the interval has just started
+    eng.worker.scheduler.last_background = time.perf_counter()  # the interval has just started
     seen_bg, seen_live = [], []
     bg, live = Collector(), Collector()
     eng.worker.submit(GenRequest("bg", [RowSpec(PROMPTS[1])], greedy(6), recording_hook(seen_bg), background=True), bg)
@@ -704,7 +705,7 @@ def test_logit_bias_and_penalties_change_the_choice_as_openai_defines_them():
 def test_a_second_start_does_not_add_a_second_loop():
     # two runtimes around one engine (the tests' session engines; an embedding application)
     # each start it: two loops stepping one engine corrupted vLLM's batch state
-    from server.engine.worker import LoopThread
+    from server.engine.loop import LoopThread
 
     class Loop(LoopThread):
         def __init__(self):

@@ -3,6 +3,7 @@
 import httpx
 import torch
 
+from server.engine.blend import rotate_keys
 from server.engine.model import LlamaRunner, Segment
 from server.engine.types import GenRequest, RowSpec, SamplingParams
 from server.kv.service import KVService
@@ -46,7 +47,7 @@ def test_rerotated_keys_match_a_cache_computed_at_the_shifted_positions():
     runner.forward(torch.tensor(ids), [Segment(at0, 0, len(ids))])
     shifted = runner.new_cache(64, pos_offset=37)  # the same tokens, 37 positions later
     runner.forward(torch.tensor(ids), [Segment(shifted, 0, len(ids))])
-    moved = runner.rotate_keys(at0.export(0, len(ids)).kv, 37)
+    moved = rotate_keys(runner, at0.export(0, len(ids)).kv, 37)
     torch.testing.assert_close(moved, shifted.export(0, len(ids)).kv, atol=1e-4, rtol=1e-4)
 
 

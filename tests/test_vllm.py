@@ -25,7 +25,7 @@ DOCS = [ZORBL, {"id": "paris", "title": "Paris", "text": "Paris is the capital a
 @pytest.fixture(scope="session")
 def vllm_engine():
     from server.engine.vllm_engine import VLLMEngine
-    from server.engine.worker import WorkerLimits
+    from server.engine.types import WorkerLimits
     from server.modelfiles import ensure_default_model
 
     eng = VLLMEngine.from_folder(ensure_default_model(), WorkerLimits(max_batch_size=8), max_lora_rank=16)

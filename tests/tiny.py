@@ -63,6 +63,6 @@ def tiny_model_folder(path):
 
 def tiny_engine(limits=None, seed: int = 0):
     from server.engine.torch_engine import TorchEngine
-    from server.engine.worker import WorkerLimits
+    from server.engine.types import WorkerLimits
 
     return TorchEngine(tiny_model(seed), tiny_tokenizer(), model_id="tiny-llama", limits=limits or WorkerLimits())

@@ -12,7 +12,8 @@ import torch
 from .compute import ComputeThread
 from .model import LlamaRunner
 from .types import GenRequest
-from .worker import EngineWorker, Handle, Sink, WorkerLimits
+from .types import Sink, WorkerLimits
+from .worker import EngineWorker, Handle
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -112,3 +112,19 @@ class TokenEvent:
     error: Optional[str] = None
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not prefilled)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token_ids entry, when asked for
+
+
+Sink = Callable[["TokenEvent"], None]  # receives a request's events on the engine thread
+
+
+@dataclass(frozen=True)
+class WorkerLimits:
+    max_batch_size: int = 16  # sequences in the running batch
+    max_tokens_in_flight: int = 32768  # KV slots reserved by running rows (46 KB each on SmolLM2 fp32)
+    max_queue: int = 64  # sequences waiting for admission; more get QueueFull (429)
+    step_token_budget: int = 512  # tokens per forward pass (prefill chunk size)
+    prefix_cache_tokens: int = 16384  # automatic prefix cache (0 = off); 46 KB per token on SmolLM2 fp32
+    prefix_cache_block: int = 16  # tokens per prefix-cache block (a prompt shares whole blocks only)
+    background_interval_s: float = 1.0  # while requests run, at most one background call (a training step) per interval
+    # KV slot size of the shared pool (2 slots per batch place); a longer row gets a private cache
+    pool_row_tokens: int = 2048

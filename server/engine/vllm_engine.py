@@ -27,7 +27,8 @@ from typing import Callable, Optional
 
 from ..errors import EngineUnavailable, InvalidRequest, QueueFull
 from .types import GenRequest, Timings, TokenEvent, TokenLogprob
-from .worker import LoopThread, Sink, WorkerLimits
+from .loop import LoopThread
+from .types import Sink, WorkerLimits
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 
 Requests are submitted from any thread (the HTTP event loop, a build job) with a
 ``sink`` callback that receives ``TokenEvent``s on the engine thread. Between steps
-the worker drops cancelled sequences, admits waiting ones while the batch-size and
-KV-token limits allow, plans a step (scheduler.plan_step), runs one packed forward,
+the worker drops cancelled sequences, lets its ``Scheduler`` admit waiting ones and
+plan a step, runs one packed forward,
 samples one token for every sequence whose rows all produced logits, and emits.
 """
 
@@ -14,39 +14,23 @@ import logging
 import os
 import threading
 import time
-from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
-from ..errors import EngineUnavailable, InvalidRequest, QueueFull
-from .compute import ComputeThread
+from ..errors import EngineUnavailable, InvalidRequest
 from .detok import IncrementalDetokenizer
 from .kvcache import RowCache
+from .loop import LoopThread
 from .model import LlamaRunner, Segment
 from .prefix_cache import PrefixCache
 from .sampling import adjust, sample, token_logprob
-from .scheduler import plan_step
-from .types import GenRequest, RowSpec, Timings, TokenEvent
+from .scheduler import Scheduler
+from .types import GenRequest, RowSpec, Sink, Timings, TokenEvent, WorkerLimits
 
 log = logging.getLogger(__name__)
-
-Sink = Callable[[TokenEvent], None]
-
-
-@dataclass(frozen=True)
-class WorkerLimits:
-    max_batch_size: int = 16  # sequences in the running batch
-    max_tokens_in_flight: int = 32768  # KV slots reserved by running rows (46 KB each on SmolLM2 fp32)
-    max_queue: int = 64  # sequences waiting for admission; more get QueueFull (429)
-    step_token_budget: int = 512  # tokens per forward pass (prefill chunk size)
-    prefix_cache_tokens: int = 16384  # automatic prefix cache (0 = off); 46 KB per token on SmolLM2 fp32
-    prefix_cache_block: int = 16  # tokens per prefix-cache block (a prompt shares whole blocks only)
-    background_interval_s: float = 1.0  # while requests run, at most one background call (a training step) per interval
-    # KV slot size of the shared pool (2 slots per batch place); a longer row gets a private cache
-    pool_row_tokens: int = 2048
 
 
 @dataclass(eq=False)
@@ -89,66 +73,16 @@ class Handle:
             self._worker._wake()
 
 
-class LoopThread:
-    """The one thread that owns an engine: start, stop, and whether it still runs.
-    Subclasses provide ``_loop`` and set ``_cv`` (a Condition), ``_stop`` and ``_thread``."""
-
-    thread_name = "knowmux-engine"
-    _loop_job: Optional[Future] = None
-
-    def start(self, on: Optional[ComputeThread] = None) -> None:
-        """Run the loop on a thread of its own, or as a job of ``on`` (the thread that
-        loaded the model: see server.engine.compute). Once: a second start (a second
-        runtime around the same engine) must not add a second loop stepping it."""
-        if self._thread is not None:
-            return
-        if on is None:
-            self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
-            self._thread.start()
-        else:
-            self._thread = on.thread
-            self._loop_job = on.submit(self._loop)
-
-    def shutdown(self) -> None:
-        with self._cv:
-            self._stop = True
-            self._cv.notify_all()
-        if self._loop_job is not None:
-            futures.wait([self._loop_job], timeout=30)
-        elif self._thread is not None:
-            self._thread.join(timeout=30)
-
-    @property
-    def started(self) -> bool:
-        return self._thread is not None
-
-    def on_engine_thread(self) -> bool:
-        return self._thread is not None and threading.current_thread() is self._thread
-
-    @property
-    def alive(self) -> bool:
-        """False once the engine thread has stopped or died (never started counts as alive:
-        tests step a worker by hand)."""
-        if self._stop or (self._loop_job is not None and self._loop_job.done()):
-            return False
-        return self._thread is None or self._thread.is_alive()
-
-
 class EngineWorker(LoopThread):
-    TWIN_MIN_TOKENS = 64  # shorter shared prompts are prefilled side by side (see _twin_in_prefill)
     CALLS_PER_STEP_S = 0.02  # live calls run back to back between two steps for up to this long
 
     def __init__(self, runner: LlamaRunner, tokenizer, eos_ids: set[int], limits: WorkerLimits,
                  on_step: Optional[Callable[[int, int, float], None]] = None):
         self.runner, self.tokenizer, self.eos_ids, self.limits = runner, tokenizer, eos_ids, limits
         self.on_step = on_step  # (tokens, rows, seconds) after every forward; for metrics
-        self._cv = threading.Condition()
-        self._waiting: collections.deque[_Seq] = collections.deque()
+        self._cv = threading.Condition()  # guards the scheduler's waiting queue and the call queues
         self._calls: collections.deque[tuple[Callable, Future]] = collections.deque()
         self._background: collections.deque[tuple[Callable, Future]] = collections.deque()
-        self._last_background = 0.0
-        self._running: list[_Seq] = []
-        self._kv_in_flight = 0
         self._stop = False
         self._thread: Optional[threading.Thread] = None
         self.last_error: Optional[str] = None
@@ -156,6 +90,7 @@ class EngineWorker(LoopThread):
         self.last_step_tokens = 0
         self.prefix_cache = PrefixCache(limits.prefix_cache_block, limits.prefix_cache_tokens) \
             if limits.prefix_cache_tokens else None
+        self.scheduler = Scheduler(limits, self.prefix_cache)
         # Row caches come from one pool so that decode rows attend in one batched call; two
         # slots per place in the batch (CK-PLUG requests run two rows). Pages are committed
         # only as slots fill, lowest slots first.
@@ -181,9 +116,7 @@ class EngineWorker(LoopThread):
         with self._cv:
             if not self.alive:
                 raise EngineUnavailable(self.last_error or "the engine is not running", retry_after=5)
-            if len(self._waiting) >= self.limits.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting (max_queue)", retry_after=1)
-            self._waiting.append(seq)
+            self.scheduler.enqueue(seq)
             self._cv.notify()
         return Handle(self, seq)
 
@@ -218,14 +151,15 @@ class EngineWorker(LoopThread):
             fut.set_exception(exc)
 
     def stats(self) -> dict:
-        return {"queue": len(self._waiting), "running": len(self._running), "kv_in_flight": self._kv_in_flight,
+        sch = self.scheduler
+        return {"queue": len(sch.waiting), "running": len(sch.running), "kv_in_flight": sch.kv_in_flight,
                 "steps": self.steps, "last_step_tokens": self.last_step_tokens,
                 "kv_pool_free_slots": self.kv_pool.free_slots if self.kv_pool is not None else 0}
 
     @property
     def busy(self) -> bool:
         """Live (not background) requests are running or waiting (from any thread; a snapshot)."""
-        return any(not s.req.background for s in self._running) or any(not s.req.background for s in self._waiting)
+        return self.scheduler.busy
 
     def _wake(self) -> None:
         with self._cv:
@@ -242,8 +176,7 @@ class EngineWorker(LoopThread):
         finally:
             with self._cv:
                 self._stop = True
-                stranded = list(self._running) + list(self._waiting)
-                self._waiting.clear()
+                stranded = self.scheduler.drain()
                 calls = list(self._calls) + list(self._background)
                 self._calls.clear()
                 self._background.clear()
@@ -256,20 +189,20 @@ class EngineWorker(LoopThread):
     def _serve(self) -> None:
         while True:
             with self._cv:
-                while (not self._stop and not self._waiting and not self._running and not self._calls
-                       and not self._background):
+                while (not self._stop and not self.scheduler.waiting and not self.scheduler.running
+                       and not self._calls and not self._background):
                     self._cv.wait()
                 if self._stop:
                     break
                 call = self._calls.popleft() if self._calls else None
                 background = False
-                if call is None and self._background and (not self.busy or self._background_due()):
+                if call is None and self._background and (not self.busy or self.scheduler.background_due()):
                     call, background = self._background.popleft(), True
             t0 = time.perf_counter()
             while call is not None:
                 self._run_call(*call)
                 if background:  # the interval counts from the end of a background call
-                    self._last_background = time.perf_counter()
+                    self.scheduler.last_background = time.perf_counter()
                     break
                 # short live calls (query embeddings, a few ms each) run together between two
                 # steps; after a long one (a passage's KV prefill) the batch gets its step
@@ -285,69 +218,34 @@ class EngineWorker(LoopThread):
         call it directly on a worker that was never started)."""
         self._drop_cancelled()
         self._admit()
-        if not self._running:
+        if not self.scheduler.running:
             return False
         try:
             self._forward_and_sample()
         except Exception as exc:  # a failed step fails its requests, not the server
             log.exception("engine step failed")
             self.last_error = f"engine step failed: {type(exc).__name__}: {exc}"
-            for seq in list(self._running):
+            for seq in list(self.scheduler.running):
                 self._finish(seq, "error", error=self.last_error)
         return True
 
     def _drop_cancelled(self) -> None:
         with self._cv:
-            for seq in [s for s in self._waiting if s.cancelled]:
-                self._waiting.remove(seq)
+            for seq in self.scheduler.take_cancelled():
                 seq.done = True
-        for seq in [s for s in self._running if s.cancelled]:
+        for seq in [s for s in self.scheduler.running if s.cancelled]:
             self._finish(seq, "cancelled")
 
     def _admit(self) -> None:
         with self._cv:
-            deferred = []
-            while self._waiting and len(self._running) < self.limits.max_batch_size:
-                if self._twin_in_prefill(self._waiting[0]):
-                    deferred.append(self._waiting.popleft())
-                    continue
-                need = self._waiting[0].req.kv_tokens_needed
-                if self._kv_in_flight + need > self.limits.max_tokens_in_flight:
-                    break
-                seq = self._waiting.popleft()
-                self._kv_in_flight += need
-                self._running.append(seq)
-                seq.t_admit = time.perf_counter()
-            self._waiting.extendleft(reversed(deferred))  # first in line once the twin's prompt is cached
-        for seq in list(self._running):
+            self.scheduler.admit()
+        for seq in list(self.scheduler.running):
             if not seq.rows:
                 try:
                     self._allocate(seq)
                 except Exception as exc:  # e.g. an injected prefix that does not fit: fail this request only
                     log.warning("could not admit %s: %s", seq.req.request_id, exc)
                     self._finish(seq, "error", error=f"could not admit the request: {exc}")
-
-    def _twin_in_prefill(self, seq: _Seq) -> bool:
-        """Whether ``seq`` should wait for a running request that is prefilling the larger
-        part of one of its prompts: that prompt's blocks enter the prefix cache at the
-        twin's first token, and ``seq`` then prefills only the rest, where prefilling both
-        at once would compute the shared part twice (n > 1 choices; `rag` beside
-        `rag+ckplug` in one `strategies` request; clients repeating a question)."""
-        if self.prefix_cache is None:
-            return False
-        block = self.prefix_cache.block
-        mine = [r.prompt_ids for r in seq.req.rows if r.prefix is None and r.adapters is None]
-        theirs = [r.prompt_ids for s in self._running if not s.output and not s.done for r in s.req.rows
-                  if r.prefix is None and r.adapters is None]
-        for ids in mine:
-            # worth a wait: most of a long prompt, not a chat template's head before different questions
-            floor = max(self.TWIN_MIN_TOKENS, 2 * block, len(ids) // 2)
-            if len(ids) <= floor:
-                continue
-            for other in theirs:
-                if ids[:floor] == other[:floor] and self.prefix_cache.cached_length(ids) < floor:
-                    return True
-        return False
 
     def _allocate(self, seq: _Seq) -> None:
         for spec in seq.req.rows:
@@ -368,12 +266,12 @@ class EngineWorker(LoopThread):
 
     def _forward_and_sample(self) -> None:
         t0 = time.perf_counter()
-        for seq in [s for s in self._running if not s.rows or any(not r.pending for r in s.rows)]:
+        for seq in [s for s in self.scheduler.running if not s.rows or any(not r.pending for r in s.rows)]:
             # a broken invariant (every running row has a token to feed): fail this request alone, loudly
             log.error("request %s has rows with nothing to feed (pending %s); failing it",
                       seq.req.request_id, [len(r.pending) for r in seq.rows])
             self._finish(seq, "error", error="internal error: the request had nothing left to compute")
-        plans = plan_step(self._plannable(), self.limits.step_token_budget)
+        plans = self.scheduler.plan()
         if not plans:
             return
         ids: list[int] = []
@@ -396,25 +294,6 @@ class EngineWorker(LoopThread):
         self.last_step_tokens = len(ids)
         if self.on_step is not None:
             self.on_step(len(ids), len(segments), time.perf_counter() - t0)
-
-    def _plannable(self) -> list[_Seq]:
-        """The sequences this step advances. Background ones (build augmentation) yield to
-        live ones: while a live request runs and none waits for a place, they join a step
-        at most once per ``background_interval_s``, the same duty cycle as background calls
-        (a live request queued behind them lets them run, to free their places)."""
-        background = [s for s in self._running if s.req.background]
-        if not background or len(background) == len(self._running) or \
-                any(not s.req.background for s in self._waiting):
-            return self._running
-        if self._background_due():
-            self._last_background = time.perf_counter()
-            return self._running
-        return [s for s in self._running if not s.req.background]
-
-    def _background_due(self) -> bool:
-        """Background work's turn while live requests run: one per ``background_interval_s``,
-        shared by background calls (training pieces) and background rows (augmentation)."""
-        return time.perf_counter() - self._last_background >= self.limits.background_interval_s
 
     def _emit_token(self, seq: _Seq, logits: torch.Tensor) -> None:
         final = seq.req.logits_hook(logits) if seq.req.logits_hook is not None else logits[0]
@@ -452,9 +331,7 @@ class EngineWorker(LoopThread):
         if seq.done:
             return
         seq.done = True
-        if seq in self._running:
-            self._running.remove(seq)
-            self._kv_in_flight -= seq.req.kv_tokens_needed
+        self.scheduler.remove(seq)
         if self.kv_pool is not None:
             for row in seq.rows:
                 self.kv_pool.release(row.cache)

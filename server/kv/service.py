@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from ..engine.kvcache import KVPrefix
+from ..engine.blend import cacheblend, rotate_keys
 from ..engine.model import Segment
 from ..prompt import Passage
 from .store import KVEntry, KVStore, entry_key
@@ -112,7 +113,7 @@ class KVService:
         def join() -> KVPrefix:  # megabytes of rotation and copying: torch work, on the engine's thread
             parts, pos = [head_kv.kv], head_kv.length
             for e in entries:
-                parts.append(self.runner.rotate_keys(e.kv, pos - e.start_pos))
+                parts.append(rotate_keys(self.runner, e.kv, pos - e.start_pos))
                 pos += e.n_tokens
             return KVPrefix(torch.cat(parts, dim=3), 0)
 
@@ -156,7 +157,7 @@ class KVService:
         def run():
             cache = self.runner.new_cache(prefix.length)
             cache.import_prefix(prefix)
-            chosen = self.runner.blend(cache, torch.tensor(ids, dtype=torch.long), exact_upto, fraction)
+            chosen = cacheblend(self.runner, cache, torch.tensor(ids, dtype=torch.long), exact_upto, fraction)
             return KVPrefix(cache.kv, 0), len(chosen)
 
         return self._on_engine(run)
