@@ -41,7 +41,7 @@ def main() -> None:
     from server.config import Settings
     from server.engine.torch_engine import TorchEngine
     from server.modelfiles import resolve_model
-    from server.pipeline import Pipeline
+    from server.runtime import assemble
 
     torch.set_grad_enabled(False)
     settings = Settings.from_env(data_dir=a.data_dir)
@@ -49,7 +49,7 @@ def main() -> None:
     engine.start()
     kb = KnowledgeBase(a.data_dir, Embedder())
     try:
-        prag = Pipeline(engine, kb, settings, data_dir=a.data_dir).prag
+        prag = assemble(engine, kb, settings, data_dir=a.data_dir).artefacts.prag
         docs, after = [], None
         while len(docs) < a.k * a.trials:  # the first documents (in id order) that have an adapter
             page = kb.store.page(after, 200)

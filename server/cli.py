@@ -188,12 +188,12 @@ def build(settings: Settings, engine, kb, doc_ids: list[str], kinds: list[str]) 
     from tqdm import tqdm
 
     from .jobs import build_ids, outcome
-    from .pipeline import Pipeline
+    from .runtime import assemble
 
     n_failed = 0
-    pipeline = Pipeline(engine, kb, settings, data_dir=settings.data_dir)
+    artefacts = assemble(engine, kb, settings, data_dir=settings.data_dir).artefacts
     for kind in kinds:
-        service = pipeline.builder(kind)
+        service = artefacts.builder(kind)
         if service is None:
             raise ValueError(f"the {engine.name} engine cannot build {kind}; use --engine torch")
         counts: Counter = Counter()

@@ -5,6 +5,7 @@
     -> engine (EventStream) -> TokenEvents
 
 Knows nothing of HTTP: the API layer builds a ChatInput and formats what comes back.
+Assembles nothing either: server.runtime builds the services and hands them in.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ from .config import Settings
 from .engine.aio import EventStream
 from .engine.types import GenRequest, SamplingParams
 from .errors import ContextLengthExceeded, InvalidRequest, UnknownExperiment
-from .prompt import PromptBuilder, ensure_chat_template
 from .router import Experiments, Router
-from .strategies import AUTO, NAMES, STRATEGIES, Plan, Query, StrategyContext, get_strategy
+from .strategies import AUTO, Plan, Query, StrategyContext, get_strategy
 
 
 @dataclass(frozen=True)
@@ -73,84 +73,19 @@ class Prepared:
 
 
 class Pipeline:
-    def __init__(self, engine, kb, settings: Settings, data_dir=None):
-        self.engine, self.kb, self.settings = engine, kb, settings
-        ensure_chat_template(engine.tokenizer, settings.chat_template)  # before anything renders a prompt
-        self.prompts = PromptBuilder(engine.tokenizer)
-        kv = prag = None
-        builds_adapters = False  # training needs the torch engine; vllm only serves what it trained
-        if data_dir is not None:
-            from adapters.bank import AdapterBank
-            from adapters.recipe import get_recipe
+    """Resolves a request's strategy, plans it and submits it; the services it uses are
+    assembled by server.runtime."""
 
-            bank, recipe = AdapterBank(data_dir / "adapters"), get_recipe(settings.adapter_recipe)
-            if hasattr(engine, "runner"):  # KV injection and row deltas need our forward
-                from .kv.service import KVService
-                from .kv.store import KVStore
-                from .prag import PragService
-
-                kv = KVService(engine, self.prompts, KVStore(data_dir / "kv", settings.kv_memory_bytes))
-                prag = PragService(engine, self.prompts, bank, recipe, build_group=settings.adapter_build_group)
-                builds_adapters = True
-            elif engine.name == "vllm":  # prag through vLLM's LoRA requests
-                from .prag_vllm import VLLMPragService
-
-                prag = VLLMPragService(engine, bank, recipe, data_dir / "combined", engine.model_path)
-        self.kv, self.prag = kv, prag
-        self._builders = {"kv": kv, "adapters": prag if builds_adapters else None}
-        self.ctx = StrategyContext(kb=kb, prompts=self.prompts, kv=kv, kv_recompute=settings.kv_recompute,
-                                   prag=prag)
-        self.max_context = min(settings.max_context or engine.max_context, engine.max_context)
-        probe = None
-        if settings.router_probe and getattr(engine, "supports_logits_hook", False):
-            from .router.probe import ConfidenceProbe
-
-            probe = ConfidenceProbe(engine, self.prompts)
-        self.supported = self.supported_strategies()
-        self.router = Router(self.ctx, self.supported, min_score=settings.router_min_score, probe=probe,
-                             one_passage_gap=settings.router_one_passage_gap,
-                             classifier_dir=settings.router_classifier or (
-                                 (data_dir / "router") if data_dir is not None else None))
-        self.experiments = Experiments(settings.experiments, self.known_strategies())
-
-    def builder(self, kind: str):
-        """The service that builds artefacts of this kind ("kv" or "adapters"), or None if the
-        engine cannot; each has ``build_document(doc) -> bool``."""
-        return self._builders[kind]
-
-    def forget_artefacts(self, doc) -> list[str]:
-        """After ``doc`` was deleted: remove its KV cache and adapter unless another stored
-        document has the same content (artefacts are keyed by content, so they are shared).
-        Returns the kinds removed."""
-        if self.kb.store.ids_with_hash(doc.content_hash):
-            return []
-        return [kind for kind, service in (("kv", self.kv), ("adapter", self.prag))
-                if service is not None and service.forget(doc)]
-
-    def artefacts(self, doc) -> dict[str, bool]:
-        """Which per-document artefacts are stored for ``doc`` (the kinds this engine builds)."""
-        return {kind: service.has(doc) for kind, service in (("kv", self.kv), ("adapter", self.prag))
-                if service is not None}
-
-    def known_strategies(self) -> list[str]:
-        return list(NAMES)
+    def __init__(self, engine, ctx: StrategyContext, router: Router, experiments: Experiments,
+                 settings: Settings, supported: list[str]):
+        self.engine, self.ctx, self.router, self.experiments = engine, ctx, router, experiments
+        self.settings, self.supported = settings, supported
+        self.max_context = engine.max_context if settings.max_context is None else \
+            min(settings.max_context, engine.max_context)
 
     def routable_strategies(self) -> list[str]:
         """What a request to this server may name and have run: auto and the supported strategies."""
         return [AUTO, *self.supported]
-
-    def supported_strategies(self) -> list[str]:
-        """What this engine can run: KV injection and row adapters need the torch engine's
-        forward (server.engine), CK-PLUG its logits hook."""
-        out = []
-        for name in STRATEGIES:
-            base, _, mod = name.partition("+")
-            if base == "kv" and self.kv is None or base == "prag" and self.prag is None:
-                continue
-            if mod == "ckplug" and not getattr(self.engine, "supports_logits_hook", False):
-                continue
-            out.append(name)
-        return out
 
     def resolve(self, inp: ChatInput, top_k: int, question: str) -> Route:
         """Which strategy answers, and why: an explicit strategy wins over an experiment,

@@ -1,5 +1,7 @@
-"""Everything a serving process holds, built from Settings: engine, knowledge base,
-pipeline, metrics. The API's lifespan builds one; tests build one around a tiny model."""
+"""Everything a serving process holds, built from Settings: engine, knowledge base, the
+artefact services, router, experiments, pipeline, metrics. The one place that assembles
+them (``assemble``); the API's lifespan builds a Runtime, the CLI's builds and tests build
+the same parts around a given engine."""
 
 from __future__ import annotations
 
@@ -8,11 +10,15 @@ import time
 from dataclasses import dataclass, field
 
 from .api.auth import Keys, check_exposure
+from .artefacts import Artefacts
 from .config import Settings
 from .errors import StrategyUnavailable
 from .jobs import Builder, JobManager, build_ids
 from .metrics import Metrics
 from .pipeline import Pipeline
+from .prompt import PromptBuilder, ensure_chat_template
+from .router import Experiments, Router
+from .strategies import NAMES, StrategyContext, supported
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +55,74 @@ def embedder_for(engine):
 
 
 @dataclass
+class Parts:
+    """What ``assemble`` builds around an engine and a knowledge base."""
+
+    prompts: PromptBuilder
+    artefacts: Artefacts
+    ctx: StrategyContext
+    supported: list[str]  # the strategies this engine and these artefacts can run
+    router: Router
+    experiments: Experiments
+    pipeline: Pipeline
+
+
+def assemble(engine, kb, settings: Settings, data_dir=None) -> Parts:
+    """The services a server runs on ``engine`` and ``kb``: prompt layout, artefact services
+    (as the engine's capabilities allow), the strategies they support, the router (with
+    the confidence probe where the engine runs logits hooks), experiments and the pipeline."""
+    from .engine import LOGITS_HOOK
+
+    ensure_chat_template(engine.tokenizer, settings.chat_template)  # before anything renders a prompt
+    prompts = PromptBuilder(engine.tokenizer)
+    artefacts = Artefacts.for_engine(engine, prompts, settings, data_dir)
+    ctx = StrategyContext(kb=kb, prompts=prompts, kv=artefacts.kv, kv_recompute=settings.kv_recompute,
+                          prag=artefacts.prag)
+    runs = supported(engine.capabilities | artefacts.services)
+    probe = None
+    if settings.router_probe and LOGITS_HOOK in engine.capabilities:
+        from .router.probe import ConfidenceProbe
+
+        probe = ConfidenceProbe(engine, prompts)
+    router = Router(ctx, runs, min_score=settings.router_min_score, probe=probe,
+                    one_passage_gap=settings.router_one_passage_gap,
+                    classifier_dir=settings.router_classifier or (
+                        (data_dir / "router") if data_dir is not None else None))
+    experiments = Experiments(settings.experiments, list(NAMES))
+    return Parts(prompts, artefacts, ctx, runs, router, experiments,
+                 Pipeline(engine, ctx, router, experiments, settings, runs))
+
+
+@dataclass
 class Runtime:
     settings: Settings
     engine: object
     kb: object
-    pipeline: Pipeline
+    parts: Parts
     metrics: Metrics
     keys: object = None  # server.api.auth.Keys
     jobs: JobManager = None
     started_at: float = field(default_factory=time.time)
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return self.parts.pipeline
+
+    @property
+    def artefacts(self) -> Artefacts:
+        return self.parts.artefacts
+
+    @property
+    def router(self) -> Router:
+        return self.parts.router
+
+    @property
+    def experiments(self) -> Experiments:
+        return self.parts.experiments
+
+    @property
+    def prompts(self) -> PromptBuilder:
+        return self.parts.prompts
 
     @classmethod
     def build(cls, settings: Settings, engine=None, embedder=None) -> "Runtime":
@@ -70,13 +135,13 @@ class Runtime:
         keys = Keys.from_settings(settings)
         check_exposure(settings, keys)
         kb = KnowledgeBase(settings.data_dir, embedder)
-        return cls(settings, engine, kb, Pipeline(engine, kb, settings, data_dir=settings.data_dir), Metrics(), keys,
+        return cls(settings, engine, kb, assemble(engine, kb, settings, data_dir=settings.data_dir), Metrics(), keys,
                    JobManager(settings.data_dir / "jobs"))
 
     def builder(self, kind: str) -> Builder:
         """The builder of a kind ("kv", "adapters") for jobs; raises StrategyUnavailable
         when this engine cannot build it."""
-        service = self.pipeline.builder(kind)
+        service = self.artefacts.builder(kind)
         if service is None:
             raise StrategyUnavailable(f"the {self.engine.name} engine cannot build {kind}", param="build")
 

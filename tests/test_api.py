@@ -227,7 +227,7 @@ def test_documents_upsert_get_and_delete(server):
 def test_documents_list_in_pages_with_their_artefacts(server):
     """GET /v1/documents pages through the store in id order (after/limit/has_more), shows
     which artefacts each document has, and refuses a limit out of range."""
-    server.runtime.pipeline.kv.build_document(server.runtime.kb.store.get("qcd"))
+    server.runtime.artefacts.kv.build_document(server.runtime.kb.store.get("qcd"))
     first = httpx.get(server.url + "/v1/documents", params={"limit": 2}).json()
     assert [d["id"] for d in first["data"]] == ["paris", "qcd"] and first["has_more"] is True
     assert first["data"][1]["artefacts"] == {"kv": True, "adapter": False}

@@ -278,10 +278,10 @@ def test_prag_through_the_api(make_server, monkeypatch):
                        json={"model": "knowmux", "messages": ASK, "adapters": bad})
         assert e.status_code == 400 and e.json()["error"]["param"] == param
     # a corrupted adapter is reported by document, never used
-    folder = srv.runtime.pipeline.prag.bank.folder(info["key"])
+    folder = srv.runtime.artefacts.prag.bank.folder(info["key"])
     w = folder / "adapter_model.safetensors"
     w.write_bytes(w.read_bytes()[:-16] + b"\x00" * 16)
-    srv.runtime.pipeline.prag._cache.clear()
+    srv.runtime.artefacts.prag._cache.clear()
     e = httpx.post(srv.url + "/v1/chat/completions", headers={"X-Strategy": "prag"},
                    json={"model": "knowmux", "messages": ASK, "top_k": 2, "on_missing": "error"})
     assert e.status_code == 409 and "zorbl failed its checks and was removed" in e.json()["error"]["message"]

@@ -304,7 +304,7 @@ def test_probe_runs_on_the_engine(make_server):
     r = _chat(srv)
     assert r.status_code == 200
     assert r.headers["x-strategy"] in ("rag", "rag+ckplug")
-    gain = srv.runtime.pipeline.router.probe(ASK, [])
+    gain = srv.runtime.router.probe(ASK, [])
     assert np.isfinite(gain)
 
 

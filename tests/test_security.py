@@ -161,7 +161,7 @@ def test_delete_removes_artefacts_unless_shared(make_server):
     srv = make_server()
     twin = {"id": "zorbl-copy", "title": DOCS[0]["title"], "text": DOCS[0]["text"]}
     httpx.post(srv.url + "/v1/documents", json={"documents": [DOCS[0], twin]}).raise_for_status()
-    kv = srv.runtime.pipeline.kv
+    kv = srv.runtime.artefacts.kv
     doc = srv.runtime.kb.store.get("zorbl")
     kv.build_document(doc)
     path = kv.store.path(kv.key(kv._ids(doc)))

@@ -39,15 +39,15 @@ def shared_data(tmp_path_factory, embedder, real_engine):
     """One data dir: documents ingested and Zorbl's adapter trained by the torch engine."""
     from indexes import KnowledgeBase
     from server.config import Settings
-    from server.pipeline import Pipeline
+    from server.runtime import assemble
 
     data = tmp_path_factory.mktemp("shared")
     kb = KnowledgeBase(data, embedder)
     from indexes.store import Document
 
     kb.upsert([Document(d["id"], d["text"], d["title"]) for d in DOCS])
-    pipe = Pipeline(real_engine, kb, Settings(data_dir=data), data_dir=data)
-    pipe.builder("adapters").build_document(kb.store.get("zorbl"))
+    artefacts = assemble(real_engine, kb, Settings(data_dir=data), data_dir=data).artefacts
+    artefacts.builder("adapters").build_document(kb.store.get("zorbl"))
     kb.close()
     return data
 

@@ -92,7 +92,7 @@ async def tokenize(body: TokenizeRequest, rt=Depends(get_runtime)):
         ids = await asyncio.to_thread(rt.engine.tokenizer.encode, body.prompt,
                                       add_special_tokens=body.add_special_tokens)
     else:
-        ids = await asyncio.to_thread(rt.pipeline.prompts.plain, template_messages(body.messages))
+        ids = await asyncio.to_thread(rt.prompts.plain, template_messages(body.messages))
     return {"count": len(ids), "max_model_len": rt.pipeline.max_context, "tokens": ids, "token_strs": None}
 
 
@@ -158,12 +158,12 @@ async def _describe(rt, service, what: str, doc_id: str) -> dict:
 
 @router.get("/v1/adapters/{doc_id:path}", dependencies=[Depends(require_client)])
 async def get_adapter(doc_id: str, rt=Depends(get_runtime)):
-    return await _describe(rt, rt.pipeline.prag, "adapter bank", doc_id)
+    return await _describe(rt, rt.artefacts.prag, "adapter bank", doc_id)
 
 
 @router.get("/v1/kv/{doc_id:path}", dependencies=[Depends(require_client)])
 async def get_kv(doc_id: str, rt=Depends(get_runtime)):
-    return await _describe(rt, rt.pipeline.kv, "KV store", doc_id)
+    return await _describe(rt, rt.artefacts.kv, "KV store", doc_id)
 
 
 @router.get("/v1/documents", dependencies=[Depends(require_client)])
@@ -176,7 +176,7 @@ async def list_documents(limit: int = 20, after: Optional[str] = None, rt=Depend
 
     def read():
         docs = rt.kb.store.page(after, limit + 1)
-        return docs, [rt.pipeline.artefacts(d) for d in docs[:limit]]
+        return docs, [rt.artefacts.stored(d) for d in docs[:limit]]
 
     docs, artefacts = await asyncio.to_thread(read)
     data = [{"id": d.id, "object": "document", "title": d.title, "content_hash": d.content_hash,
@@ -200,5 +200,5 @@ async def delete_document(doc_id: str, rt=Depends(get_runtime)):
     doc = await asyncio.to_thread(rt.kb.store.get, doc_id)
     if doc is None or not await asyncio.to_thread(rt.kb.delete, doc_id):
         raise NotFound(f"no document with id {doc_id!r}", param="id")
-    removed = await asyncio.to_thread(rt.pipeline.forget_artefacts, doc)
+    removed = await asyncio.to_thread(rt.artefacts.forget, doc, rt.kb)
     return {"id": doc_id, "object": "document", "deleted": True, "artefacts_removed": removed}

@@ -1,5 +1,5 @@
 """The FastAPI app factory. The lifespan builds the runtime (engine, knowledge base,
-pipeline, metrics) unless one is passed in, as tests do with a tiny model."""
+services, pipeline, metrics) unless one is passed in, as tests do with a tiny model."""
 
 from __future__ import annotations
 

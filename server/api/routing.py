@@ -17,13 +17,13 @@ router = APIRouter()
 
 @router.get("/v1/router", dependencies=[Depends(require_client)])
 async def router_state(rt=Depends(get_runtime)):
-    return {"default_strategy": rt.settings.default_strategy, **rt.pipeline.router.describe()}
+    return {"default_strategy": rt.settings.default_strategy, **rt.router.describe()}
 
 
 @router.post("/v1/router/reload", dependencies=[Depends(require_admin)])
 async def router_reload(rt=Depends(get_runtime)):
-    await asyncio.to_thread(rt.pipeline.router.load_classifier)
-    state = rt.pipeline.router.describe()
+    await asyncio.to_thread(rt.router.load_classifier)
+    state = rt.router.describe()
     if state["classifier_error"]:
         raise InvalidRequest(state["classifier_error"], param="classifier", code="invalid_classifier")
     return state
@@ -31,14 +31,14 @@ async def router_reload(rt=Depends(get_runtime)):
 
 @router.get("/v1/experiments", dependencies=[Depends(require_client)])
 async def experiments(rt=Depends(get_runtime)):
-    return rt.pipeline.experiments.describe()
+    return rt.experiments.describe()
 
 
 @router.post("/v1/experiments/reload", dependencies=[Depends(require_admin)])
 async def experiments_reload(rt=Depends(get_runtime)):
     try:
-        await asyncio.to_thread(rt.pipeline.experiments.reload)
+        await asyncio.to_thread(rt.experiments.reload)
     except ExperimentError as e:
         raise InvalidRequest(f"{e}; the previous configuration stays live", param="experiments",
                              code="invalid_experiments") from None
-    return rt.pipeline.experiments.describe()
+    return rt.experiments.describe()

@@ -9,10 +9,10 @@ from typing import Callable, Optional, TypeVar
 
 import torch
 
+from . import KV_INJECTION, LOGITS_HOOK, ROW_ADAPTERS
 from .compute import ComputeThread
 from .model import LlamaRunner
-from .types import GenRequest
-from .types import Sink, WorkerLimits
+from .types import GenRequest, Sink, WorkerLimits
 from .worker import EngineWorker, Handle
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ T = TypeVar("T")
 
 class TorchEngine:
     name = "torch"
-    supports_logits_hook = True  # per-request logits hooks (CK-PLUG, the router's probe)
+    capabilities = frozenset({LOGITS_HOOK, KV_INJECTION, ROW_ADAPTERS})
 
     def __init__(self, hf_model, tokenizer, model_id: str, limits: WorkerLimits = WorkerLimits(),
                  on_step: Optional[Callable[[int, int, float], None]] = None,

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import EngineUnavailable, InvalidRequest, QueueFull
-from .types import GenRequest, Timings, TokenEvent, TokenLogprob
+from . import LORA_REQUESTS
 from .loop import LoopThread
-from .types import Sink, WorkerLimits
+from .types import GenRequest, Sink, Timings, TokenEvent, TokenLogprob, WorkerLimits
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class _Req:
 class VLLMEngine(LoopThread):
     name = "vllm"
     thread_name = "knowmux-vllm"
-    supports_logits_hook = False
+    capabilities = frozenset({LORA_REQUESTS})
 
     def __init__(self, llm_engine, tokenizer, model_path: Path, max_context: int, limits: WorkerLimits,
                  max_lora_rank: int = 0):

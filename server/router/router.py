@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..prompt import Passage
+from ..strategies import get_strategy
 from .classifier import ClassifierError, RouterClassifier
 from .features import Features, question_words
 
@@ -206,12 +207,10 @@ class Router:
 
     @staticmethod
     def _has_artefacts(strategy: str, f: Features) -> bool:
-        base = strategy.split("+")[0]
-        if base == "kv":
-            return f.with_kv == f.n_hits
-        if base == "prag":
-            return f.with_adapter == f.n_hits
-        return True
+        """Whether every retrieved document has the stored artefacts ``strategy`` requires."""
+        requires = get_strategy(strategy).requires
+        return ("kv" not in requires or f.with_kv == f.n_hits) and \
+            ("adapters" not in requires or f.with_adapter == f.n_hits)
 
     def describe(self) -> dict:
         c = self.classifier

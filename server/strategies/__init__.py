@@ -24,6 +24,12 @@ _CKPLUG_BASES = ("rag", "kv")
 _instances: dict[str, Strategy] = {}
 
 
+def supported(offers: frozenset[str]) -> list[str]:
+    """The strategies whose ``requires`` a runtime offering ``offers`` (engine capabilities
+    and artefact services) meets, in registry order."""
+    return [name for name in STRATEGIES if get_strategy(name).requires <= offers]
+
+
 def get_strategy(name: str) -> Strategy:
     base, _, modifier = name.partition("+")
     if name not in STRATEGIES and modifier == "ckplug" and base not in _CKPLUG_BASES:

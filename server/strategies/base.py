@@ -8,9 +8,15 @@ pipeline calls it off the event loop.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 from ..engine.types import LogitsHook, RowSpec, SamplingParams
+
+if TYPE_CHECKING:  # annotations only: no import of the knowledge base or the KV service here
+    from indexes import KnowledgeBase
+
+    from ..kv.service import KVService
+    from ..prompt import PromptBuilder
 
 
 @dataclass(frozen=True)
@@ -46,18 +52,21 @@ class Plan:
 
 @dataclass(frozen=True)
 class StrategyContext:
-    """What strategies may use. ``kb`` is an indexes.KnowledgeBase (or None when not configured)."""
+    """What strategies may use."""
 
-    kb: Any
-    prompts: Any  # server.prompt.PromptBuilder
-    kv: Any = None  # server.kv.service.KVService, when the engine supports KV injection
+    kb: Optional["KnowledgeBase"]  # None when not configured
+    prompts: "PromptBuilder"
+    kv: Optional["KVService"] = None  # when the engine injects KV prefixes and a data folder is set
     kv_recompute: float = 0.0  # default CacheBlend recompute fraction for `kv`
-    prag: Any = None  # server.prag.PragService, when the engine supports per-row adapters
+    prag: Optional[Any] = None  # server.prag.PragService, or server.prag_vllm.VLLMPragService on vLLM
 
 
 class Strategy:
     name: ClassVar[str]
     needs_documents: ClassVar[bool] = False
+    # what the runtime must offer: engine capabilities (server.engine: "logits_hook", ...)
+    # and artefact services (server.artefacts: "kv", "adapters"); see strategies.supported
+    requires: ClassVar[frozenset[str]] = frozenset()
 
     def plan(self, query: Query, ctx: StrategyContext) -> Plan:  # pragma: no cover - interface
         raise NotImplementedError

@@ -1,18 +1,24 @@
-"""`rag+ckplug`: retrieval in the prompt, decoded under CK-PLUG's confidence-gain
-reweighting (server.decoding.ckplug has the paper's formula).
+"""`+ckplug`: a strategy's context, decoded under CK-PLUG's confidence-gain reweighting
+(server.decoding.ckplug has the paper's formula). `rag+ckplug` here, `kv+ckplug` in
+kv_ckplug.py.
 
-The request runs as two rows of the running batch: row 0 is the `rag` prompt, row 1
-the same layout with no passages (what the model knows without the context). Both
-advance in the same forward pass each step; the logits hook mixes their logits.
+The request runs as two rows of the running batch: row 0 is the base strategy's row
+(`rag`: passages in the prompt), row 1 the same layout with no passages (what the model
+knows without the context). Both advance in the same forward pass each step; the
+logits hook mixes their logits.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import ClassVar
+
 from ..decoding.ckplug import CONDITIONS, CKPlugHook, parse_alpha
+from ..engine import LOGITS_HOOK
 from ..engine.types import RowSpec
 from ..errors import InvalidRequest
 from .base import Plan, Query, Strategy, StrategyContext
-from .rag import retrieve
+from .rag import Rag
 
 
 def ckplug_hook(query: Query) -> CKPlugHook:
@@ -29,14 +35,23 @@ def ckplug_hook(query: Query) -> CKPlugHook:
     return CKPlugHook(alpha=alpha, condition=condition, record=bool(opts.get("ckplug_trace")))
 
 
-class RagCKPlug(Strategy):
-    name = "rag+ckplug"
+class CKPlug(Strategy):
+    """``base``'s plan as the with-context row, plus a row with no passages, decoded under
+    CK-PLUG's reweighting. Composes: the base strategy's plan is not changed, a new one
+    is returned with the extra row, the hook and its report."""
+
+    base: ClassVar[type[Strategy]]
     needs_documents = True
 
     def plan(self, query: Query, ctx: StrategyContext) -> Plan:
-        hook = ckplug_hook(query)
-        retrieved, passages, ms = retrieve(query, ctx)
-        with_context = ctx.prompts.with_passages(query.messages, passages).ids
-        without_context = ctx.prompts.with_passages(query.messages, []).ids
-        return Plan(self.name, [RowSpec(with_context), RowSpec(without_context)], retrieved, logits_hook=hook,
-                    timings_ms={"retrieve": ms}, report=lambda: {"ckplug": hook.summary()})
+        hook = ckplug_hook(query)  # validate before any retrieval or cache work
+        plan = self.base().plan(query, ctx)
+        without_context = RowSpec(ctx.prompts.with_passages(query.messages, []).ids)
+        return replace(plan, strategy=self.name, rows=[*plan.rows, without_context], logits_hook=hook,
+                       report=lambda: {"ckplug": hook.summary()})
+
+
+class RagCKPlug(CKPlug):
+    name = "rag+ckplug"
+    base = Rag
+    requires = Rag.requires | {LOGITS_HOOK}

@@ -28,6 +28,7 @@ from .rag import retrieve
 class KV(Strategy):
     name = "kv"
     needs_documents = True
+    requires = frozenset({"kv"})
 
     def plan(self, query: Query, ctx: StrategyContext) -> Plan:
         if ctx.kv is None:

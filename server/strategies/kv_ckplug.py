@@ -5,20 +5,12 @@ forward pass per step."""
 
 from __future__ import annotations
 
-from ..engine.types import RowSpec
-from .base import Plan, Query, Strategy, StrategyContext
-from .ckplug import ckplug_hook
+from ..engine import LOGITS_HOOK
+from .ckplug import CKPlug
 from .kv import KV
 
 
-class KVCKPlug(Strategy):
+class KVCKPlug(CKPlug):
     name = "kv+ckplug"
-    needs_documents = True
-
-    def plan(self, query: Query, ctx: StrategyContext) -> Plan:
-        hook = ckplug_hook(query)  # validate before any cache work
-        plan = KV().plan(query, ctx)
-        plan.rows.append(RowSpec(ctx.prompts.with_passages(query.messages, []).ids))
-        plan.strategy, plan.logits_hook = self.name, hook
-        plan.report = lambda: {"ckplug": hook.summary()}
-        return plan
+    base = KV
+    requires = KV.requires | {LOGITS_HOOK}

@@ -44,6 +44,7 @@ def _named(query: Query, ctx: StrategyContext) -> list[tuple[str, float]]:
 class Prag(Strategy):
     name = "prag"
     needs_documents = True
+    requires = frozenset({"adapters"})
     passages_in_prompt = False
 
     def plan(self, query: Query, ctx: StrategyContext) -> Plan:
