@@ -53,6 +53,10 @@ class Settings:
     keys_file: Optional[Path] = None  # JSON {"admin": [{"name", "key"}], "clients": [...]}
     log_level: str = "info"
 
+    def __post_init__(self):
+        if not 0.0 <= self.kv_recompute <= 1.0:  # also false for NaN
+            raise ValueError(f"KNOWMUX_KV_RECOMPUTE must be a fraction between 0 and 1, got {self.kv_recompute}")
+
     @classmethod
     def from_env(cls, env: Optional[dict] = None, **overrides) -> "Settings":
         env = os.environ if env is None else env

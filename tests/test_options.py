@@ -3,6 +3,8 @@
 filter once turned ``ckplug_alpha: 0`` into ``adaptive`` and ``kv_recompute: 0`` into the
 server's default)."""
 
+import operator
+
 import httpx
 import pytest
 from hypothesis import given, settings
@@ -10,32 +12,31 @@ from hypothesis import strategies as st
 from starlette.requests import Request
 
 from server.api.chat import to_input
-from server.api.protocol import STRATEGY_OPTIONS, ChatCompletionRequest
+from server.api.protocol import ChatCompletionRequest
+from server.options import STRATEGY_OPTIONS
 
 DOCS = [{"id": "zorbl", "title": "Zorbl", "text": "Zorbl is a purple cat who lives on the moon base Tycho."}]
 ASK = [{"role": "user", "content": "Where does Zorbl live?"}]
 
-# every strategy option with the values a client may send (valid or not: validation is the
-# strategy's, so that its 400 names the field; what must hold here is that nothing is lost)
+# every strategy option with the valid values a client may send, zeros and falses first
 OPTION_VALUES = {
-    "ckplug_alpha": st.one_of(st.sampled_from([0, 0.0, 1, 1.0, "adaptive", "", False]),
-                              st.floats(0, 1), st.integers(-2, 2)),
-    "ckplug_condition": st.sampled_from(["paper", "code", ""]),
+    "ckplug_alpha": st.one_of(st.sampled_from([0, 0.0, 1, 1.0, "adaptive"]), st.floats(0, 1), st.integers(0, 1)),
+    "ckplug_condition": st.sampled_from(["paper", "code"]),
     "ckplug_trace": st.booleans(),
     "on_missing": st.sampled_from(["build", "skip", "error"]),
-    "kv_recompute": st.one_of(st.sampled_from([0, 0.0, 1.0]), st.floats(-1, 2, allow_nan=False)),
+    "kv_recompute": st.one_of(st.sampled_from([0, 0.0, 1.0]), st.floats(0, 1)),
     "adapters": st.sampled_from([[], [{"doc_id": "a", "scale": 0}], [{"doc_id": "a", "scale": 0.0}]]),
 }
-# the ChatInput fields that a request field fills, with the values a client may send
+# the ChatInput fields that a request field fills, with the valid values a client may send
 INPUT_VALUES = {
-    "top_k": ("top_k", st.integers(0, 30)),
-    "max_tokens": ("max_tokens", st.integers(0, 100)),
-    "temperature": ("temperature", st.sampled_from([0, 0.0, 0.7, 2])),
-    "top_p": ("top_p", st.sampled_from([1, 0.5, 1e-9])),
-    "seed": ("seed", st.integers(-5, 5)),
-    "presence_penalty": ("presence_penalty", st.sampled_from([0, 0.0, -2, 1.5])),
-    "frequency_penalty": ("frequency_penalty", st.sampled_from([0, 0.0, -2, 1.5])),
-    "ignore_eos": ("ignore_eos", st.booleans()),
+    "top_k": ("top_k", st.integers(1, 30)),
+    "max_tokens": ("sampling.max_tokens", st.integers(1, 100)),
+    "temperature": ("sampling.temperature", st.sampled_from([0, 0.0, 0.7, 2])),
+    "top_p": ("sampling.top_p", st.sampled_from([1, 0.5, 1e-9])),
+    "seed": ("sampling.seed", st.integers(-5, 5)),
+    "presence_penalty": ("sampling.presence_penalty", st.sampled_from([0, 0.0, -2, 1.5])),
+    "frequency_penalty": ("sampling.frequency_penalty", st.sampled_from([0, 0.0, -2, 1.5])),
+    "ignore_eos": ("sampling.ignore_eos", st.booleans()),
     "user": ("user", st.sampled_from(["ann", "0"])),
 }
 
@@ -60,7 +61,7 @@ def test_a_value_sent_arrives_unchanged(sent):
             assert k not in inp.options  # not given: the strategy's default, or the server's
     for k, (field, _) in INPUT_VALUES.items():
         if k in sent:
-            assert getattr(inp, field) == sent[k], k
+            assert operator.attrgetter(field)(inp) == sent[k], k
     assert inp.options == body.strategy_options()
 
 
@@ -83,6 +84,18 @@ def test_ckplug_alpha_reaches_the_hook_as_sent(make_server, strategy):
     r = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
         "model": "knowmux", "messages": ASK, "strategy": strategy, "ckplug_condition": ""})
     assert r.status_code == 400 and r.json()["error"]["param"] == "ckplug_condition"  # "" is not "paper"
+
+
+@pytest.mark.parametrize("field, bad", [("ckplug_alpha", -0.1), ("ckplug_alpha", 1.5), ("ckplug_alpha", "high"),
+                                        ("ckplug_alpha", True), ("ckplug_alpha", "NaN"), ("kv_recompute", -0.1),
+                                        ("kv_recompute", 1.5), ("ckplug_condition", "vibes"), ("on_missing", "x"),
+                                        ("top_k", 0), ("n", 0), ("n", 9), ("top_logprobs", 21)])
+def test_a_value_out_of_range_is_refused_at_the_wire_naming_the_field(field, bad):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as e:
+        ChatCompletionRequest(model="knowmux", messages=ASK, **{field: float(bad) if bad == "NaN" else bad})
+    assert [err["loc"] for err in e.value.errors()] == [(field,)]
 
 
 def test_kv_recompute_zero_is_honoured_over_the_server_default(make_server):

@@ -49,6 +49,11 @@ def test_arm_assignment_is_deterministic_and_follows_the_weights():
     ("[experiments.x]\narms = [ { name = \"a\", strategy = \"rag\", colour = 1 } ]", "unknown parameter"),
     ("[experiments.x]\narms = [ { name = \"a\", strategy = \"rag\", top_k = 0 } ]", "top_k must be"),
     ("[experiments.x]\narms = [ { name = \"../a\", strategy = \"rag\" } ]", "'name' must be"),
+    # an arm's options fall in the ranges a request's must (server.options)
+    ("[experiments.x]\narms = [ { name = \"a\", strategy = \"kv\", kv_recompute = 1.5 } ]", "kv_recompute"),
+    ("[experiments.x]\narms = [ { name = \"a\", strategy = \"rag+ckplug\", ckplug_alpha = 2 } ]", "ckplug_alpha"),
+    ("[experiments.x]\narms = [ { name = \"a\", strategy = \"rag+ckplug\", ckplug_condition = \"x\" } ]",
+     "ckplug_condition"),
     ("[experiments.x\narms = 1", "line 1"),
     ("[experiments.x]\narms = [ { name = \"a\",\n strategy = rag } ]", "line 2"),
 ])

@@ -1,13 +1,20 @@
 """OpenAI wire shapes (pydantic only here, at the edge). Unknown fields are kept in
-``model_extra`` and logged, as vLLM does; knowmux's own fields are extras too."""
+``model_extra`` and logged, as vLLM does; knowmux's own fields are extras too.
+
+Every range a request field must fall in is declared here, once (``Field(ge=, le=)`` or a
+field validator), so a bad value is a 400 naming the field before anything runs. What
+depends on the server's settings (top_k up to ``max_top_k``, max_tokens up to
+``max_tokens_limit``, the model's context) is checked by the pipeline, which knows them.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
 from ..errors import ModelNotFound
+from ..options import RequestOptions
 
 
 class TextPart(BaseModel):
@@ -46,48 +53,43 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit, and vLLM's default max_logprobs
+MAX_CHOICES = 8  # n, or the strategies compared in one request
+
+
+class ChatCompletionRequest(RequestOptions):
     model_config = ConfigDict(extra="allow")
     model: StrictStr
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Optional[int] = None
-    max_completion_tokens: Optional[int] = None
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[StrictStr, list[StrictStr]]] = None
     seed: Optional[int] = None
     user: Optional[StrictStr] = None
     logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = None
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: Optional[dict[str, float]] = None  # token id (as a string, OpenAI's shape) -> -100..100
-    # knowmux extensions (OpenAI extra_body)
+    # knowmux extensions (OpenAI extra_body); the strategy options are RequestOptions'
     strategy: Optional[StrictStr] = None
-    strategies: Optional[list[StrictStr]] = None  # one choice per strategy, generated in one batch
-    top_k: Optional[int] = None
+    # one choice per strategy, generated in one batch
+    strategies: Optional[list[StrictStr]] = Field(default=None, min_length=1, max_length=MAX_CHOICES)
     ignore_eos: bool = False  # as in vLLM: for benchmarks that need fixed-length outputs
-    # CK-PLUG (rag+ckplug): validated by the strategy, so that errors name the field
-    ckplug_alpha: Any = None  # a number in [0, 1] or "adaptive" (default)
-    ckplug_condition: Optional[StrictStr] = None  # "paper" (CG < 0, default) or "code" (CG < H_c)
-    ckplug_trace: Optional[bool] = None
-    # what a strategy does with a retrieved document whose stored artefact (KV cache) is missing
-    on_missing: Optional[Literal["build", "skip", "error"]] = None
-    kv_recompute: Optional[float] = None  # kv: CacheBlend fraction of passage tokens to recompute
-    adapters: Optional[list[Any]] = None  # prag: [{"doc_id", "scale"}] instead of retrieval (llama.cpp's "lora")
 
-    def strategy_options(self) -> dict:
-        """The strategy options the request sets, as sent. ``None`` alone means "not given":
-        a 0, 0.0, False or "" is a value (``0 == False`` in Python, so a truthiness or
-        ``in (None, False)`` filter would turn ``ckplug_alpha: 0`` into the default)."""
-        return {k: getattr(self, k) for k in STRATEGY_OPTIONS if getattr(self, k) is not None}
-
-
-# the request fields that travel to the strategy in Query.options
-STRATEGY_OPTIONS = ("ckplug_alpha", "ckplug_condition", "ckplug_trace", "on_missing", "kv_recompute", "adapters")
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        for key, value in (v or {}).items():
+            if not (key.isascii() and key.isdigit()) or not -100.0 <= value <= 100.0:
+                raise ValueError(f"logit_bias maps token ids (as strings) to numbers in -100..100; got {key!r}: "
+                                 f"{value!r}")
+        return v
 
 
 KNOWN_IGNORED = {"response_format", "tools", "tool_choice", "parallel_tool_calls", "metadata", "store",

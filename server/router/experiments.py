@@ -34,6 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from pydantic import ValidationError
+
+from ..options import RequestOptions
+
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
@@ -117,6 +121,12 @@ def parse(text: str, known_strategies: list[str], source: str = "experiments") -
                     raise ExperimentError(f"{at}: {k} has the wrong type ({type(v).__name__})")
                 if k == "top_k" and not 1 <= v <= 100:
                     raise ExperimentError(f"{at}: top_k must be between 1 and 100")
+            try:  # the ranges a request's own values must fall in (server.options)
+                RequestOptions.model_validate(params)
+            except ValidationError as e:
+                first = e.errors()[0]
+                field = ".".join(str(x) for x in first["loc"])
+                raise ExperimentError(f"{at}: {field}: {first['msg']}") from None
             arms.append(Arm(arm_name, strategy, float(weight), params))
         extra = set(body) - {"arms"}
         if extra:

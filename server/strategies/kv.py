@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 
 from ..engine.types import RowSpec
-from ..errors import InvalidRequest, StrategyUnavailable
+from ..errors import StrategyUnavailable
 from .base import Plan, Query, Strategy, StrategyContext
 from .rag import retrieve
 
@@ -34,9 +34,7 @@ class KV(Strategy):
         if ctx.kv is None:
             raise StrategyUnavailable("the kv strategy needs the torch engine's KV store")
         fraction = query.options.get("kv_recompute")
-        fraction = ctx.kv_recompute if fraction is None else fraction
-        if not 0.0 <= fraction <= 1.0:  # also false for NaN
-            raise InvalidRequest("kv_recompute must be a fraction between 0 and 1", param="kv_recompute")
+        fraction = ctx.kv_recompute if fraction is None else fraction  # in [0, 1]: protocol, Settings
         retrieved, passages, ms = retrieve(query, ctx)
         layout = ctx.prompts.with_passages(query.messages, passages)
         t0 = time.perf_counter()

@@ -1,0 +1,40 @@
+"""The knowmux request options a chat request (OpenAI ``extra_body``) or an experiment arm
+may set, with their ranges, declared once. pydantic, no torch: the HTTP layer
+(server.api.protocol) extends this model, and the experiments file is checked against it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, Field, field_validator
+
+# the options that travel to the strategy in Query.options (top_k travels on its own)
+STRATEGY_OPTIONS = ("ckplug_alpha", "ckplug_condition", "ckplug_trace", "on_missing", "kv_recompute", "adapters")
+
+
+class RequestOptions(BaseModel):
+    top_k: Optional[int] = Field(default=None, ge=1)  # up to the server's max_top_k (checked by the pipeline)
+    # CK-PLUG (+ckplug strategies)
+    ckplug_alpha: Any = None  # a number in [0, 1] or "adaptive" (default)
+    ckplug_condition: Optional[Literal["paper", "code"]] = None  # "paper" (CG < 0, default) or "code" (CG < H_c)
+    ckplug_trace: Optional[bool] = None
+    # what a strategy does with a retrieved document whose stored artefact (KV cache) is missing
+    on_missing: Optional[Literal["build", "skip", "error"]] = None
+    kv_recompute: Optional[float] = Field(default=None, ge=0.0, le=1.0)  # kv: CacheBlend fraction recomputed
+    adapters: Optional[list[Any]] = None  # prag: [{"doc_id", "scale"}] instead of retrieval (llama.cpp's "lora")
+
+    @field_validator("ckplug_alpha")
+    @classmethod
+    def _alpha(cls, v):
+        if v is None or v == "adaptive":
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or not 0 <= v <= 1:
+            raise ValueError('ckplug_alpha must be a number between 0 and 1, or "adaptive"')
+        return v
+
+    def strategy_options(self) -> dict:
+        """The strategy options the request sets, as sent. ``None`` alone means "not given":
+        a 0, 0.0, False or "" is a value (``0 == False`` in Python, so a truthiness or
+        ``in (None, False)`` filter would turn ``ckplug_alpha: 0`` into the default)."""
+        return {k: getattr(self, k) for k in STRATEGY_OPTIONS if getattr(self, k) is not None}
