@@ -33,16 +33,7 @@ class ChatInput:
     user: Optional[str] = None  # OpenAI `user` or X-User-Id: keys the experiment arm
     latency_budget_ms: Optional[float] = None  # X-Latency-Budget-Ms, for the router (time to first token)
     top_k: Optional[int] = None
-    max_tokens: Optional[int] = None
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: Optional[int] = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-    logprobs: Optional[int] = None  # None: no logprobs; k: each token's and the k most likely
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: tuple[tuple[int, float], ...] = ()
+    sampling: SamplingParams = SamplingParams()  # max_tokens None: as many as fit, up to the default
     options: dict = field(default_factory=dict)  # strategy-specific fields, validated by the strategy
 
 
@@ -136,7 +127,7 @@ class Pipeline:
         top_k = self._top_k(inp)
         if not 1 <= top_k <= s.max_top_k:
             raise InvalidRequest(f"top_k must be between 1 and {s.max_top_k}", param="top_k")
-        if inp.max_tokens is not None and not 1 <= inp.max_tokens <= s.max_tokens_limit:
+        if inp.sampling.max_tokens is not None and not 1 <= inp.sampling.max_tokens <= s.max_tokens_limit:
             raise InvalidRequest(f"max_tokens must be between 1 and {s.max_tokens_limit}", param="max_tokens")
         question = self._question(inp)
         if not question or not question.strip():
@@ -158,8 +149,9 @@ class Pipeline:
         (strategy, experiment arm, retrieval), planned afresh so that per-request state such
         as CK-PLUG's trace is its own; seeded ``seed + index`` when a seed was given."""
         inp = first.input
+        seed = inp.sampling.seed
         inp = replace(inp, request_id=f"{inp.request_id}-{index}",
-                      seed=inp.seed + index if inp.seed is not None else None)
+                      sampling=replace(inp.sampling, seed=seed + index if seed is not None else None))
         return await self._plan(inp, first.route, self._question(inp), self._top_k(inp), first.t_start)
 
     async def _plan(self, inp: ChatInput, route: Route, question: str, top_k: int, t0: float) -> Prepared:
@@ -169,18 +161,15 @@ class Pipeline:
             top_k = route.top_k
             if not 1 <= top_k <= s.max_top_k:
                 raise InvalidRequest(f"top_k must be between 1 and {s.max_top_k}", param="top_k")
-        sampling = SamplingParams(max_tokens=s.default_max_tokens if inp.max_tokens is None else inp.max_tokens, temperature=inp.temperature,
-                                  top_p=inp.top_p, seed=inp.seed, stop=inp.stop,
-                                  ignore_eos=inp.ignore_eos, logprobs=inp.logprobs,
-                                  presence_penalty=inp.presence_penalty, frequency_penalty=inp.frequency_penalty,
-                                  logit_bias=inp.logit_bias)
+        sampling = inp.sampling
+        if sampling.max_tokens is None:  # until the prompt's length is known
+            sampling = replace(sampling, max_tokens=s.default_max_tokens)
         query = Query(inp.request_id, inp.messages, question, top_k, sampling, {**inp.options, **route.options},
                       hits=route.hits)
         plan = await asyncio.to_thread(strategy.plan, query, self.ctx)
         prompt_len = max(len(r.prompt_ids) + (r.prefix.length if r.prefix is not None else 0) for r in plan.rows)
-        if inp.max_tokens is None:  # as much as fits, up to the default
-            sampling = SamplingParams(**{**sampling.__dict__,
-                                         "max_tokens": max(1, min(s.default_max_tokens, self.max_context - prompt_len))})
+        if inp.sampling.max_tokens is None:  # as much as fits, up to the default
+            sampling = replace(sampling, max_tokens=max(1, min(s.default_max_tokens, self.max_context - prompt_len)))
         if prompt_len + sampling.max_tokens > self.max_context:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {self.max_context} tokens. However, you requested "

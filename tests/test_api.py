@@ -162,7 +162,7 @@ def test_n_choices_share_a_route_and_are_seeded_apart(server):
 
 
 def test_choices_are_submitted_all_or_none():
-    from server.api.chat import start_choices
+    from server.api.serving_chat import start_choices
     from server.errors import QueueFull
 
     class Stream:

@@ -22,7 +22,9 @@ if TYPE_CHECKING:  # torch stays out of modules that only need the types
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int
+    # None (a request that set none): as many as fit, up to the server's default; the
+    # pipeline resolves it before a GenRequest reaches an engine
+    max_tokens: Optional[int] = None
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     seed: Optional[int] = None
