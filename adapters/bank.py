@@ -17,13 +17,14 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from safetensors.torch import load_file
+
+from indexes.atomic import atomic_folder
 
 _KEY = re.compile(r"layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.lora_([AB])\.weight$")
 
@@ -75,23 +76,14 @@ class AdapterBank:
 
     def save(self, key: str, write_peft: Callable[[Path], None], augmentation: dict, meta: dict) -> Path:
         """write_peft(folder) writes adapter_config.json and adapter_model.safetensors."""
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
-        try:
+        final = self.folder(key)
+        with atomic_folder(final, prefix=f".{key}.") as tmp:
             write_peft(tmp)
             weights = tmp / "adapter_model.safetensors"
             (tmp / "augmentation.json").write_text(json.dumps(augmentation, indent=1, ensure_ascii=False))
             meta = {**meta, "key": key, "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
             (tmp / "knowmux.json").write_text(json.dumps(meta, indent=1))
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            final = self.folder(key)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            return final
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        return final
 
     def remove(self, key: str) -> bool:
         """Delete an adapter folder; rename first, so no half-deleted adapter is ever visible."""

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from indexes.vector import atomic_write_bytes
+from indexes.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

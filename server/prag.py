@@ -30,7 +30,7 @@ from adapters.train import LoraTrainer, training_sequences
 from .engine.aio import generate_blocking
 from .engine.lora import AdapterSet
 from .engine.types import GenRequest, RowSpec, SamplingParams
-from .kv.service import model_fingerprint
+from .fingerprint import model_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import threading
 from pathlib import Path
 
@@ -28,9 +26,10 @@ from safetensors.torch import save_file
 
 from adapters.bank import AdapterBank, AdapterError
 from adapters.recipe import TARGET_MODULES, Recipe
+from indexes.atomic import atomic_folder
 
 from .engine.vllm_engine import VLLMLora
-from .kv.service import fingerprint_of
+from .fingerprint import fingerprint_of
 from .prag import StoredAdapters
 
 
@@ -103,15 +102,9 @@ class VLLMPragService(StoredAdapters):
                   "target_modules": list(TARGET_MODULES), "lora_dropout": 0.0, "bias": "none",
                   "fan_in_fan_out": False, "base_model_name_or_path": self.engine.model_id}
         with self._lock:
-            tmp = Path(tempfile.mkdtemp(prefix="tmp-", dir=self.root))
-            try:
+            with atomic_folder(folder, prefix="tmp-") as tmp:
                 save_file(tensors, str(tmp / "adapter_model.safetensors"))
                 (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1))
-                if folder.exists():
-                    shutil.rmtree(folder)
-                os.replace(tmp, folder)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
             self._prune()
 
     def _prune(self) -> None:

@@ -14,7 +14,6 @@ All model computation runs on the engine thread (``engine.run_compute``), betwee
 from __future__ import annotations
 
 import collections
-import hashlib
 import threading
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import torch
 
 from ..engine.kvcache import KVPrefix
 from ..engine.blend import cacheblend, rotate_keys
+from ..fingerprint import model_fingerprint
 from ..engine.model import Segment
 from ..prompt import Passage
 from .store import KVEntry, KVStore, entry_key
@@ -33,25 +33,6 @@ from .store import KVEntry, KVStore, entry_key
 class PassageKV:
     entry: KVEntry
     source: str  # "memory" | "disk" | "built"
-
-
-def model_fingerprint(runner, model_id: str) -> str:
-    """Identifies the weights cheaply: config, and the first bytes of embeddings and lm_head."""
-    return fingerprint_of(runner.config, runner.embed, runner.lm_head.t, model_id)
-
-
-def fingerprint_of(config, embed, lm_head_t, model_id: str) -> str:
-    """The fingerprint from a transformers config, the embedding matrix and the transposed
-    lm_head ([hidden, vocab]); engines without our runner (vllm) compute it from the model folder."""
-    h = hashlib.sha256(model_id.encode())
-    h.update(config.to_json_string(use_diff=False).encode())
-    h.update(embed.detach().flatten()[:4096].numpy().tobytes())
-    head = lm_head_t.detach()
-    # the first 4096 values in row-major order; from the first row where it is that long,
-    # as flattening a transposed view would copy the whole matrix
-    first = head[0, :4096] if head.shape[1] >= 4096 else head.flatten()[:4096]
-    h.update(first.contiguous().numpy().tobytes())
-    return h.hexdigest()[:32]
 
 
 class KVService:

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from indexes.vector import atomic_write_bytes
+from indexes.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from indexes.vector import atomic_write_bytes
+from indexes.atomic import atomic_write_bytes
 
 from .features import NUMERIC
 
