@@ -13,7 +13,8 @@ from . import KV_INJECTION, LOGITS_HOOK, ROW_ADAPTERS
 from .compute import ComputeThread
 from .model import LlamaRunner
 from .types import GenRequest, Sink, WorkerLimits
-from .worker import EngineWorker, Handle
+from .sequence import Handle
+from .worker import EngineWorker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -3,8 +3,8 @@
 Requests are submitted from any thread (the HTTP event loop, a build job) with a
 ``sink`` callback that receives ``TokenEvent``s on the engine thread. Between steps
 the worker drops cancelled sequences, lets its ``Scheduler`` admit waiting ones and
-plan a step, runs one packed forward,
-samples one token for every sequence whose rows all produced logits, and emits.
+plan a step, runs one packed forward, samples one token for every sequence whose rows
+all produced logits, and emits.
 """
 
 from __future__ import annotations
@@ -15,62 +15,21 @@ import os
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
 from ..errors import EngineUnavailable, InvalidRequest
 from .detok import IncrementalDetokenizer
-from .kvcache import RowCache
 from .loop import LoopThread
 from .model import LlamaRunner, Segment
 from .prefix_cache import PrefixCache
 from .sampling import adjust, sample, token_logprob
 from .scheduler import Scheduler
-from .types import GenRequest, RowSpec, Sink, Timings, TokenEvent, WorkerLimits
+from .sequence import Handle, Row, Sequence
+from .types import GenRequest, Sink, Timings, TokenEvent, WorkerLimits
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class _Row:
-    spec: RowSpec
-    cache: RowCache
-    pending: list[int]
-
-
-@dataclass(eq=False)  # identity: the running list removes exactly this sequence
-class _Seq:
-    req: GenRequest
-    sink: Sink
-    detok: IncrementalDetokenizer
-    generator: Optional[torch.Generator]
-    t_submit: float
-    rows: list[_Row] = field(default_factory=list)
-    output: list[int] = field(default_factory=list)
-    cancelled: bool = False
-    done: bool = False
-    t_admit: float = 0.0
-    t_first: float = 0.0
-    cached_tokens: int = 0  # prompt tokens served by the prefix cache
-
-    @property
-    def prompt_tokens(self) -> int:
-        r = self.req.rows[0]
-        return len(r.prompt_ids) + (r.prefix.length if r.prefix is not None else 0)
-
-
-class Handle:
-    """What ``submit`` returns: lets the caller cancel (thread-safe, idempotent)."""
-
-    def __init__(self, worker: "EngineWorker", seq: _Seq):
-        self._worker, self._seq = worker, seq
-
-    def cancel(self) -> None:
-        if not self._seq.done:
-            self._seq.cancelled = True
-            self._worker._wake()
 
 
 class EngineWorker(LoopThread):
@@ -112,13 +71,13 @@ class EngineWorker(LoopThread):
             gen = torch.Generator()
             gen.manual_seed(req.sampling.seed if req.sampling.seed is not None else
                             int.from_bytes(os.urandom(8), "little") >> 1)
-        seq = _Seq(req, sink, IncrementalDetokenizer(self.tokenizer, req.sampling.stop), gen, time.perf_counter())
+        seq = Sequence(req, sink, IncrementalDetokenizer(self.tokenizer, req.sampling.stop), gen, time.perf_counter())
         with self._cv:
             if not self.alive:
                 raise EngineUnavailable(self.last_error or "the engine is not running", retry_after=5)
             self.scheduler.enqueue(seq)
             self._cv.notify()
-        return Handle(self, seq)
+        return Handle(self._wake, seq)
 
     def call(self, fn: Callable[[], object], background: bool = False) -> Future:
         """Run ``fn()`` on the engine thread at the next step boundary (calls queued together
@@ -247,7 +206,7 @@ class EngineWorker(LoopThread):
                     log.warning("could not admit %s: %s", seq.req.request_id, exc)
                     self._finish(seq, "error", error=f"could not admit the request: {exc}")
 
-    def _allocate(self, seq: _Seq) -> None:
+    def _allocate(self, seq: Sequence) -> None:
         for spec in seq.req.rows:
             pre = spec.prefix.length if spec.prefix is not None else 0
             capacity = pre + len(spec.prompt_ids) + seq.req.sampling.max_tokens
@@ -262,7 +221,7 @@ class EngineWorker(LoopThread):
                 pending = list(spec.prompt_ids)
             if prefix is not None:
                 cache.import_prefix(prefix)
-            seq.rows.append(_Row(spec, cache, pending))
+            seq.rows.append(Row(spec, cache, pending))
 
     def _forward_and_sample(self) -> None:
         t0 = time.perf_counter()
@@ -295,7 +254,7 @@ class EngineWorker(LoopThread):
         if self.on_step is not None:
             self.on_step(len(ids), len(segments), time.perf_counter() - t0)
 
-    def _emit_token(self, seq: _Seq, logits: torch.Tensor) -> None:
+    def _emit_token(self, seq: Sequence, logits: torch.Tensor) -> None:
         final = seq.req.logits_hook(logits) if seq.req.logits_hook is not None else logits[0]
         tok = sample(adjust(final, seq.req.sampling, seq.output), seq.req.sampling, seq.generator)
         k = seq.req.sampling.logprobs
@@ -326,7 +285,7 @@ class EngineWorker(LoopThread):
             for row in seq.rows:
                 row.pending = [tok]
 
-    def _finish(self, seq: _Seq, reason: str, text: str = "", error: Optional[str] = None,
+    def _finish(self, seq: Sequence, reason: str, text: str = "", error: Optional[str] = None,
                 token_ids: Optional[list[int]] = None, logprobs: Optional[list] = None) -> None:
         if seq.done:
             return
