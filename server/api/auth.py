@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from ..errors import KnowmuxError
+from .deps import get_runtime
 
 
 class Unauthorized(KnowmuxError):
@@ -112,12 +113,8 @@ _DENIED = ("Incorrect or missing API key. Send it as 'Authorization: Bearer KEY'
            "this endpoint needs {what}.")
 
 
-def _keys(request: Request) -> Keys:
-    return request.app.state.runtime.keys
-
-
-async def require_admin(request: Request) -> Principal:
-    keys = _keys(request)
+async def require_admin(request: Request, rt=Depends(get_runtime)) -> Principal:
+    keys = rt.keys
     if not keys.has_admin:
         return Principal("local", True)  # only possible on loopback (checked at start-up)
     p = keys.identify(bearer(request))
@@ -126,8 +123,8 @@ async def require_admin(request: Request) -> Principal:
     return p
 
 
-async def require_client(request: Request) -> Principal:
-    keys = _keys(request)
+async def require_client(request: Request, rt=Depends(get_runtime)) -> Principal:
+    keys = rt.keys
     if not keys.has_clients:
         return Principal("anonymous", False)
     p = keys.identify(bearer(request))
