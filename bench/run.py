@@ -375,7 +375,11 @@ def parse_args(argv):
     ap.add_argument("--question-alphas", default="adaptive",
                     help="ckplug_alpha values for +ckplug strategies on question sets (default: adaptive only)")
     ap.add_argument("--ckplug-condition", choices=["paper", "code"], default="paper",
-                    help="when CK-PLUG reweights: the paper's CG < 0, or the released code's CG < H(with context)")
+                    help="when CK-PLUG reweights: the paper's CG < epsilon |H(with context)|, or the released "
+                         "code's CG < H(with context)")
+    ap.add_argument("--ckplug-epsilon", type=float, help="the paper condition's epsilon (<= 0; server default 0)")
+    ap.add_argument("--ckplug-variant", choices=["paper", "kept-set"],
+                    help="CK-PLUG's equations: the paper's (server default) or knowmux's first, kept-set variant")
     ap.add_argument("--kv-recompute", type=float, help="CacheBlend recompute fraction sent with kv requests")
     ap.add_argument("--top-k", type=int, default=3)
     ap.add_argument("--conflict-top-k", type=int, default=1, help="top_k for conflict sets (their own passage)")
@@ -457,6 +461,9 @@ def _main(a, argv) -> int:
                 for alpha in sweep:
                     extra = ({"ckplug_alpha": alpha, "ckplug_condition": a.ckplug_condition}
                              if alpha is not None else {})
+                    if alpha is not None:  # sent only when given: the server's defaults otherwise
+                        extra.update({k: v for k, v in (("ckplug_epsilon", a.ckplug_epsilon),
+                                                        ("ckplug_variant", a.ckplug_variant)) if v is not None})
                     if strategy.split("+")[0] in ("kv", "prag"):
                         extra["on_missing"] = "error"  # a missing artefact is a failure, never a silent fallback
                     if strategy.split("+")[0] == "kv" and a.kv_recompute is not None:
@@ -481,7 +488,8 @@ def _main(a, argv) -> int:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
             "when": time.strftime("%Y-%m-%d %H:%M:%S"), "url": url, "unavailable": unavailable,
             "data_dir": str(data_dir) if server else None,
-            "settings": {"skip": a.skip, "top_k": a.top_k, "ckplug_condition": a.ckplug_condition, "kv_recompute": a.kv_recompute, "conflict_top_k": a.conflict_top_k, "max_tokens": a.max_tokens,
+            "settings": {"skip": a.skip, "top_k": a.top_k, "ckplug_condition": a.ckplug_condition,
+                         "ckplug_epsilon": a.ckplug_epsilon, "ckplug_variant": a.ckplug_variant, "kv_recompute": a.kv_recompute, "conflict_top_k": a.conflict_top_k, "max_tokens": a.max_tokens,
                          "n_questions": len(ds.questions), "n_conflicts": len(ds.conflicts)},
             "build": {"documents": len(docs), "ingest_s": ingest_s,
                       "ingest_s_per_doc": ingest_s / len(docs) if docs else 0.0, **builds},

@@ -10,14 +10,21 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, Field, field_validator
 
 # the options that travel to the strategy in Query.options (top_k travels on its own)
-STRATEGY_OPTIONS = ("ckplug_alpha", "ckplug_condition", "ckplug_trace", "on_missing", "kv_recompute", "adapters")
+STRATEGY_OPTIONS = ("ckplug_alpha", "ckplug_condition", "ckplug_epsilon", "ckplug_variant", "ckplug_trace",
+                    "on_missing", "kv_recompute", "adapters")
 
 
 class RequestOptions(BaseModel):
     top_k: Optional[int] = Field(default=None, ge=1)  # up to the server's max_top_k (checked by the pipeline)
     # CK-PLUG (+ckplug strategies)
     ckplug_alpha: Any = None  # a number in [0, 1] or "adaptive" (default)
-    ckplug_condition: Optional[Literal["paper", "code"]] = None  # "paper" (CG < 0, default) or "code" (CG < H_c)
+    # "paper" (CG < epsilon |H_c|, default) or "code" (the released code's CG < H_c)
+    ckplug_condition: Optional[Literal["paper", "code"]] = None
+    # the paper's appendix threshold, CG < epsilon |H_c| (default 0: CG < 0); as printed, with
+    # entropies >= 0 that is H_p < (1 + epsilon) H_c, so epsilon <= -1 never reweights
+    ckplug_epsilon: Optional[float] = Field(default=None, le=0.0)
+    # "paper": the paper's equations (default); "kept-set": knowmux's first implementation
+    ckplug_variant: Optional[Literal["paper", "kept-set"]] = None
     ckplug_trace: Optional[bool] = None
     # what a strategy does with a retrieved document whose stored artefact (KV cache) is missing
     on_missing: Optional[Literal["build", "skip", "error"]] = None

@@ -22,6 +22,8 @@ ASK = [{"role": "user", "content": "Where does Zorbl live?"}]
 OPTION_VALUES = {
     "ckplug_alpha": st.one_of(st.sampled_from([0, 0.0, 1, 1.0, "adaptive"]), st.floats(0, 1), st.integers(0, 1)),
     "ckplug_condition": st.sampled_from(["paper", "code"]),
+    "ckplug_epsilon": st.one_of(st.sampled_from([0, 0.0, -1]), st.floats(-5, 0)),
+    "ckplug_variant": st.sampled_from(["paper", "kept-set"]),
     "ckplug_trace": st.booleans(),
     "on_missing": st.sampled_from(["build", "skip", "error"]),
     "kv_recompute": st.one_of(st.sampled_from([0, 0.0, 1.0]), st.floats(0, 1)),

@@ -1,21 +1,30 @@
 """CK-PLUG: knowledge-preference control by Confidence Gain (Bi et al., 2025,
-"Parameters vs. Context: Fine-Grained Control of Knowledge Reliance in Language Models").
+"Parameters vs. Context: Fine-Grained Control of Knowledge Reliance in Language Models",
+arXiv 2503.15888).
 
-Per decoding step, with z_c the logits given the retrieved context and z_p the logits
-without it (both turned into log-probabilities over the whole vocabulary first; a
-per-distribution constant does not change the result after softmax):
+Per decoding step, with p_c = p(x | context + query) and p_p = p(x | query) the
+next-token distributions with and without the retrieved context. The ``paper`` variant
+(the default) is the paper's equations as written:
 
-1. Plausibility filter: a token is kept if, in either distribution, its log-prob is at
-   least min(max + ln 0.01, the 10th best log-prob). Everything else is masked in both
-   distributions and in the result.
-2. H_c, H_p: entropies of the two distributions renormalised over the kept set.
-   Confidence Gain CG = H_p - H_c (positive when the context makes the model surer).
-3. Where the condition holds (the paper: CG < 0; the released code: CG < H_c):
-       fixed alpha:  z = alpha * z_p + (1 - alpha) * (z_c - z_p)
-       adaptive:     nf = 1 + |H_c - H_p| / (H_c + H_p)
-                     z  = [2 H_c / (H_c + H_p nf)] * z_p + [2 H_p / (H_c + H_p nf)] * (z_c - z_p)
-   elsewhere z = z_c. alpha -> 1 trusts memory, alpha -> 0 trusts the context, and
-   alpha = 0.5 gives z = z_c / 2, the plain `rag` argmax.
+    (3, 4)  H_c = H(p_c), H_p = H(p_p) over the whole vocabulary; CG = H_p - H_c
+    (5, 6)  q_para = log p_p;  q_cont = log p_c - log p_p
+    (7, 11) where CG < epsilon * |H_c| (epsilon = 0: the paper's CG < 0; the appendix's
+            extension takes epsilon < 0, -1 for Llama-3-8B):
+                p^ = softmax(F),  F = alpha * q_para + (1 - alpha) * q_cont  on V_head, -inf elsewhere
+            otherwise p^ = p_c, untouched
+    (9)     V_head = the top-k tokens of q_para  U  the top-k tokens of q_cont (k = HEAD_K)
+    (10)    adaptive: alpha = H_c / (H_p + H_c)
+
+alpha -> 1 trusts memory, alpha -> 0 trusts the context. CG and the conditions compare
+entropies with entropies, so the log base (the paper's bits, our nats) cancels.
+
+The ``kept-set`` variant is knowmux's first implementation, kept for comparison (see
+bench/RESULTS.md): tokens within min(max + ln 0.01, the 10th best) of either
+distribution's top form the kept set; entropies are over the two distributions
+renormalised on it; every step, reweighted or not, is cut to it; adaptive uses
+    nf = 1 + |H_c - H_p| / (H_c + H_p),
+    z  = [2 H_c / (H_c + H_p nf)] * q_para + [2 H_p / (H_c + H_p nf)] * q_cont
+(weights that do not sum to 1). The ``code`` condition, CG < H_c, is the released code's.
 Temperature, if any, is applied by the sampler after this.
 """
 
@@ -28,8 +37,10 @@ from typing import Union
 import torch
 
 LN_001 = math.log(0.01)
-TOP_N = 10
-CONDITIONS = ("paper", "code")
+TOP_N = 10  # kept-set: the plausibility filter's rank
+HEAD_K = 10  # paper: V_head's top-k of each of q_para and q_cont (Eq. 9; the paper gives no k)
+CONDITIONS = ("paper", "code")  # CG < epsilon |H_c| (epsilon 0: CG < 0), or the released code's CG < H_c
+VARIANTS = ("paper", "kept-set")
 
 
 @dataclass(frozen=True)
@@ -56,8 +67,40 @@ def plausible(logp: torch.Tensor, top_n: int = TOP_N) -> torch.Tensor:
 
 
 def ckplug_step(z_c: torch.Tensor, z_p: torch.Tensor, alpha: Union[float, str] = "adaptive",
-                condition: str = "paper") -> StepResult:
-    """z_c, z_p: [vocab] logits with and without context. alpha in [0, 1] or "adaptive"."""
+                condition: str = "paper", epsilon: float = 0.0, variant: str = "paper") -> StepResult:
+    """z_c, z_p: [vocab] logits with and without context; alpha in [0, 1] or "adaptive";
+    ``epsilon`` (<= 0) scales the paper condition's threshold. Returns the step's logits
+    (log-probabilities; -inf outside V_head where reweighted) and what decided them."""
+    if variant == "kept-set":
+        return _kept_set_step(z_c, z_p, alpha, condition)
+    lc = torch.log_softmax(z_c.float(), dim=-1)
+    lp = torch.log_softmax(z_p.float(), dim=-1)
+    h_c, h_p = _entropy(lc), _entropy(lp)
+    cg = h_p - h_c
+    if not (cg < epsilon * abs(h_c) if condition == "paper" else cg < h_c):
+        return StepResult(lc, cg, h_c, h_p, False)  # p_c untouched (Eq. 7, otherwise)
+    if alpha == "adaptive":
+        a = h_c / (h_p + h_c) if h_p + h_c > 0 else 0.5  # Eq. 10
+    else:
+        a = float(alpha)
+    q_para = lp
+    q_cont = torch.nan_to_num(lc - lp, nan=float("-inf"))  # a token impossible in both is never in the head
+    k = min(HEAD_K, q_para.shape[-1])
+    head = torch.zeros_like(q_para, dtype=torch.bool)
+    head[q_para.topk(k).indices] = True
+    head[q_cont.topk(k).indices] = True
+    z = a * q_para + (1 - a) * q_cont
+    return StepResult(torch.where(head, z, torch.full_like(z, float("-inf"))), cg, h_c, h_p, True)
+
+
+def _entropy(logp: torch.Tensor) -> float:
+    """The entropy of a whole distribution given as log-probabilities (0 log 0 = 0)."""
+    p = logp.exp()
+    return float(-(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum())
+
+
+def _kept_set_step(z_c: torch.Tensor, z_p: torch.Tensor, alpha: Union[float, str], condition: str) -> StepResult:
+    """knowmux's first implementation (the ``kept-set`` variant; see the module docstring)."""
     lc = torch.log_softmax(z_c.float(), dim=-1)
     lp = torch.log_softmax(z_p.float(), dim=-1)
     keep = plausible(lc) | plausible(lp)
@@ -98,13 +141,15 @@ class CKPlugHook:
 
     alpha: Union[float, str] = "adaptive"
     condition: str = "paper"
+    epsilon: float = 0.0
+    variant: str = "paper"
     record: bool = False
     trace: list = field(default_factory=list)
     reweighted: int = 0
     steps: int = 0
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        r = ckplug_step(logits[0], logits[1], self.alpha, self.condition)
+        r = ckplug_step(logits[0], logits[1], self.alpha, self.condition, self.epsilon, self.variant)
         self.steps += 1
         self.reweighted += r.reweighted
         if self.record:
@@ -112,7 +157,8 @@ class CKPlugHook:
         return r.logits
 
     def summary(self) -> dict:
-        out = {"alpha": self.alpha, "condition": self.condition, "steps": self.steps, "reweighted": self.reweighted}
+        out = {"alpha": self.alpha, "condition": self.condition, "epsilon": self.epsilon, "variant": self.variant,
+               "steps": self.steps, "reweighted": self.reweighted}
         if self.record:
             out["trace"] = self.trace
         return out

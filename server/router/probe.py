@@ -3,7 +3,7 @@ the model more or less sure of its first token?
 
 One engine request of two rows (with and without the passages, the layout rag+ckplug
 uses) and one generated token; the logits hook computes CK-PLUG's confidence gain
-CG = H(without) - H(with) over the plausible tokens. It shares the running batch with
+CG = H(without) - H(with) (server.decoding.ckplug, the paper's variant). It shares the running batch with
 live traffic, and the with-context prompt's blocks land in the prefix cache, so a rag
 request that follows re-uses most of that prefill.
 """

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import ClassVar
 
-from ..decoding.ckplug import CONDITIONS, CKPlugHook, parse_alpha
+from ..decoding.ckplug import CKPlugHook, parse_alpha
 from ..engine import LOGITS_HOOK
 from ..engine.types import RowSpec
 from ..errors import InvalidRequest
@@ -22,17 +22,17 @@ from .rag import Rag
 
 
 def ckplug_hook(query: Query) -> CKPlugHook:
-    """Validate the request's ckplug_* options (400 naming the field) and build the hook."""
+    """The hook for the request's ckplug_* options (server.options has their ranges)."""
     opts = query.options
     try:
         alpha = parse_alpha(opts.get("ckplug_alpha"))
     except ValueError as e:
         raise InvalidRequest(str(e), param="ckplug_alpha") from None
-    condition = opts.get("ckplug_condition")
+    condition = opts.get("ckplug_condition")  # its values, and epsilon's and variant's, are checked at the wire
     condition = "paper" if condition is None else condition
-    if condition not in CONDITIONS:
-        raise InvalidRequest(f"ckplug_condition must be one of {', '.join(CONDITIONS)}", param="ckplug_condition")
-    return CKPlugHook(alpha=alpha, condition=condition, record=bool(opts.get("ckplug_trace")))
+    epsilon, variant = opts.get("ckplug_epsilon"), opts.get("ckplug_variant")
+    return CKPlugHook(alpha=alpha, condition=condition, epsilon=0.0 if epsilon is None else float(epsilon),
+                      variant="paper" if variant is None else variant, record=bool(opts.get("ckplug_trace")))
 
 
 class CKPlug(Strategy):
