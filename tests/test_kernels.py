@@ -108,3 +108,20 @@ def test_kernel_tuning_serves_without_the_blocked_layout_where_onednn_cannot_reo
     assert all(p.dnn_packed is None for p in projs) and "no blocked oneDNN layout" in caplog.text
     x = torch.randn(3, 32)
     torch.testing.assert_close(projs[0](x), x @ projs[0].t, atol=1e-4, rtol=1e-4)
+
+
+def test_a_second_runner_of_the_same_shapes_reuses_the_kernel_choice(monkeypatch):
+    """One choice per weight shape and process (kernels.TUNED): a server builds one runner,
+    the tests a hundred tiny ones; the second is not timed again and serves the same kernels."""
+    monkeypatch.setenv("KNOWMUX_ONEDNN", "1")
+    memo: dict = {}
+    first = [Proj(torch.randn(64, 32)) for _ in range(2)]
+    chosen = tune_kernels(first, memo=memo)
+    calls = []
+    monkeypatch.setattr(Proj, "call_with", lambda self, kernel, x: calls.append(kernel))
+    second = [Proj(torch.randn(64, 32)) for _ in range(2)]
+    assert tune_kernels(second, memo=memo) == chosen and calls == []
+    assert all(p.kernels == first[0].kernels for p in second)
+    other = [Proj(torch.randn(48, 32))]  # a new shape is timed
+    tune_kernels(other, memo=memo)
+    assert calls

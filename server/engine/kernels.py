@@ -175,7 +175,13 @@ def _bucket(n: int) -> int:
     return len(Proj.BUCKETS) - 1
 
 
-def tune_kernels(projs: list[Proj], repeats: int = 3) -> dict:
+# Kernel choices made in this process, by weight shape: a later runner over the same shapes
+# reuses them instead of timing again (``tune_kernels(memo=TUNED)``). A server builds one
+# runner; the test suite builds a hundred tiny ones, 1-2 s of timing each.
+TUNED: dict = {}
+
+
+def tune_kernels(projs: list[Proj], repeats: int = 3, memo: Optional[dict] = None) -> dict:
     """Time the ``KERNELS`` against each other for each distinct weight shape at each
     row bucket, on the real weights, and give every projection of that shape the fastest
     (plain oneDNN unless another is more than 10% faster: the others cost a copy of the
@@ -185,8 +191,9 @@ def tune_kernels(projs: list[Proj], repeats: int = 3) -> dict:
     row it chose MKL, slower cold: 0.046 vs 0.036 ms), and so did one weight after a
     cache flush (every call 1.5-2x slower than in a step). Packed copies are built for
     one shape at a time and kept only where a chosen kernel reads them. Off with
-    KNOWMUX_ONEDNN=0 or where torch has no oneDNN (MKL everywhere, packed). Logs and
-    returns {(out, in): [bucket -> kernel]}."""
+    KNOWMUX_ONEDNN=0 or where torch has no oneDNN (MKL everywhere, packed). With ``memo``
+    (a dict), a shape whose choice it holds is not timed again, and new choices are added
+    to it. Logs and returns {(out, in): [bucket -> kernel]}."""
     import os
     import time
 
@@ -200,7 +207,13 @@ def tune_kernels(projs: list[Proj], repeats: int = 3) -> dict:
         by_shape.setdefault((tuple(p.t.shape[::-1]), p.w.is_contiguous()), []).append(p)
     out = {}
     with torch.inference_mode():
-        for (shape, _), group in by_shape.items():
+        for (shape, contiguous), group in by_shape.items():
+            key = (shape, contiguous, all(p.few_rows for p in group), group[0].t.dtype)
+            if memo is not None and key in memo:
+                out[shape] = memo[key]
+                for p in group:
+                    p.use(memo[key])
+                continue
             candidates = list(kernels)
             for p in group:  # each kernel timed as it would serve
                 p.pack_mkl()
@@ -234,6 +247,8 @@ def tune_kernels(projs: list[Proj], repeats: int = 3) -> dict:
                 best = min(times, key=times.get)
                 choice.append(best if times[best] < 0.9 * times["onednn"] else "onednn")
             out[shape] = choice
+            if memo is not None:
+                memo[key] = choice
             for p in group:
                 p.use(choice)
     log.info("GEMM kernel per weight shape and row bucket %s: %s", Proj.BUCKETS, out or "MKL only")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import PooledDecode
-from .kernels import Proj, return_free_memory, tune_kernels
+from .kernels import TUNED, Proj, return_free_memory, tune_kernels
 from .kvcache import KVPool, RowCache
 from .lora import AdapterSet, apply_deltas
 from .rope import apply_rope
@@ -115,7 +115,8 @@ class LlamaRunner:
                 self.layers.append(_Layer(layer.input_layernorm.weight, qkv, wo,
                                           layer.post_attention_layernorm.weight, gu, wdown))
         # {(out, in): kernel per row bucket}, as timed at start (benchmarks record it)
-        self.kernels = tune_kernels([self.lm_head] + [p for L in self.layers for p in (L.qkv, L.o, L.gu, L.down)])
+        self.kernels = tune_kernels([self.lm_head] + [p for L in self.layers for p in (L.qkv, L.o, L.gu, L.down)],
+                                    memo=TUNED)
         return_free_memory()  # the copies the timing built and dropped
 
     def new_cache(self, capacity: int, pos_offset: int = 0) -> RowCache:
