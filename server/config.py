@@ -56,6 +56,8 @@ class Settings:
     def __post_init__(self):
         if not 0.0 <= self.kv_recompute <= 1.0:  # also false for NaN
             raise ValueError(f"KNOWMUX_KV_RECOMPUTE must be a fraction between 0 and 1, got {self.kv_recompute}")
+        if self.max_context is not None and self.max_context < 1:
+            raise ValueError(f"KNOWMUX_MAX_CONTEXT must be a positive number of tokens, got {self.max_context}")
 
     @classmethod
     def from_env(cls, env: Optional[dict] = None, **overrides) -> "Settings":

@@ -34,7 +34,7 @@ class ChatInput:
     latency_budget_ms: Optional[float] = None  # X-Latency-Budget-Ms, for the router (time to first token)
     top_k: Optional[int] = None
     sampling: SamplingParams = SamplingParams()  # max_tokens None: as many as fit, up to the default
-    options: dict = field(default_factory=dict)  # strategy-specific fields, validated by the strategy
+    options: dict = field(default_factory=dict)  # strategy options as sent (server.options has their ranges)
 
 
 @dataclass(frozen=True)
