@@ -3,8 +3,9 @@
     git worktree add /tmp/base <commit>
     python -m bench.engine_ab --base /tmp/base [--rounds 3] [--out FILE]
 
-Each round measures this checkout's engine and then the base checkout's, each in a
-fresh process started in its own tree (so each imports its own ``server``), on the
+Each round measures this checkout's engine and the base checkout's, in turn (ABBA: the
+order flips every round, so neither side always runs first), each in a fresh process
+started in its own tree (so each imports its own ``server``), on the
 same prompts as ``bench.engine_speed`` (prefill of 512 tokens, decode of 128, 8 prompts
 x 64 batched; best of 3 within a run). Prints every run and the ratio this / base per
 round, whose median is the figure to quote: alternating keeps the machine's drift out.
@@ -48,13 +49,16 @@ def run_in(tree: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", type=Path, required=True, help="the other checkout (a git worktree)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--out", type=Path, default=Path("bench/results/engine_ab.json"))
     a = ap.parse_args()
     here = Path(__file__).resolve().parent.parent
     rounds = []
     for i in range(a.rounds):
-        this, base = run_in(here), run_in(a.base.resolve())
+        if i % 2 == 0:
+            this, base = run_in(here), run_in(a.base.resolve())
+        else:
+            base, this = run_in(a.base.resolve()), run_in(here)
         ratio = {k: this[k] / base[k] for k in KEYS}
         rounds.append({"this": this, "base": base, "ratio": ratio})
         print(f"round {i + 1}: " + "  ".join(f"{k.split('_')[0]} {this[k]:.1f} vs {base[k]:.1f} ({ratio[k]:.3f}x)"
