@@ -152,10 +152,13 @@ def cmd_ingest(args) -> int:
     except DocumentError as e:
         print(f"knowmux ingest: {e}", file=sys.stderr)
         return 2
+    from .artefacts import KINDS
+
     builds = [b for b in args.build.split(",") if b]
-    unknown = set(builds) - {"kv", "adapters"}
+    unknown = set(builds) - set(KINDS)
     if unknown:
-        print(f"knowmux ingest: unknown --build {', '.join(sorted(unknown))}; known: kv, adapters", file=sys.stderr)
+        print(f"knowmux ingest: unknown --build {', '.join(sorted(unknown))}; known: {', '.join(KINDS)}",
+              file=sys.stderr)
         return 2
     engine = None
     if builds:  # loaded first: the embedder then runs on the engine's thread (server.engine.compute)

@@ -157,7 +157,8 @@ class Scheduler:
             self.kv_in_flight -= seq.req.kv_tokens_needed
 
     def drain(self) -> list:
-        """Everything queued or running, removed (the engine is stopping)."""
+        """Everything queued or running (the engine is stopping): the queue is emptied, the
+        running ones stay until the worker finishes them."""
         out = list(self.running) + list(self.waiting)
         self.waiting.clear()
         return out
