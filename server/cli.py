@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-tokens-in-flight", type=int)
     s.add_argument("--experiments", help="TOML file of A/B experiments (env KNOWMUX_EXPERIMENTS; reloaded on change)")
     s.add_argument("--default-strategy", help="strategy when a request names none (default auto: the router)")
+    s.add_argument("--default-temperature", type=float,
+                   help="temperature for a request that sets none (default: the model's generation_config, else 1.0)")
+    s.add_argument("--default-top-p", type=float,
+                   help="top_p for a request that sets none (default: the model's generation_config, else 1.0)")
     s.add_argument("--chat-template", type=Path,
                    help="a Jinja chat template file, for a model folder without one (env KNOWMUX_CHAT_TEMPLATE)")
     s.add_argument("--router-probe", action="store_const", const=True, default=None,
@@ -99,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _settings(args) -> Settings:
     keys = ("data_dir", "model", "host", "port", "engine", "threads", "max_batch_size", "max_queue",
-            "max_tokens_in_flight", "experiments", "default_strategy", "router_probe", "chat_template", "log_level")
+            "max_tokens_in_flight", "experiments", "default_strategy", "router_probe", "chat_template", "log_level",
+            "default_temperature", "default_top_p")
     return Settings.from_env(**{k: getattr(args, k, None) for k in keys})
 
 

@@ -28,6 +28,9 @@ class Settings:
     build_yield_s: float = 3.0  # while requests run, at most one adapter training step per this interval
     # request limits
     default_max_tokens: int = 256
+    # a request that sets no temperature/top_p: these, else the model's generation_config, else 1.0
+    default_temperature: Optional[float] = None
+    default_top_p: Optional[float] = None
     max_tokens_limit: int = 4096
     max_context: Optional[int] = None  # None = the model's max_position_embeddings
     chat_template: Optional[Path] = None  # a Jinja chat template file, for a model folder without one (or to replace it)
@@ -56,6 +59,10 @@ class Settings:
     def __post_init__(self):
         if not 0.0 <= self.kv_recompute <= 1.0:  # also false for NaN
             raise ValueError(f"KNOWMUX_KV_RECOMPUTE must be a fraction between 0 and 1, got {self.kv_recompute}")
+        if self.default_temperature is not None and not 0.0 <= self.default_temperature <= 2.0:
+            raise ValueError(f"KNOWMUX_DEFAULT_TEMPERATURE must be between 0 and 2, got {self.default_temperature}")
+        if self.default_top_p is not None and not 0.0 < self.default_top_p <= 1.0:
+            raise ValueError(f"KNOWMUX_DEFAULT_TOP_P must be in (0, 1], got {self.default_top_p}")
         if self.max_context is not None and self.max_context < 1:
             raise ValueError(f"KNOWMUX_MAX_CONTEXT must be a positive number of tokens, got {self.max_context}")
 

@@ -68,9 +68,11 @@ class Pipeline:
     assembled by server.runtime."""
 
     def __init__(self, engine, ctx: StrategyContext, router: Router, experiments: Experiments,
-                 settings: Settings, supported: list[str]):
+                 settings: Settings, supported: list[str], sampling_defaults: Optional[dict] = None):
         self.engine, self.ctx, self.router, self.experiments = engine, ctx, router, experiments
         self.settings, self.supported = settings, supported
+        # what a request that sets no temperature/top_p gets (server.sampling_defaults)
+        self.sampling_defaults = sampling_defaults or {"temperature": 1.0, "top_p": 1.0}
         self.max_context = engine.max_context if settings.max_context is None else \
             min(settings.max_context, engine.max_context)
 
@@ -164,6 +166,9 @@ class Pipeline:
         sampling = inp.sampling
         if sampling.max_tokens is None:  # until the prompt's length is known
             sampling = replace(sampling, max_tokens=s.default_max_tokens)
+        unset = {k: v for k, v in self.sampling_defaults.items() if getattr(sampling, k) is None}
+        if unset:
+            sampling = replace(sampling, **unset)
         query = Query(inp.request_id, inp.messages, question, top_k, sampling, {**inp.options, **route.options},
                       hits=route.hits)
         plan = await asyncio.to_thread(strategy.plan, query, self.ctx)

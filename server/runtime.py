@@ -90,7 +90,28 @@ def assemble(engine, kb, settings: Settings, data_dir=None) -> Parts:
                         (data_dir / "router") if data_dir is not None else None))
     experiments = Experiments(settings.experiments, list(NAMES))
     return Parts(prompts, artefacts, ctx, runs, router, experiments,
-                 Pipeline(engine, ctx, router, experiments, settings, runs))
+                 Pipeline(engine, ctx, router, experiments, settings, runs, sampling_defaults(engine, settings)))
+
+
+def sampling_defaults(engine, settings: Settings) -> dict:
+    """What a request that sets no temperature or top_p gets, each on its own: the server's
+    setting (--default-temperature, --default-top-p), else the model folder's
+    generation_config.json (its explicitly set values, as vLLM applies them), else
+    OpenAI's 1.0. Logged once."""
+    model = {}
+    config = getattr(engine, "generation_config", None)
+    if config is not None:
+        model = {k: v for k, v in config.to_diff_dict().items() if k in ("temperature", "top_p")}
+    out, source = {}, {}
+    for key, setting in (("temperature", settings.default_temperature), ("top_p", settings.default_top_p)):
+        if setting is not None:
+            out[key], source[key] = float(setting), "server setting"
+        elif key in model:
+            out[key], source[key] = float(model[key]), "model generation_config"
+        else:
+            out[key], source[key] = 1.0, "OpenAI default"
+    log.info("default sampling: %s", ", ".join(f"{k}={v} ({source[k]})" for k, v in out.items()))
+    return out
 
 
 @dataclass

@@ -62,9 +62,10 @@ class FakeEngine:
     model_id = "fake-model"
     max_context = 2048
 
-    def __init__(self, capabilities=frozenset()):
+    def __init__(self, capabilities=frozenset(), generation_config=None):
         self.capabilities = frozenset(capabilities)
         self.tokenizer = tiny_tokenizer()
+        self.generation_config = generation_config
         self.submitted = []
 
     def submit(self, req, sink):
@@ -97,9 +98,10 @@ class FakeEngine:
         pass
 
 
-def client_for(tmp_path, capabilities=frozenset(), **settings) -> tuple[TestClient, FakeEngine]:
+def client_for(tmp_path, capabilities=frozenset(), generation_config=None, **settings
+               ) -> tuple[TestClient, FakeEngine]:
     s = Settings.from_env(env={}, data_dir=tmp_path, **settings)
-    engine, kb = FakeEngine(capabilities), FakeKB()
+    engine, kb = FakeEngine(capabilities, generation_config), FakeKB()
     rt = Runtime(s, engine, kb, assemble(engine, kb, s, data_dir=None), Metrics(), Keys.from_settings(s),
                  JobManager(tmp_path / "jobs"))
     app = create_app(s)  # its lifespan (which would build a real runtime) is not entered
@@ -189,3 +191,40 @@ def test_bad_values_are_400s_naming_the_field_before_the_engine(tmp_path):
         r = chat(client, **body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
     assert engine.submitted == []
+
+
+def test_a_request_that_sets_no_sampling_gets_the_server_then_the_model_then_openai_default(tmp_path):
+    from transformers import GenerationConfig
+
+    model = GenerationConfig(do_sample=True, temperature=0.3, top_p=0.9)
+
+    def sent(client, engine, **body):
+        assert chat(client, strategy="direct", **body).status_code == 200
+        return engine.submitted[-1].sampling.temperature, engine.submitted[-1].sampling.top_p
+
+    client, engine = client_for(tmp_path, generation_config=model)
+    assert sent(client, engine) == (0.3, 0.9)  # the model folder's recommendation
+    assert sent(client, engine, temperature=0, top_p=1) == (0, 1)  # a request's own values win, zeros too
+    client, engine = client_for(tmp_path, generation_config=model, default_temperature=0.0)
+    assert sent(client, engine) == (0.0, 0.9)  # --default-temperature over the model's, each on its own
+    client, engine = client_for(tmp_path)
+    assert sent(client, engine) == (1.0, 1.0)  # nothing anywhere: OpenAI's defaults
+
+
+def test_the_model_folders_generation_config_is_read_by_the_engine(tmp_path):
+    from transformers import GenerationConfig
+
+    from server.engine.torch_engine import TorchEngine
+    from server.runtime import sampling_defaults
+    from tests.tiny import tiny_model_folder
+
+    folder = tiny_model_folder(tmp_path / "model")
+    GenerationConfig(do_sample=True, temperature=0.25, eos_token_id=2).save_pretrained(folder)
+    engine = TorchEngine.from_folder(folder)
+    try:
+        assert sampling_defaults(engine, Settings()) == {"temperature": 0.25, "top_p": 1.0}
+        assert sampling_defaults(engine, Settings(default_top_p=0.5)) == {"temperature": 0.25, "top_p": 0.5}
+    finally:
+        engine.shutdown()
+    with pytest.raises(ValueError, match="DEFAULT_TEMPERATURE"):
+        Settings(default_temperature=3.0)

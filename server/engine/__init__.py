@@ -3,7 +3,8 @@
 An engine has ``name``, ``capabilities`` (a frozenset of the names below), ``tokenizer``,
 ``model_id``, ``max_context``, ``start()``, ``shutdown()``, ``submit(GenRequest, sink) ->
 Handle`` (thread-safe; raises QueueFull, EngineUnavailable, InvalidRequest), ``stats() ->
-dict``, ``health() -> (ok, reason)`` and ``alive`` (False once its thread has died or stopped).
+dict``, ``health() -> (ok, reason)``, ``alive`` (False once its thread has died or stopped)
+and ``generation_config`` (the model's transformers GenerationConfig, or None).
 
 What the rest of the server may ask of an engine beyond generating text is read from its
 ``capabilities``, never from its class or name:

@@ -31,6 +31,7 @@ class TorchEngine:
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.hf_model = hf_model.eval()
+        self.generation_config = getattr(hf_model, "generation_config", None)  # the model's sampling defaults
         self.runner = LlamaRunner(self.hf_model)
         self.max_context = self.runner.max_positions
         eos = set()

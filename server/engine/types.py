@@ -25,8 +25,8 @@ class SamplingParams:
     # None (a request that set none): as many as fit, up to the server's default; the
     # pipeline resolves it before a GenRequest reaches an engine
     max_tokens: Optional[int] = None
-    temperature: float = 0.0  # 0 means greedy
-    top_p: float = 1.0
+    temperature: Optional[float] = 0.0  # 0 means greedy; None (a request that set none): the pipeline's default
+    top_p: Optional[float] = 1.0  # None: likewise
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False

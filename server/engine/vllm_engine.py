@@ -61,6 +61,16 @@ class _Req:
         self.done = False
 
 
+def _generation_config(path: Path):
+    """The folder's generation_config.json as transformers reads it, or None without one."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+
+
 class VLLMEngine(LoopThread):
     name = "vllm"
     thread_name = "knowmux-vllm"
@@ -75,6 +85,7 @@ class VLLMEngine(LoopThread):
         self.max_context = max_context
         self.limits = limits
         self.max_lora_rank = max_lora_rank
+        self.generation_config = _generation_config(self.model_path)  # the model's sampling defaults
         self.on_step: Optional[Callable[[int, int, float], None]] = None
         self._cv = threading.Condition()
         self._pending: collections.deque = collections.deque()
