@@ -125,3 +125,22 @@ def test_ingest_cli_builds_kv_caches_with_the_engine_it_loads(tmp_path, capsys, 
     assert main(args) == 0
     assert "kv: 0 built, 3 already stored" in capsys.readouterr().out
     assert [(lim.max_batch_size, lim.prefix_cache_block) for lim in limits] == [(3, 4), (3, 4)]
+
+
+def test_atomic_folder_replaces_whole_or_leaves_the_old_one(tmp_path):
+    import pytest
+
+    from indexes.atomic import atomic_folder
+
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_folder(target, prefix=".tmp-") as tmp:
+            (tmp / "new.txt").write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary folder left
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    with atomic_folder(target, prefix=".tmp-") as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
