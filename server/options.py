@@ -5,9 +5,20 @@ may set, with their ranges, declared once. pydantic, no torch: the HTTP layer
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, Field, field_validator
+
+def parse_alpha(value) -> Union[float, str]:
+    """A ckplug_alpha as the hook takes it: a number in [0, 1] as a float, or "adaptive"
+    (also for None: the default); raises ValueError otherwise. The one check of the value,
+    for requests, experiment arms and the strategy alike."""
+    if value is None or value == "adaptive":
+        return "adaptive"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0 <= value <= 1:
+        raise ValueError('ckplug_alpha must be a number between 0 and 1, or "adaptive"')
+    return float(value)
+
 
 # the options that travel to the strategy in Query.options (top_k travels on its own)
 STRATEGY_OPTIONS = ("ckplug_alpha", "ckplug_condition", "ckplug_epsilon", "ckplug_variant", "ckplug_trace",
@@ -34,11 +45,8 @@ class RequestOptions(BaseModel):
     @field_validator("ckplug_alpha")
     @classmethod
     def _alpha(cls, v):
-        if v is None or v == "adaptive":
-            return v
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or not 0 <= v <= 1:
-            raise ValueError('ckplug_alpha must be a number between 0 and 1, or "adaptive"')
-        return v
+        parse_alpha(v)
+        return v  # as sent: the strategy parses it again into the hook's value
 
     def strategy_options(self) -> dict:
         """The strategy options the request sets, as sent. ``None`` alone means "not given":

@@ -6,9 +6,10 @@ import httpx
 import pytest
 import torch
 
-from server.decoding.ckplug import ckplug_step, parse_alpha, plausible
+from server.decoding.ckplug import ckplug_step, plausible
 from server.engine.model import LlamaRunner, Segment
 from server.engine.types import GenRequest, RowSpec, SamplingParams
+from server.options import parse_alpha
 from tests.tiny import tiny_engine, tiny_model
 
 

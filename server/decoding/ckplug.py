@@ -124,16 +124,6 @@ def _kept_set_step(z_c: torch.Tensor, z_p: torch.Tensor, alpha: Union[float, str
     return StepResult(z, cg, h_c, h_p, bool(adjust))
 
 
-def parse_alpha(value) -> Union[float, str]:
-    """The request's ckplug_alpha: a number in [0, 1] or "adaptive"; raises ValueError."""
-    if value is None or value == "adaptive":
-        return "adaptive"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0 \
-            or math.isnan(float(value)):
-        raise ValueError('ckplug_alpha must be a number between 0 and 1, or "adaptive"')
-    return float(value)
-
-
 @dataclass
 class CKPlugHook:
     """The engine's logits hook for a request with rows [with context, without context].

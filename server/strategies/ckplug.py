@@ -13,10 +13,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import ClassVar
 
-from ..decoding.ckplug import CKPlugHook, parse_alpha
+from ..decoding.ckplug import CKPlugHook
 from ..engine import LOGITS_HOOK
 from ..engine.types import RowSpec
 from ..errors import InvalidRequest
+from ..options import parse_alpha
 from .base import Plan, Query, Strategy, StrategyContext
 from .rag import Rag
 
