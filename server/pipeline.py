@@ -163,12 +163,9 @@ class Pipeline:
             top_k = route.top_k
             if not 1 <= top_k <= s.max_top_k:
                 raise InvalidRequest(f"top_k must be between 1 and {s.max_top_k}", param="top_k")
-        sampling = inp.sampling
-        if sampling.max_tokens is None:  # until the prompt's length is known
-            sampling = replace(sampling, max_tokens=s.default_max_tokens)
-        unset = {k: v for k, v in self.sampling_defaults.items() if getattr(sampling, k) is None}
-        if unset:
-            sampling = replace(sampling, **unset)
+        # what the request left unset (max_tokens until the prompt's length is known, below)
+        defaults = {"max_tokens": s.default_max_tokens, **self.sampling_defaults}
+        sampling = replace(inp.sampling, **{k: v for k, v in defaults.items() if getattr(inp.sampling, k) is None})
         query = Query(inp.request_id, inp.messages, question, top_k, sampling, {**inp.options, **route.options},
                       hits=route.hits)
         plan = await asyncio.to_thread(strategy.plan, query, self.ctx)
