@@ -113,6 +113,11 @@ class Pipeline:
         if len(prepared.request.rows) == 1 and prepared.request.rows[0].prefix is None:
             self.router.observe_prefill(prompt_tokens - cached_tokens, prefill_ms)
 
+    def _check_top_k(self, top_k: int) -> None:
+        """top_k within this server's max_top_k (the wire checks only that it is >= 1)."""
+        if not 1 <= top_k <= self.settings.max_top_k:
+            raise InvalidRequest(f"top_k must be between 1 and {self.settings.max_top_k}", param="top_k")
+
     def _top_k(self, inp: ChatInput) -> int:
         return self.settings.default_top_k if inp.top_k is None else inp.top_k
 
@@ -127,8 +132,7 @@ class Pipeline:
         t0 = time.perf_counter() if t_start is None else t_start
         s = self.settings
         top_k = self._top_k(inp)
-        if not 1 <= top_k <= s.max_top_k:
-            raise InvalidRequest(f"top_k must be between 1 and {s.max_top_k}", param="top_k")
+        self._check_top_k(top_k)
         if inp.sampling.max_tokens is not None and not 1 <= inp.sampling.max_tokens <= s.max_tokens_limit:
             raise InvalidRequest(f"max_tokens must be between 1 and {s.max_tokens_limit}", param="max_tokens")
         question = self._question(inp)
@@ -161,8 +165,7 @@ class Pipeline:
         strategy = get_strategy(route.strategy)
         if route.top_k is not None:
             top_k = route.top_k
-            if not 1 <= top_k <= s.max_top_k:
-                raise InvalidRequest(f"top_k must be between 1 and {s.max_top_k}", param="top_k")
+            self._check_top_k(top_k)  # an experiment arm's, which the experiments file bounds at 100
         # what the request left unset (max_tokens until the prompt's length is known, below)
         defaults = {"max_tokens": s.default_max_tokens, **self.sampling_defaults}
         sampling = replace(inp.sampling, **{k: v for k, v in defaults.items() if getattr(inp.sampling, k) is None})
