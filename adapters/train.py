@@ -119,7 +119,8 @@ class LoraTrainer:
 
         def step(ids, labels):
             self.model.train()
-            out = self.model(input_ids=ids[None], labels=labels[None])
+            dev = self.model.device
+            out = self.model(input_ids=ids[None].to(dev), labels=labels[None].to(dev))
             out.loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -224,8 +225,8 @@ class LoraTrainer:
         ids, labels = encode(self.tokenizer, Sequence(question, answer))
         ctx = self.model.disable_adapter() if not with_adapter else _null()
         with ctx:
-            logits = self.model(input_ids=ids[None]).logits[0, :-1]
-        lp = torch.log_softmax(logits.float(), -1)
+            logits = self.model(input_ids=ids[None].to(self.model.device)).logits[0, :-1]
+        lp = torch.log_softmax(logits.float(), -1).cpu()
         tgt = labels[1:]
         mask = tgt != -100
         return float(lp[mask].gather(1, tgt[mask][:, None]).mean())

@@ -185,7 +185,9 @@ class PragService(StoredAdapters):
         if not self.bank.has(key):
             return None
         w = self.load(doc)
-        aset = AdapterSet({k: (a, b * w.scale) for k, (a, b) in w.deltas.items()}, name=doc.id)
+        dev, dt = self.engine.runner.device, self.engine.runner.dtype  # stored float32, served in the compute dtype
+        aset = AdapterSet({k: (a.to(dev, dt), (b * w.scale).to(dev, dt)) for k, (a, b) in w.deltas.items()},
+                          name=doc.id)
         self._cache[key] = aset
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)

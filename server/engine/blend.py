@@ -22,14 +22,16 @@ def rotate_keys(runner: "LlamaRunner", kv: torch.Tensor, delta: int) -> torch.Te
     positions p..p+n-1 -> keys for p+delta.. (values unchanged). RoPE rotates each
     frequency pair by position * inv_freq, and rotations compose, so one more rotation
     by delta * inv_freq is exact (TurboRAG's reordered positions). Returns a new tensor."""
+    kv = kv.to(runner.device)
     if delta == 0:
         return kv.clone()
-    cos, sin = runner.rope(torch.tensor([delta]))
+    # in float32 whatever the cache's dtype: one more rounding of the keys, not two
+    cos, sin = runner.rope(torch.tensor([delta]), dtype=torch.float32)
     scale = float(getattr(runner.rotary, "attention_scaling", 1.0) or 1.0)  # cos/sin carry it; undo once
     cos, sin = cos[0] / scale, sin[0] / scale
     out = kv.clone()
-    k = kv[:, 0]
-    out[:, 0] = k * cos + rotate_half(k) * sin
+    k = kv[:, 0].float()
+    out[:, 0] = (k * cos + rotate_half(k) * sin).to(kv.dtype)
     return out
 
 
@@ -53,12 +55,12 @@ def cacheblend(runner: "LlamaRunner", cache: RowCache, input_ids: torch.Tensor, 
     if cache.length != n:
         raise ValueError(f"blend needs a cache filled with exactly the {n} tokens")
     H, Hkv, D = runner.n_heads, runner.n_kv_heads, runner.head_dim
-    idx = torch.arange(n)
+    idx = torch.arange(n, device=runner.device)
     cos, sin = runner.rope(idx + cache.pos_offset)
-    x = F.embedding(input_ids, runner.embed)
+    x = F.embedding(input_ids.to(runner.device), runner.embed)
     selected = idx[:0]
     for li, L in enumerate(runner.layers):
-        h = F.rms_norm(x, (runner.hidden,), L.ln1, runner.eps)
+        h = runner.rms_norm(x, L.ln1)
         qkv = L.qkv(h)
         q, k, v = runner.split_qkv(qkv, cos[idx], sin[idx])
         if li == 1:  # choose the tokens to carry on from their layer-1 deviation
@@ -71,12 +73,12 @@ def cacheblend(runner: "LlamaRunner", cache: RowCache, input_ids: torch.Tensor, 
             x, q, k, v, idx = x[selected], q[selected], k[selected], v[selected], selected
         cache.kv[li, 0, :, idx] = k.transpose(0, 1)
         cache.kv[li, 1, :, idx] = v.transpose(0, 1)
-        mask = torch.arange(n)[None, :] <= idx[:, None]  # each query sees keys up to its position
+        mask = torch.arange(n, device=runner.device)[None, :] <= idx[:, None]  # each query sees keys up to its position
         o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], cache.kv[li, 0, :, :n][None],
                                            cache.kv[li, 1, :, :n][None], attn_mask=mask,
                                            enable_gqa=Hkv != H)[0].transpose(0, 1)
         x = x + L.o(o.reshape(-1, H * D))
-        h = F.rms_norm(x, (runner.hidden,), L.ln2, runner.eps)
+        h = runner.rms_norm(x, L.ln2)
         gu = L.gu(h)
         x = x + L.down(F.silu(gu[:, :runner.intermediate]) * gu[:, runner.intermediate:])
     return selected

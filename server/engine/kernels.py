@@ -3,8 +3,9 @@ with the kernel (oneDNN in place, MKL packed, oneDNN blocked) chosen per row cou
 timing them at start on the real, cold weights (``tune_kernels``).
 
 A projection is called as ``proj(x)``: x [T, in] -> [T, out]; the runner never names a
-kernel. This is the CPU backend: the natural home of other devices' backends (plain
-``F.linear``) when the engine learns to run elsewhere.
+kernel. The timed kernels are the float32 CPU backend; on other devices and in other
+dtypes every projection serves through plain ``F.linear`` (``use_linear``), which cuBLAS
+and torch's CPU kernels already choose well for.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,8 @@ class Proj:
             return _ONEDNN_LINEAR(x.contiguous(), self.dnn_packed, self.bias, "none", [], "")
         if kernel == "onednn":
             return _ONEDNN_LINEAR(x.contiguous(), self.w, self.bias, "none", [], "")
+        if kernel == "linear":
+            return F.linear(x, self.w, self.bias)
         return self.mkl_call(x)
 
     def mkl_call(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,7 +148,7 @@ class Proj:
     def train_call(self, x: torch.Tensor) -> torch.Tensor:
         """The product with autograd to ``x`` (the weight is frozen): for LoRA training,
         through oneDNN where it serves prefill-sized products, else ``plain``."""
-        if self.kernels and self.kernels[-1] != "mkl":
+        if self.kernels and self.kernels[-1] in ("onednn", "onednn_packed"):
             return _FrozenOneDNNLinear.apply(x, self)
         return self.plain(x)
 
@@ -253,6 +257,16 @@ def tune_kernels(projs: list[Proj], repeats: int = 3, memo: Optional[dict] = Non
                 p.use(choice)
     log.info("GEMM kernel per weight shape and row bucket %s: %s", Proj.BUCKETS, out or "MKL only")
     return out
+
+
+def use_linear(projs: list[Proj]) -> dict:
+    """Serve every projection through ``F.linear`` (the backend for GPUs and for dtypes other
+    than float32, where the timed CPU kernels do not apply). Returns {} (nothing timed)."""
+    for p in projs:
+        p.use(("linear",) * len(Proj.BUCKETS))
+    log.info("GEMM kernels: F.linear on %s %s", projs[0].t.device if projs else "-",
+             projs[0].t.dtype if projs else "-")
+    return {}
 
 
 def return_free_memory() -> None:

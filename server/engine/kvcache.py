@@ -42,8 +42,8 @@ class RowCache:
     """KV storage of one row. Not thread-safe: only the engine thread touches it."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype = torch.float32, pos_offset: int = 0):
-        self._bind(torch.empty(n_layers, 2, n_kv_heads, capacity, head_dim, dtype=dtype), pos_offset)
+                 dtype: torch.dtype = torch.float32, pos_offset: int = 0, device=None):
+        self._bind(torch.empty(n_layers, 2, n_kv_heads, capacity, head_dim, dtype=dtype, device=device), pos_offset)
 
     def _bind(self, kv: torch.Tensor, pos_offset: int, pool: Optional["KVPool"] = None, slot: int = -1) -> None:
         self.kv = kv
@@ -82,7 +82,7 @@ class RowCache:
         n = prefix.length
         if n > self.capacity or prefix.kv.shape[:3] != self.kv.shape[:3] or prefix.kv.shape[4] != self.kv.shape[4]:
             raise ValueError(f"prefix of shape {tuple(prefix.kv.shape)} does not fit cache {tuple(self.kv.shape)}")
-        self.kv[:, :, :, :n] = prefix.kv.to(self.kv.dtype)
+        self.kv[:, :, :, :n] = prefix.kv.to(self.kv.device, self.kv.dtype)
         self.length = n
 
     def export(self, start: int, end: int) -> KVPrefix:
@@ -97,8 +97,8 @@ class KVPool:
     so the running batch stays in a compact slot range). Engine thread only."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, slots: int, row_tokens: int,
-                 dtype: torch.dtype = torch.float32):
-        self.kv = torch.empty(n_layers, 2, slots, n_kv_heads, row_tokens, head_dim, dtype=dtype)
+                 dtype: torch.dtype = torch.float32, device=None):
+        self.kv = torch.empty(n_layers, 2, slots, n_kv_heads, row_tokens, head_dim, dtype=dtype, device=device)
         self.row_tokens = row_tokens
         self._free = list(range(slots))  # a heap
         # Positions 0..clean[s]-1 of slot s hold finite numbers (written or zeroed once). A

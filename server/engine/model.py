@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import PooledDecode
-from .kernels import TUNED, Proj, return_free_memory, tune_kernels
+from .kernels import TUNED, Proj, return_free_memory, tune_kernels, use_linear
 from .kvcache import KVPool, RowCache
 from .lora import AdapterSet, apply_deltas
 from .rope import apply_rope
@@ -59,7 +59,8 @@ class _Layer:
 def _cat_bias(*linears) -> Optional[torch.Tensor]:
     if all(l.bias is None for l in linears):
         return None
-    return torch.cat([l.bias if l.bias is not None else torch.zeros(l.out_features) for l in linears])
+    w = linears[0].weight
+    return torch.cat([l.bias if l.bias is not None else w.new_zeros(l.out_features) for l in linears])
 
 class LlamaRunner:
     """Runs packed steps. Shapes: H query heads, Hkv key/value heads, D head dim."""
@@ -73,7 +74,9 @@ class LlamaRunner:
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise UnsupportedModel(f"activation {cfg.hidden_act!r} is not supported (silu only)")
         self.config = cfg
-        self.dtype = next(hf_model.parameters()).dtype
+        first = next(hf_model.parameters())
+        # every tensor the engine makes lives where the weights do, in their dtype
+        self.dtype, self.device = first.dtype, first.device
         m = hf_model.model
         self.n_layers = cfg.num_hidden_layers
         self.n_heads = cfg.num_attention_heads
@@ -114,22 +117,41 @@ class LlamaRunner:
                 a.o_proj.weight.data, f.down_proj.weight.data = wo.weight, wdown.weight
                 self.layers.append(_Layer(layer.input_layernorm.weight, qkv, wo,
                                           layer.post_attention_layernorm.weight, gu, wdown))
-        # {(out, in): kernel per row bucket}, as timed at start (benchmarks record it)
-        self.kernels = tune_kernels([self.lm_head] + [p for L in self.layers for p in (L.qkv, L.o, L.gu, L.down)],
-                                    memo=TUNED)
+        # {(out, in): kernel per row bucket}, as timed at start (benchmarks record it); the
+        # timed CPU kernels serve float32 on the CPU, F.linear everything else
+        projs = [self.lm_head] + [p for L in self.layers for p in (L.qkv, L.o, L.gu, L.down)]
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            self.kernels = tune_kernels(projs, memo=TUNED)
+        else:
+            self.kernels = use_linear(projs)
         return_free_memory()  # the copies the timing built and dropped
 
     def new_cache(self, capacity: int, pos_offset: int = 0) -> RowCache:
-        return RowCache(self.n_layers, self.n_kv_heads, self.head_dim, capacity, self.dtype, pos_offset)
+        return RowCache(self.n_layers, self.n_kv_heads, self.head_dim, capacity, self.dtype, pos_offset,
+                        device=self.device)
 
     def new_pool(self, slots: int, row_tokens: int) -> KVPool:
-        return KVPool(self.n_layers, self.n_kv_heads, self.head_dim, slots, row_tokens, self.dtype)
+        return KVPool(self.n_layers, self.n_kv_heads, self.head_dim, slots, row_tokens, self.dtype,
+                      device=self.device)
 
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [T, head_dim] for integer positions [T] (model's own rope scaling)."""
-        dummy = torch.empty(1, 1, self.head_dim, dtype=self.dtype)
+    def ids(self, ids) -> torch.Tensor:
+        """Token ids (a list) as the [T] long tensor ``forward`` takes, on the model's device."""
+        return torch.as_tensor(ids, dtype=torch.long, device=self.device)
+
+    def rope(self, positions: torch.Tensor, dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [T, head_dim] for integer positions [T] (model's own rope scaling),
+        in ``dtype`` (default: the model's), on the model's device."""
+        positions = positions.to(self.device)
+        dummy = torch.empty(1, 1, self.head_dim, dtype=dtype or self.dtype, device=self.device)
         cos, sin = self.rotary(dummy, positions[None])
         return cos[0], sin[0]
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm as the model's own module computes it: in float32 for lower precisions
+        (normalised in float32, cast back, then scaled), fused for float32."""
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (self.hidden,), weight, self.eps)
+        return weight * F.rms_norm(x.float(), (self.hidden,), None, self.eps).to(x.dtype)
 
     def split_qkv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """A fused q/k/v projection [T, (H + 2 Hkv) D] -> q [T, H, D] and k [T, Hkv, D] with
@@ -160,10 +182,10 @@ class LlamaRunner:
         any_lora = any(s.adapters is not None for s in segments)
         pooled = PooledDecode.of(segments, H, D, self.dtype)
         rest = [s for s in segments if pooled is None or s not in pooled]
-        x = F.embedding(input_ids, self.embed)
-        attn = torch.empty(T, H, D, dtype=x.dtype)
+        x = F.embedding(input_ids.to(self.device), self.embed)
+        attn = torch.empty(T, H, D, dtype=x.dtype, device=self.device)
         for li, L in enumerate(self.layers):
-            h = F.rms_norm(x, (self.hidden,), L.ln1, self.eps)
+            h = self.rms_norm(x, L.ln1)
             qkv = L.qkv(h)
             if any_lora:
                 for off, name, width in ((0, "q_proj", H * D), (H * D, "k_proj", Hkv * D),
@@ -182,7 +204,7 @@ class LlamaRunner:
                 elif past == 0:
                     mask, causal = None, True
                 else:  # query i sits at position past+i and sees keys 0..past+i
-                    mask = torch.ones(seg.n, past + seg.n, dtype=torch.bool).tril(diagonal=past)
+                    mask = torch.ones(seg.n, past + seg.n, dtype=torch.bool, device=self.device).tril(diagonal=past)
                     causal = False
                 o = F.scaled_dot_product_attention(qq[None], kk[None], vv[None], attn_mask=mask,
                                                    is_causal=causal, enable_gqa=Hkv != H)
@@ -192,7 +214,7 @@ class LlamaRunner:
             if any_lora:
                 apply_deltas(o, flat, segments, li, "o_proj")
             x = x + o
-            h = F.rms_norm(x, (self.hidden,), L.ln2, self.eps)
+            h = self.rms_norm(x, L.ln2)
             gu = L.gu(h)
             if any_lora:
                 apply_deltas(gu[:, :self.intermediate], h, segments, li, "gate_proj")
@@ -206,8 +228,8 @@ class LlamaRunner:
             seg.cache.length += seg.n
         last = [s.start + s.n - 1 for s in segments if s.want_logits]
         if not last:
-            return torch.empty(0, self.vocab_size)
-        xl = F.rms_norm(x[last], (self.hidden,), self.norm, self.eps)
+            return torch.empty(0, self.vocab_size, device=self.device)
+        xl = self.rms_norm(x[last], self.norm)
         return self.lm_head(xl).float()
 
     def lora_losses(self, input_ids: torch.Tensor, segments: list) -> torch.Tensor:

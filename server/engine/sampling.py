@@ -17,9 +17,9 @@ def adjust(logits: torch.Tensor, params: SamplingParams, output: list[int]) -> t
     out = logits.clone()
     if params.logit_bias:
         ids, bias = zip(*params.logit_bias)
-        out[list(ids)] += torch.tensor(bias, dtype=out.dtype)
+        out[list(ids)] += torch.tensor(bias, dtype=out.dtype, device=out.device)
     if output and (params.presence_penalty or params.frequency_penalty):
-        ids, counts = torch.unique(torch.tensor(output), return_counts=True)
+        ids, counts = torch.unique(torch.tensor(output, device=out.device), return_counts=True)
         out[ids] -= params.frequency_penalty * counts.to(out.dtype) + params.presence_penalty
     return out
 

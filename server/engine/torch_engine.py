@@ -11,6 +11,7 @@ import torch
 
 from . import KV_INJECTION, LOGITS_HOOK, ROW_ADAPTERS
 from .compute import ComputeThread
+from .device import dtype_name, folder_dtype, resolve_device, resolve_dtype
 from .model import LlamaRunner
 from .types import GenRequest, Sink, WorkerLimits
 from .sequence import Handle
@@ -33,6 +34,7 @@ class TorchEngine:
         self.hf_model = hf_model.eval()
         self.generation_config = getattr(hf_model, "generation_config", None)  # the model's sampling defaults
         self.runner = LlamaRunner(self.hf_model)
+        self.device, self.dtype = str(self.runner.device), dtype_name(self.runner.dtype)
         self.max_context = self.runner.max_positions
         eos = set()
         for src in (tokenizer.eos_token_id, getattr(hf_model.generation_config, "eos_token_id", None)):
@@ -45,14 +47,19 @@ class TorchEngine:
 
     @classmethod
     def from_folder(cls, path: Path, limits: WorkerLimits = WorkerLimits(), threads: Optional[int] = None,
-                    on_step=None) -> "TorchEngine":
+                    on_step=None, device: str = "auto", dtype: str = "auto") -> "TorchEngine":
+        """The model of a local folder on ``device`` (auto, cpu, cuda, cuda:N) in ``dtype``
+        (auto, float32, bfloat16, float16): server.engine.device says what auto picks."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev, folder_dtype(path))
 
         def build() -> "TorchEngine":
             torch.set_num_threads(threads or os.cpu_count() or 1)
             tok = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dt).to(dev)
             return cls(model, tok, model_id=Path(path).name, limits=limits, on_step=on_step, compute=compute)
 
         compute = ComputeThread()  # loads, tunes and later steps the model: one OpenMP team
@@ -87,6 +94,13 @@ class TorchEngine:
 
     def stats(self) -> dict:
         return self.worker.stats()
+
+    def info(self) -> dict:
+        """Where and in what precision the model runs, and its KV pool (for /health, /v1/models)."""
+        pool = self.worker.kv_pool
+        return {"device": self.device, "dtype": self.dtype,
+                "kv_pool": {"slots": pool.kv.shape[2], "row_tokens": pool.row_tokens, "dtype": self.dtype,
+                            "bytes": pool.kv.numel() * pool.kv.element_size()} if pool is not None else None}
 
     @property
     def alive(self) -> bool:

@@ -29,9 +29,10 @@ def lora_losses(runner: "LlamaRunner", input_ids: torch.Tensor, segments: list) 
     """
     H, Hkv, D, I = runner.n_heads, runner.n_kv_heads, runner.head_dim, runner.intermediate
     T = input_ids.shape[0]
+    dev = runner.device
     positions = torch.cat([torch.arange(s.n) for s in segments])
     cos, sin = runner.rope(positions)
-    x = F.embedding(input_ids, runner.embed.detach())
+    x = F.embedding(input_ids.to(dev), runner.embed.detach())
 
     # The segments tile the batch in order. Per-segment pieces are taken with split, not
     # slicing: the backward of a slice zero-fills a gradient of the full tensor, once per
@@ -43,21 +44,21 @@ def lora_losses(runner: "LlamaRunner", input_ids: torch.Tensor, segments: list) 
     owner = torch.repeat_interleave(torch.arange(len(segments)), torch.tensor(sizes))
     ranks = [next(iter(s.deltas.values()))[0].shape[0] if s.deltas else 0 for s in segments]
     column_owner = torch.repeat_interleave(torch.arange(len(segments)), torch.tensor(ranks))
-    column_scale = torch.repeat_interleave(torch.tensor([s.scale for s in segments], dtype=x.dtype),
-                                           torch.tensor(ranks))
-    block = (owner[:, None] == column_owner[None, :]).to(x.dtype) * column_scale
+    column_scale = torch.repeat_interleave(torch.tensor([s.scale for s in segments]), torch.tensor(ranks))
+    block = ((owner[:, None] == column_owner[None, :]).float() * column_scale).to(dev, x.dtype)
 
     def delta(y: torch.Tensor, inp: torch.Tensor, li: int, name: str) -> torch.Tensor:
         """y plus each segment's delta (a layer without adapters: y itself)."""
         abs_ = [seg.deltas.get((li, name)) for seg in segments]
         if any(ab is None for ab in abs_):
             return y  # the recipe leaves this layer out (for every segment: one recipe per batch)
-        a = torch.cat([ab[0] for ab in abs_])  # [S r, in]
-        b = torch.cat([ab[1] for ab in abs_], dim=1)  # [out, S r]
+        # the trainable weights stay float32 (peft's default); the product runs in the compute dtype
+        a = torch.cat([ab[0] for ab in abs_]).to(inp.dtype)  # [S r, in]
+        b = torch.cat([ab[1] for ab in abs_], dim=1).to(inp.dtype)  # [out, S r]
         return y + ((inp @ a.T) * block) @ b.T
 
     for li, L in enumerate(runner.layers):
-        h = F.rms_norm(x, (runner.hidden,), L.ln1.detach(), runner.eps)
+        h = runner.rms_norm(x, L.ln1.detach())
         qkv = L.qkv.train_call(h)
         q, k, v = runner.split_qkv(qkv, cos, sin)
         outs = []
@@ -68,18 +69,19 @@ def lora_losses(runner: "LlamaRunner", input_ids: torch.Tensor, segments: list) 
             outs.append(o[0].transpose(0, 1))
         flat = torch.cat(outs).reshape(T, H * D)
         x = x + L.o.train_call(flat)
-        h = F.rms_norm(x, (runner.hidden,), L.ln2.detach(), runner.eps)
+        h = runner.rms_norm(x, L.ln2.detach())
         gate, up = L.gu.train_call(h).split([I, I], dim=1)
         act = F.silu(delta(gate, h, li, "gate_proj")) * delta(up, h, li, "up_proj")
         down = L.down.train_call(act)
         x = x + delta(down, act, li, "down_proj")
     losses = []
     for seg in segments:
-        at = torch.nonzero(seg.labels[1:] != -100).flatten()
+        labels = seg.labels[1:].to(dev)
+        at = torch.nonzero(labels != -100).flatten()
         if at.numel() == 0:
-            losses.append(x.new_zeros(()))
+            losses.append(x.new_zeros((), dtype=torch.float32))
             continue
-        hidden = F.rms_norm(x[seg.start + at], (runner.hidden,), runner.norm.detach(), runner.eps)
-        losses.append(F.cross_entropy(runner.lm_head.train_call(hidden), seg.labels[1:][at]))
+        hidden = runner.rms_norm(x[seg.start + at], runner.norm.detach())
+        losses.append(F.cross_entropy(runner.lm_head.train_call(hidden).float(), labels[at]))
     return torch.stack(losses)
 

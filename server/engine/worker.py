@@ -68,7 +68,7 @@ class EngineWorker(LoopThread):
                 f"max_tokens_in_flight ({self.limits.max_tokens_in_flight}); lower max_tokens or top_k")
         gen = None
         if req.sampling.temperature > 0:
-            gen = torch.Generator()
+            gen = torch.Generator(device=self.runner.device)  # draws where the logits are
             gen.manual_seed(req.sampling.seed if req.sampling.seed is not None else
                             int.from_bytes(os.urandom(8), "little") >> 1)
         seq = Sequence(req, sink, IncrementalDetokenizer(self.tokenizer, req.sampling.stop), gen, time.perf_counter())
@@ -239,7 +239,7 @@ class EngineWorker(LoopThread):
             segments.append(Segment(p.row.cache, len(ids), p.n, p.row.spec.adapters, p.want_logits))
             ids.extend(p.row.pending[:p.n])
             p.row.pending = p.row.pending[p.n:]
-        logits = self.runner.forward(torch.tensor(ids, dtype=torch.long), segments)
+        logits = self.runner.forward(self.runner.ids(ids), segments)
         # logits lines follow the plans that want them; group them per sequence
         per_seq: dict[int, list] = {}
         line = 0
