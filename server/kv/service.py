@@ -23,6 +23,7 @@ import torch
 
 from ..engine.kvcache import KVPrefix
 from ..engine.blend import cacheblend, rotate_keys
+from ..engine.device import dtype_name
 from ..fingerprint import model_fingerprint
 from ..engine.model import Segment
 from ..prompt import Passage
@@ -40,7 +41,7 @@ class KVService:
         self.engine, self.prompts, self.store = engine, prompts, store
         self.runner = engine.runner
         self.fingerprint = model_fingerprint(self.runner, engine.model_id)
-        self.dtype = str(self.runner.dtype).replace("torch.", "")
+        self.dtype = dtype_name(self.runner.dtype)
         self._head: Optional[tuple[list[int], KVPrefix]] = None
         # (doc id, content hash) -> store key: the router asks `has` for every hit of every
         # `auto` request, and the key needs the passage tokenised
@@ -54,7 +55,7 @@ class KVService:
         cache = self.runner.new_cache(start + len(ids))
         if prefix is not None:
             cache.import_prefix(prefix)
-        self.runner.forward(torch.tensor(ids, dtype=torch.long), [Segment(cache, 0, len(ids))])
+        self.runner.forward(self.runner.ids(ids), [Segment(cache, 0, len(ids))])
         return cache.export(start, start + len(ids))
 
     def _on_engine(self, fn):
@@ -75,13 +76,13 @@ class KVService:
         """The stored cache of one passage; computed and stored now if missing and ``build``."""
         head_ids, head_kv = self.head()
         key = self.key(passage_ids)
-        entry, where = self.store.get(key)
+        entry, where = self.store.get(key, self.runner.dtype)
         if entry is not None:
             return PassageKV(entry, where)
         if not build:
             return None
         kv = self._on_engine(lambda: self._prefill_span(head_kv, passage_ids))
-        entry = KVEntry(key, kv.kv, kv.start_pos, doc_id)
+        entry = KVEntry(key, kv.kv.cpu(), kv.start_pos, doc_id)  # the store's tiers hold host memory
         self.store.put(entry, {"model": self.fingerprint, "dtype": self.dtype, "n_tokens": len(passage_ids),
                                "head_tokens": len(head_ids), "built_at": time.time()})
         return PassageKV(entry, "built")
@@ -138,7 +139,7 @@ class KVService:
         def run():
             cache = self.runner.new_cache(prefix.length)
             cache.import_prefix(prefix)
-            chosen = cacheblend(self.runner, cache, torch.tensor(ids, dtype=torch.long), exact_upto, fraction)
+            chosen = cacheblend(self.runner, cache, self.runner.ids(ids), exact_upto, fraction)
             return KVPrefix(cache.kv, 0), len(chosen)
 
         return self._on_engine(run)
