@@ -24,6 +24,7 @@ class Embedder:
         from sentence_transformers import SentenceTransformer
 
         self.path = path or default_embedder_path()
+        self.device = device
         self._model = SentenceTransformer(self.path, device=device, local_files_only=True)
         self.dim = int(self._model.get_embedding_dimension())
         self.name = os.path.basename(str(self.path).rstrip("/")) or "embedder"

@@ -40,7 +40,10 @@ class Artefacts:
             from .kv.service import KVService
             from .kv.store import KVStore
 
-            kv = KVService(engine, prompts, KVStore(data_dir / "kv", settings.kv_memory_bytes))
+            from .tiers import open_tier
+
+            kv = KVService(engine, prompts, KVStore(data_dir / "kv", settings.kv_memory_bytes,
+                                                    settings.kv_store_bytes, open_tier(settings.kv_tier, "kv")))
         if ROW_ADAPTERS in caps:
             from .prag import PragService
 

@@ -17,6 +17,15 @@ def _common(p: argparse.ArgumentParser) -> None:
                                    "SmolLM2-135M-Instruct)")
 
 
+def _device_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="where the torch engine and the embedder run: auto (the first GPU if torch "
+                                    "sees one, else cpu), cpu, cuda, cuda:N (env KNOWMUX_DEVICE)")
+    p.add_argument("--dtype", help="compute dtype: auto (float32 on CPU, the model folder's dtype on a GPU), "
+                                   "float32, bfloat16, float16 (env KNOWMUX_DTYPE)")
+    p.add_argument("--kv-tier", help="a second KV-cache tier shared by replicas: file:///dir or "
+                                     "s3://bucket/prefix?endpoint_url=... (env KNOWMUX_KV_TIER)")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -32,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--port", type=int)
     s.add_argument("--engine", choices=["torch", "vllm"], help="inference engine (default torch; vllm needs the vllm extra)")
     s.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    _device_flags(s)
     s.add_argument("--max-batch-size", type=int)
     s.add_argument("--max-queue", type=int)
     s.add_argument("--max-tokens-in-flight", type=int)
@@ -53,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("file", type=Path, help='JSON lines: {"id": str, "title": str (optional), "text": str}')
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--build", default="", help="artefacts to build after ingest, comma-separated: kv, adapters")
+    _device_flags(s)
     s.set_defaults(func=cmd_ingest)
 
     s = sub.add_parser("ask", help="ask a running server one question under several strategies, side by side")
@@ -104,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 def _settings(args) -> Settings:
     keys = ("data_dir", "model", "host", "port", "engine", "threads", "max_batch_size", "max_queue",
             "max_tokens_in_flight", "experiments", "default_strategy", "router_probe", "chat_template", "log_level",
-            "default_temperature", "default_top_p")
+            "default_temperature", "default_top_p", "device", "dtype", "kv_tier")
     return Settings.from_env(**{k: getattr(args, k, None) for k in keys})
 
 
@@ -170,7 +181,7 @@ def cmd_ingest(args) -> int:
         engine = engine_for(settings)
         engine.start()
     try:
-        kb = KnowledgeBase(settings.data_dir, embedder_for(engine))
+        kb = KnowledgeBase(settings.data_dir, embedder_for(engine, settings.device))
         try:
             rep = ingest(kb, docs, batch_size=args.batch_size)
             total = kb.count()

@@ -17,6 +17,8 @@ class Settings:
     port: int = 8000
     served_model_name: str = "knowmux"
     engine: str = "torch"
+    device: str = "auto"  # the torch engine and the embedder: auto, cpu, cuda, cuda:N (server.engine.device)
+    dtype: str = "auto"  # auto (float32 on CPU, the folder's dtype on a GPU), float32, bfloat16, float16
     threads: Optional[int] = None  # torch intra-op threads; None = all cores
     # continuous batching limits
     max_batch_size: int = 16
@@ -40,6 +42,8 @@ class Settings:
     max_documents_per_call: int = 1000
     max_body_bytes: int = 16 * 1024 * 1024
     kv_memory_bytes: int = 512 * 1024 * 1024  # memory LRU in front of the on-disk KV store
+    kv_store_bytes: int = 0  # disk budget of the KV store, least recently used evicted first (0 = no limit)
+    kv_tier: Optional[str] = None  # a second tier shared by replicas: file:///dir or s3://bucket/prefix (server.tiers)
     adapter_recipe: str = "passage-4ep"  # adapters.recipe.PRESETS
     adapter_build_group: int = 8  # documents whose adapters are augmented and trained together
     kv_recompute: float = 0.0  # default CacheBlend fraction of non-exact passage tokens recomputed by `kv`
@@ -57,6 +61,12 @@ class Settings:
     log_level: str = "info"
 
     def __post_init__(self):
+        from .engine.device import check_device, check_dtype  # names only: torch is not imported
+
+        object.__setattr__(self, "device", check_device(self.device))
+        object.__setattr__(self, "dtype", check_dtype(self.dtype))
+        if self.kv_store_bytes < 0:
+            raise ValueError(f"KNOWMUX_KV_STORE_BYTES must be 0 (no limit) or a positive size, got {self.kv_store_bytes}")
         if not 0.0 <= self.kv_recompute <= 1.0:  # also false for NaN
             raise ValueError(f"KNOWMUX_KV_RECOMPUTE must be a fraction between 0 and 1, got {self.kv_recompute}")
         if self.default_temperature is not None and not 0.0 <= self.default_temperature <= 2.0:

@@ -41,17 +41,24 @@ def engine_for(settings: Settings):
 
     path = resolve_model(settings.model)
     log.info("loading %s with the %s engine", path, settings.engine)
-    return engine_class(settings.engine).from_folder(path, limits=worker_limits(settings), threads=settings.threads)
+    return engine_class(settings.engine).from_folder(path, limits=worker_limits(settings), threads=settings.threads,
+                                                     device=settings.device, dtype=settings.dtype)
 
 
-def embedder_for(engine):
-    """The sentence embedder for a process serving ``engine`` (None: no engine). Where the
+def embedder_for(engine, device: str = "auto"):
+    """The sentence embedder for a process serving ``engine`` (None: no engine), on the
+    engine's device (else ``device``: auto takes the first GPU if torch sees one). Where the
     engine has a compute thread, the embedder is made and run there, and the knowledge
     base's FAISS searches follow it: one OpenMP team (server.engine.compute)."""
     from indexes.embedder import Embedder
 
+    where = getattr(engine, "device", None)
+    if where is None:
+        from .engine.device import resolve_device
+
+        where = str(resolve_device(device))
     run = getattr(engine, "run_compute", None)
-    return run(lambda: Embedder(run=run)) if run is not None else Embedder()
+    return run(lambda: Embedder(device=where, run=run)) if run is not None else Embedder(device=where)
 
 
 @dataclass
@@ -152,12 +159,23 @@ class Runtime:
         if engine is None:
             engine = engine_for(settings)
         if embedder is None:
-            embedder = embedder_for(engine)
+            embedder = embedder_for(engine, settings.device)
         keys = Keys.from_settings(settings)
         check_exposure(settings, keys)
         kb = KnowledgeBase(settings.data_dir, embedder)
         return cls(settings, engine, kb, assemble(engine, kb, settings, data_dir=settings.data_dir), Metrics(), keys,
                    JobManager(settings.data_dir / "jobs"))
+
+    def placement(self) -> dict:
+        """Where things run and are kept: the engine's device, dtype and KV pool, the
+        embedder's device, the FAISS backend and the KV store's tiers."""
+        info = dict(self.engine.info()) if hasattr(self.engine, "info") else {}
+        embedder = getattr(self.kb, "embedder", None) if self.kb is not None else None
+        info["embedder_device"] = getattr(embedder, "device", None)
+        info["faiss"] = "cpu"  # exact inner-product search over the documents (indexes.vector)
+        kv = self.artefacts.kv
+        info["kv_store"] = kv.store.info() if kv is not None else None
+        return info
 
     def builder(self, kind: str) -> Builder:
         """The builder of a kind ("kv", "adapters") for jobs; raises StrategyUnavailable

