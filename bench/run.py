@@ -388,6 +388,8 @@ def parse_args(argv):
     ap.add_argument("--url", help="a running knowmux server; default: start one on loopback")
     ap.add_argument("--data-dir", type=Path, help="the started server's data dir, kept and reused between runs")
     ap.add_argument("--model", help="model folder for the started server")
+    ap.add_argument("--device", help="the started server's --device (auto, cpu, cuda, cuda:N)")
+    ap.add_argument("--dtype", help="the started server's --dtype (auto, float32, bfloat16, float16)")
     ap.add_argument("--out", type=Path, required=True)
     return ap.parse_args(argv)
 
@@ -429,7 +431,8 @@ def _main(a, argv) -> int:
         url = a.url.rstrip("/")
     else:
         data_dir = a.data_dir or Path(tempfile.mkdtemp(prefix="knowmux-bench-"))
-        server = Server(data_dir, a.model, a.out / "server.log")
+        extra = [*(["--device", a.device] if a.device else []), *(["--dtype", a.dtype] if a.dtype else [])]
+        server = Server(data_dir, a.model, a.out / "server.log", extra)
         url = server.url
     try:
         if server:
@@ -474,7 +477,7 @@ def _main(a, argv) -> int:
                         f" (recompute={a.kv_recompute})" if "kv_recompute" in extra else "")
                     runs.append({"strategy": strategy, "alpha": alpha, "label": label, "kind": kind,
                                  "concurrency": 1, **s})
-                    records += [{**r, "kind": kind} for r in recs]
+                    records += [{**r, "kind": kind, "label": label} for r in recs]
                     if a.concurrency > 1 and kind == "questions" and alpha in (None, "adaptive"):
                         crecs, cwall = run_items(url, strategy, items, a.max_tokens, top_k, extra, a.concurrency)
                         cs = summarise(crecs, cwall, items, kind)
@@ -485,6 +488,7 @@ def _main(a, argv) -> int:
             "dataset": ds.name, "licence": ds.licence,
             "command": "knowmux bench " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])),
             "git_commit": _git_commit(), "model": info.get("root"), "engine": info.get("engine"),
+            "device": info.get("device"), "dtype": info.get("dtype"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
             "when": time.strftime("%Y-%m-%d %H:%M:%S"), "url": url, "unavailable": unavailable,
             "data_dir": str(data_dir) if server else None,
