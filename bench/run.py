@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -36,7 +37,9 @@ class BenchError(RuntimeError):
     pass
 
 
-KNOWMUX = str(Path(sys.executable).with_name("knowmux"))
+# the knowmux beside this Python (a venv), else the one on PATH (an image's system Python)
+KNOWMUX = str(Path(sys.executable).with_name("knowmux")) if Path(sys.executable).with_name("knowmux").exists() \
+    else (shutil.which("knowmux") or "knowmux")
 SAMPLE_CORPUS = Path(__file__).parent / "data" / "nq_open_sample" / "corpus.jsonl"
 
 

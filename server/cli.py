@@ -24,6 +24,8 @@ def _device_flags(p: argparse.ArgumentParser) -> None:
                                    "float32, bfloat16, float16 (env KNOWMUX_DTYPE)")
     p.add_argument("--kv-tier", help="a second KV-cache tier shared by replicas: file:///dir or "
                                      "s3://bucket/prefix?endpoint_url=... (env KNOWMUX_KV_TIER)")
+    p.add_argument("--kv-store-bytes", type=int, help="disk budget of the local KV store in bytes, least recently "
+                                                      "used evicted first (env KNOWMUX_KV_STORE_BYTES; 0 = no limit)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 def _settings(args) -> Settings:
     keys = ("data_dir", "model", "host", "port", "engine", "threads", "max_batch_size", "max_queue",
             "max_tokens_in_flight", "experiments", "default_strategy", "router_probe", "chat_template", "log_level",
-            "default_temperature", "default_top_p", "device", "dtype", "kv_tier")
+            "default_temperature", "default_top_p", "device", "dtype", "kv_tier", "kv_store_bytes")
     return Settings.from_env(**{k: getattr(args, k, None) for k in keys})
 
 

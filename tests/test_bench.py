@@ -235,3 +235,29 @@ def test_compare_times_both_ways_and_checks_the_answers_agree(make_server):
     res = run(srv.url, ["What colour is Zorbl?", "Who is Zorbl?"], ["direct", "rag", "rag+ckplug"], 6)
     assert res["questions"] == 2 and res["identical_answers"] == 2  # batched together, as alone
     assert len(res["one_request_each_s"]) == len(res["one_request_all_s"]) == 2 and res["speedup_median"] > 0
+
+
+def test_gpu_check_rehearses_every_strategy_on_the_cpu(tmp_path):
+    """bench/gpu_check.sh cannot run here for real (no GPU); its dry run walks the same
+    steps on the CPU with a tiny model: serve, add documents, build, ask every strategy."""
+    import subprocess
+    import sys
+
+    from tests.tiny import tiny_model_folder
+
+    model = tiny_model_folder(tmp_path / "tiny")
+    out = tmp_path / "check.json"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    r = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run", "--engines", "torch", "--model", str(model),
+                        "--out", str(out)], capture_output=True, text=True, timeout=600, env=env,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = {row["strategy"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"direct", "rag", "rag+ckplug", "kv", "kv+ckplug", "prag", "prag+rag", "auto"}
+    for name, row in rows.items():
+        assert row["n"] == 2 and not row["failures"] and row["ttft_ms_p50"] > 0, (name, row)
+        assert row["device"] == "cpu" and row["dtype"] == "float32"
+    assert "ttft p50 ms" in r.stdout
+    refused = subprocess.run(["bash", "bench/gpu_check.sh", "--engines", "torch"], capture_output=True, text=True,
+                             env={**env, "CUDA_VISIBLE_DEVICES": ""}, cwd=Path(__file__).resolve().parent.parent)
+    assert refused.returncode == 2 and "--dry-run" in refused.stderr
