@@ -44,6 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--engine", choices=["torch", "vllm"], help="inference engine (default torch; vllm needs the vllm extra)")
     s.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     _device_flags(s)
+    s.add_argument("--max-model-len", type=int, dest="max_context",
+                   help="the longest prompt + answer in tokens (env KNOWMUX_MAX_CONTEXT; default: the model's; "
+                        "2048 on vllm-cpu)")
+    s.add_argument("--tensor-parallel-size", type=int, help="vllm engine: GPUs per replica (CK-PLUG needs 1)")
+    s.add_argument("--gpu-memory-utilization", type=float, help="vllm engine: share of GPU memory it may take "
+                                                                "(default 0.9)")
+    s.add_argument("--max-loras", type=int, help="vllm engine: adapters (document sets) held at once (default 8)")
+    s.add_argument("--max-lora-rank", type=int, help="vllm engine: the largest adapter rank (default 16; 0 = no LoRA)")
     s.add_argument("--max-batch-size", type=int)
     s.add_argument("--max-queue", type=int)
     s.add_argument("--max-tokens-in-flight", type=int)
@@ -117,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
 def _settings(args) -> Settings:
     keys = ("data_dir", "model", "host", "port", "engine", "threads", "max_batch_size", "max_queue",
             "max_tokens_in_flight", "experiments", "default_strategy", "router_probe", "chat_template", "log_level",
-            "default_temperature", "default_top_p", "device", "dtype", "kv_tier", "kv_store_bytes")
+            "default_temperature", "default_top_p", "device", "dtype", "kv_tier", "kv_store_bytes", "max_context",
+            "tensor_parallel_size", "gpu_memory_utilization", "max_loras", "max_lora_rank")
     return Settings.from_env(**{k: getattr(args, k, None) for k in keys})
 
 

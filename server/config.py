@@ -20,6 +20,11 @@ class Settings:
     device: str = "auto"  # the torch engine and the embedder: auto, cpu, cuda, cuda:N (server.engine.device)
     dtype: str = "auto"  # auto (float32 on CPU, the folder's dtype on a GPU), float32, bfloat16, float16
     threads: Optional[int] = None  # torch intra-op threads; None = all cores
+    # the vllm engine's deployment (vLLM's own settings; max_context is its --max-model-len)
+    tensor_parallel_size: int = 1  # GPUs per replica; >1 runs vLLM's sampler in workers: no logits hooks (CK-PLUG)
+    gpu_memory_utilization: float = 0.9  # the GPU memory vLLM may take for weights and its KV cache
+    max_loras: int = 8  # adapters (document sets) vLLM holds at once for prag
+    max_lora_rank: int = 16  # the largest adapter rank vLLM accepts (0 turns LoRA off)
     # continuous batching limits
     max_batch_size: int = 16
     max_tokens_in_flight: int = 65536  # KV slots (prompt + max_tokens per row); 46 KB each on SmolLM2 fp32
@@ -65,6 +70,13 @@ class Settings:
 
         object.__setattr__(self, "device", check_device(self.device))
         object.__setattr__(self, "dtype", check_dtype(self.dtype))
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"KNOWMUX_TENSOR_PARALLEL_SIZE must be 1 or more, got {self.tensor_parallel_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"KNOWMUX_GPU_MEMORY_UTILIZATION must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_loras < 1 or self.max_lora_rank < 0:
+            raise ValueError(f"KNOWMUX_MAX_LORAS must be 1 or more and KNOWMUX_MAX_LORA_RANK 0 or more, got "
+                             f"{self.max_loras} and {self.max_lora_rank}")
         if self.kv_store_bytes < 0:
             raise ValueError(f"KNOWMUX_KV_STORE_BYTES must be 0 (no limit) or a positive size, got {self.kv_store_bytes}")
         if not 0.0 <= self.kv_recompute <= 1.0:  # also false for NaN

@@ -39,10 +39,17 @@ def engine_for(settings: Settings):
     from .engine import engine_class
     from .modelfiles import resolve_model
 
+    deployment = {}
+    if settings.engine == "vllm":  # vLLM's own deployment settings
+        deployment = dict(max_model_len=settings.max_context, tensor_parallel_size=settings.tensor_parallel_size,
+                          gpu_memory_utilization=settings.gpu_memory_utilization, max_loras=settings.max_loras,
+                          max_lora_rank=settings.max_lora_rank)
+    elif settings.tensor_parallel_size != 1:
+        raise ValueError("--tensor-parallel-size needs --engine vllm (the torch engine runs on one device)")
     path = resolve_model(settings.model)
     log.info("loading %s with the %s engine", path, settings.engine)
     return engine_class(settings.engine).from_folder(path, limits=worker_limits(settings), threads=settings.threads,
-                                                     device=settings.device, dtype=settings.dtype)
+                                                     device=settings.device, dtype=settings.dtype, **deployment)
 
 
 def embedder_for(engine, device: str = "auto"):

@@ -149,3 +149,24 @@ def test_device_and_dtype_settings_are_checked_before_a_model_loads():
     assert resolve_dtype("auto", torch.device("cpu"), torch.bfloat16) == torch.float32  # fp32: the CPU's fast path
     assert resolve_dtype("auto", torch.device("cuda"), torch.float32) == torch.float32
     assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
+
+
+def test_gpu_deployment_settings_are_checked_and_reach_only_the_engine_that_takes_them(tmp_path):
+    from server.cli import _settings, main
+    from server.runtime import engine_for
+
+    for bad in (dict(tensor_parallel_size=0), dict(gpu_memory_utilization=1.5), dict(max_loras=0),
+                dict(max_lora_rank=-1)):
+        with pytest.raises(ValueError, match="KNOWMUX_"):
+            Settings(**bad)
+    import argparse
+
+    args = argparse.Namespace(max_context=4096, tensor_parallel_size=2, gpu_memory_utilization=0.8, max_loras=4,
+                              max_lora_rank=64, engine="vllm")
+    s = _settings(args)
+    assert (s.max_context, s.tensor_parallel_size, s.gpu_memory_utilization, s.max_loras, s.max_lora_rank) == \
+        (4096, 2, 0.8, 4, 64)
+    with pytest.raises(ValueError, match="needs --engine vllm"):
+        engine_for(Settings(engine="torch", tensor_parallel_size=2, model=str(tmp_path)))
+    with pytest.raises(SystemExit):  # argparse knows the flags
+        main(["serve", "--max-model-len", "x"])

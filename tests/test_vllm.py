@@ -112,15 +112,18 @@ def test_prag_on_vllm_matches_the_torch_engine(vllm_engine, real_engine, shared_
 
 def test_unsupported_strategies_are_refused_and_reported(vllm_engine, shared_data, embedder):
     with _server(vllm_engine, shared_data, embedder) as srv:
-        for strategy in ("kv", "rag+ckplug", "kv+ckplug"):
+        for strategy in ("kv", "kv+ckplug"):
             r = _ask(srv.url, strategy, QUESTIONS[0])
             assert r.status_code == 400, r.text
             err = r.json()["error"]
             assert err["code"] == "strategy_not_supported" and "torch" in err["message"]
         models = httpx.get(srv.url + "/v1/models").json()["data"][0]
         assert models["engine"] == "vllm"
-        assert set(models["strategies"]) == {"auto", "direct", "rag", "prag", "prag+rag"}
-        assert httpx.get(srv.url + "/health").json()["strategies"] == models["strategies"]
+        assert set(models["strategies"]) == {"auto", "direct", "rag", "rag+ckplug", "prag", "prag+rag"}
+        health = httpx.get(srv.url + "/health").json()
+        assert health["strategies"] == models["strategies"]
+        assert health["vllm"]["max_model_len"] == 2048 and health["vllm"]["tensor_parallel_size"] == 1
+        assert health["vllm"]["logits_hooks"] is True and health["vllm"]["max_lora_rank"] == 16
         r = _ask(srv.url, "auto", "Where does Zorbl live?")
         assert r.status_code == 200 and r.headers["x-strategy"] in models["strategies"]
         r = httpx.post(srv.url + "/v1/builds", json={"kind": "kv", "doc_ids": ["zorbl"]})
@@ -168,3 +171,107 @@ def test_strategies_and_n_on_the_vllm_engine(vllm_engine, shared_data, embedder)
         r = _ask(srv.url, "rag", QUESTIONS[1], max_tokens=8, n=2, temperature=1.0, seed=3)
         assert r.status_code == 200, r.text
         assert len(r.json()["choices"]) == 2 and r.json()["usage"]["completion_tokens"] <= 16
+
+
+def test_ckplug_on_vllm_matches_the_torch_engine(vllm_engine, real_engine, shared_data, embedder):
+    """rag+ckplug on vLLM: two vLLM requests joined by the paired-rows logits processor
+    take the same reweighted steps and the same greedy tokens as the torch engine's rows."""
+    opts = {"ckplug_alpha": 0.5, "ckplug_trace": True, "max_tokens": 12, "ignore_eos": True}
+    with _server(real_engine, shared_data, embedder) as a, _server(vllm_engine, shared_data, embedder) as b:
+        for q in ["What colour is Zorbl?", QUESTIONS[1], QUESTIONS[3]]:
+            ra, rb = _ask(a.url, "rag+ckplug", q, **opts), _ask(b.url, "rag+ckplug", q, **opts)
+            assert ra.status_code == rb.status_code == 200, (ra.text, rb.text)
+            ka, kb = ra.json()["knowmux"]["ckplug"], rb.json()["knowmux"]["ckplug"]
+            ta, tb = (r.json()["choices"][0]["message"]["content"] for r in (ra, rb))
+            print(f"\n{q}: torch {ta!r} ({ka['reweighted']} reweighted), vllm {tb!r} ({kb['reweighted']})")
+            assert kb["steps"] == ka["steps"] == 12
+            assert _ids(real_engine, ta) == _ids(vllm_engine, tb)
+            assert [t["reweighted"] for t in ka["trace"]] == [t["reweighted"] for t in kb["trace"]]
+            assert [t["cg"] for t in ka["trace"]] == pytest.approx([t["cg"] for t in kb["trace"]], abs=2e-3)
+        # the processor changed the answer where the confidence gain said so (alpha 1: memory only)
+        memory = _ask(b.url, "rag+ckplug", "What colour is Zorbl?", ckplug_alpha=1.0, ckplug_trace=True)
+        rag = _ask(b.url, "rag", "What colour is Zorbl?")
+        if memory.json()["knowmux"]["ckplug"]["reweighted"]:
+            assert memory.json()["choices"][0]["message"]["content"] != rag.json()["choices"][0]["message"]["content"]
+
+
+def test_ckplug_pairs_on_vllm_sample_together_and_end_together(vllm_engine, shared_data, embedder):
+    """Sampled pairs draw one token for both rows (same seed, same distribution); a client
+    that disconnects mid-stream frees both rows; several pairs batch with plain requests."""
+    import concurrent.futures
+
+    from server.engine.vllm_pairs import PAIRS
+
+    with _server(vllm_engine, shared_data, embedder) as srv:
+        def ask(i):
+            strategy = "rag+ckplug" if i % 2 == 0 else "rag"
+            return _ask(srv.url, strategy, QUESTIONS[i % len(QUESTIONS)], temperature=0.9, seed=i, max_tokens=10,
+                        ignore_eos=True, n=2 if i == 0 else 1)
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(ask, range(6)))
+        for r in answers:
+            assert r.status_code == 200, r.text
+            assert all(c["finish_reason"] == "length" for c in r.json()["choices"])
+        again = ask(2)
+        assert again.json()["choices"][0]["message"]["content"] == answers[2].json()["choices"][0]["message"]["content"]
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", headers={"X-Strategy": "rag+ckplug"},
+                          timeout=300, json={"model": "knowmux", "stream": True, "max_tokens": 400, "ignore_eos": True,
+                                             "messages": [{"role": "user", "content": QUESTIONS[0]}]}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {") and '"content"' in line:
+                    break  # hang up after the first token
+        import time
+
+        deadline = time.time() + 30
+        while (vllm_engine.llm.get_num_unfinished_requests() or vllm_engine._live or len(PAIRS)) \
+                and time.time() < deadline:
+            time.sleep(0.2)
+        assert vllm_engine.llm.get_num_unfinished_requests() == 0 and not vllm_engine._live and len(PAIRS) == 0
+
+
+def test_the_router_probe_runs_on_vllm(vllm_engine, shared_data, embedder):
+    with _server(vllm_engine, shared_data, embedder, router_probe=True) as srv:
+        r = _ask(srv.url, "auto", "What colour is Zorbl?")
+        assert r.status_code == 200, r.text
+        gain = srv.runtime.router.probe([{"role": "user", "content": "What colour is Zorbl?"}], [])
+        assert gain == pytest.approx(0.0, abs=1e-5)  # no passages: the two rows are one prompt
+
+
+def test_the_paired_rows_processor_joins_pairs_and_notices_them_apart():
+    """PairedRows on hand-made batch updates: it follows adds, removals and moves, mixes a
+    pair's two rows, leaves other rows alone, and marks a pair broken when its rows are
+    not in the batch together or are at different tokens."""
+    import torch
+    from vllm import SamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+    from server.engine.vllm_pairs import PAIR_KEY, PAIRS, ROW_KEY, PairedRows
+
+    def params(pair, row):
+        return SamplingParams(extra_args={PAIR_KEY: pair, ROW_KEY: row})
+
+    calls = []
+    ok = PAIRS.register("p", lambda z: (calls.append(z.clone()), z[0] - z[1])[1])
+    lone = PAIRS.register("q", lambda z: z[0])
+    try:
+        proc = PairedRows(None, torch.device("cpu"), False)
+        out_p0, out_p1, out_q0 = [], [], []
+        proc.update_state(BatchUpdate(4, removed=[], moved=[], added=[
+            (0, params("p", 0), [1], out_p0), (1, SamplingParams(), [1], []), (2, params("q", 0), [1], out_q0),
+            (3, params("p", 1), [1], out_p1)]))
+        proc.update_state(BatchUpdate(4, removed=[], added=[], moved=[(0, 1, MoveDirectionality.SWAP)]))
+        logits = torch.arange(16, dtype=torch.float32).reshape(4, 4)
+        plain = logits[0].clone()  # the unpaired request, now at index 0
+        got = proc.apply(logits.clone())
+        assert torch.equal(got[0], plain)
+        assert torch.equal(got[1], logits[1] - logits[3]) and torch.equal(got[3], logits[1] - logits[3])
+        assert torch.equal(calls[0], torch.stack([logits[1], logits[3]]))  # row 0 (with context) first
+        assert lone.broken and "row 1" in lone.broken and torch.equal(got[2], logits[2])
+        out_p0.append(7)  # row 0 got a token that row 1 did not
+        proc.apply(logits.clone())
+        assert ok.broken and "different tokens" in ok.broken and len(calls) == 1
+        proc.update_state(BatchUpdate(1, removed=[1, 2, 3], added=[], moved=[]))
+        assert proc.rows == {} and torch.equal(proc.apply(logits.clone()), logits)  # only the unpaired row left
+    finally:
+        PAIRS.forget("p")
+        PAIRS.forget("q")

