@@ -3,8 +3,9 @@
     python -m bench.agreement runs/nq-fp32 runs/nq-bf16 [--out bench/results/agreement.json]
 
 Reads each run's results.jsonl (``knowmux bench --out``) and, per run label (strategy, alpha), counts the
-questions whose answers are identical (after stripping whitespace) in both, and each
-run's containment accuracy on them. Greedy runs only make the comparison meaningful.
+questions whose answers are identical (after stripping whitespace) in both, those whose
+first 8 words are, those both runs judge alike (gold answer contained in both or
+neither), and each run's containment accuracy on them. Greedy runs only make the comparison meaningful.
 """
 
 from __future__ import annotations
@@ -25,14 +26,20 @@ def load(run: Path) -> dict:
     return out
 
 
-def compare(a: dict, b: dict) -> dict:
-    per = defaultdict(lambda: {"n": 0, "same": 0, "contains_a": 0, "contains_b": 0})
+def compare(a: dict, b: dict, words: int = 8) -> dict:
+    """Per label: identical answers, answers whose first ``words`` words are identical, and
+    questions both runs judge alike (the gold answer contained in both or in neither)."""
+    per = defaultdict(lambda: {"n": 0, "same": 0, "same_start": 0, "same_verdict": 0, "contains_a": 0,
+                               "contains_b": 0})
     for key in sorted(set(a) & set(b)):
         s = per[key[0]]
+        x, y = a[key]["output"].strip(), b[key]["output"].strip()
         s["n"] += 1
-        s["same"] += a[key]["output"].strip() == b[key]["output"].strip()
+        s["same"] += x == y
+        s["same_start"] += x.split()[:words] == y.split()[:words]
         s["contains_a"] += bool(a[key].get("contains"))
         s["contains_b"] += bool(b[key].get("contains"))
+        s["same_verdict"] += bool(a[key].get("contains")) == bool(b[key].get("contains"))
     return {k: {**v, "agreement": v["same"] / v["n"]} for k, v in per.items()}
 
 
@@ -46,10 +53,12 @@ def main(argv=None) -> None:
     meta = [json.loads((r / "results.json").read_text()) for r in (args.a, args.b)]
     print(f"a: {args.a} ({meta[0].get('dtype')}, {meta[0].get('device')}); "
           f"b: {args.b} ({meta[1].get('dtype')}, {meta[1].get('device')})")
-    print(f"{'strategy':<12} {'n':>4} {'same answer':>12} {'contains a':>11} {'contains b':>11}")
+    print(f"{'strategy':<12} {'n':>4} {'same answer':>12} {'same 8 words':>13} {'same verdict':>13} "
+          f"{'contains a':>11} {'contains b':>11}")
     for k, v in res.items():
-        print(f"{k:<12} {v['n']:>4} {v['agreement']:>11.1%} {v['contains_a'] / v['n']:>10.1%} "
-              f"{v['contains_b'] / v['n']:>10.1%}")
+        n = v["n"]
+        print(f"{k:<12} {n:>4} {v['agreement']:>11.1%} {v['same_start'] / n:>12.1%} {v['same_verdict'] / n:>12.1%} "
+              f"{v['contains_a'] / n:>10.1%} {v['contains_b'] / n:>10.1%}")
     if args.out:
         args.out.write_text(json.dumps({"a": str(args.a), "b": str(args.b),
                                         "a_run": {k: meta[0].get(k) for k in ("command", "dtype", "device", "when")},

@@ -391,6 +391,7 @@ def parse_args(argv):
     ap.add_argument("--url", help="a running knowmux server; default: start one on loopback")
     ap.add_argument("--data-dir", type=Path, help="the started server's data dir, kept and reused between runs")
     ap.add_argument("--model", help="model folder for the started server")
+    ap.add_argument("--engine", choices=["torch", "vllm"], help="the started server's --engine (default torch)")
     ap.add_argument("--device", help="the started server's --device (auto, cpu, cuda, cuda:N)")
     ap.add_argument("--dtype", help="the started server's --dtype (auto, float32, bfloat16, float16)")
     ap.add_argument("--out", type=Path, required=True)
@@ -434,7 +435,8 @@ def _main(a, argv) -> int:
         url = a.url.rstrip("/")
     else:
         data_dir = a.data_dir or Path(tempfile.mkdtemp(prefix="knowmux-bench-"))
-        extra = [*(["--device", a.device] if a.device else []), *(["--dtype", a.dtype] if a.dtype else [])]
+        extra = [*(["--engine", a.engine] if a.engine else []), *(["--device", a.device] if a.device else []),
+                 *(["--dtype", a.dtype] if a.dtype else [])]
         server = Server(data_dir, a.model, a.out / "server.log", extra)
         url = server.url
     try:
