@@ -261,3 +261,27 @@ def test_gpu_check_rehearses_every_strategy_on_the_cpu(tmp_path):
     refused = subprocess.run(["bash", "bench/gpu_check.sh", "--engines", "torch"], capture_output=True, text=True,
                              env={**env, "CUDA_VISIBLE_DEVICES": ""}, cwd=Path(__file__).resolve().parent.parent)
     assert refused.returncode == 2 and "--dry-run" in refused.stderr
+
+
+def test_agreement_compares_two_runs_per_label(tmp_path):
+    """bench.agreement: identical answers, the same first 8 words, the same verdict."""
+    from bench.agreement import compare, load, main
+
+    def run(name, outputs, contains):
+        d = tmp_path / name
+        d.mkdir()
+        recs = [{"kind": "questions", "label": "rag", "id": f"q{i}", "output": o, "contains": c}
+                for i, (o, c) in enumerate(zip(outputs, contains))]
+        recs.append({"kind": "conflicts", "label": "rag", "id": "c0", "output": "x"})  # not a question: ignored
+        (d / "results.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+        (d / "results.json").write_text(json.dumps({"dtype": name, "device": "cpu"}))
+        return d
+
+    words = "one two three four five six seven eight"
+    a = run("float32", [f"{words} nine", "Paris is the capital", " same "], [1.0, 1.0, 0.0])
+    b = run("bfloat16", [f"{words} ten", "Lyon is the capital", "same"], [1.0, 0.0, 0.0])
+    res = compare(load(a), load(b))["rag"]
+    assert (res["n"], res["same"], res["same_start"], res["same_verdict"]) == (3, 1, 2, 2)
+    assert res["contains_a"] == 2 and res["contains_b"] == 1 and abs(res["agreement"] - 1 / 3) < 1e-9
+    main([str(a), str(b), "--out", str(tmp_path / "out.json")])
+    assert json.loads((tmp_path / "out.json").read_text())["strategies"]["rag"]["same_start"] == 2
