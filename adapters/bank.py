@@ -8,12 +8,20 @@
 A folder is written under a temporary name and renamed, so a crash leaves either a
 whole adapter or none. ``load`` checks the base model, the checksum and the shapes,
 and raises AdapterError naming the document instead of using a bad file.
+
+With a shared ``tier`` (server.tiers: a directory or an S3-compatible store that several
+replicas use), a saved adapter's four files are also written there as objects
+``<key>.<file>``, ``knowmux.json`` last (the mark that the others are whole), and a
+replica that has no folder for a key fetches one from there, checks the weights'
+sha256 against ``knowmux.json`` and keeps it as a local folder. A tier that fails is
+logged and counts as a miss.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,6 +34,8 @@ from safetensors.torch import load_file
 
 from indexes.atomic import atomic_folder
 
+log = logging.getLogger(__name__)
+FILES = ("adapter_config.json", "adapter_model.safetensors", "augmentation.json", "knowmux.json")  # mark last
 _KEY = re.compile(r"layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.lora_([AB])\.weight$")
 
 
@@ -51,9 +61,10 @@ def adapter_key(model_fingerprint: str, recipe_fingerprint: str, content_hash: s
 
 
 class AdapterBank:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, tier=None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.tier = tier  # server.tiers.Tier shared by replicas, or None
         self._sweep()
 
     def _sweep(self, stale_s: float = 3600) -> None:
@@ -72,7 +83,36 @@ class AdapterBank:
         return self.root / key
 
     def has(self, key: str) -> bool:
-        return (self.folder(key) / "knowmux.json").is_file()
+        """Stored here, or in the shared tier (then fetched here first)."""
+        return (self.folder(key) / "knowmux.json").is_file() or self._fetch(key)
+
+    def _tier_call(self, op: str, name: str, *args):
+        if self.tier is None:
+            return None
+        try:
+            return getattr(self.tier, op)(name, *args)
+        except Exception as e:  # an unreachable tier is a miss, never a failed request
+            log.warning("adapter tier %s: %s %s failed: %s: %s", self.tier.url, op, name[:12], type(e).__name__, e)
+            return None
+
+    def _fetch(self, key: str) -> bool:
+        """Copy the adapter ``key`` from the shared tier into a local folder, checked."""
+        if self.tier is None or not self._tier_call("exists", f"{key}.knowmux.json"):
+            return False
+        blobs = {f: self._tier_call("get", f"{key}.{f}") for f in FILES}
+        if any(b is None for b in blobs.values()):
+            return False
+        try:
+            meta = json.loads(blobs["knowmux.json"])
+        except ValueError:
+            meta = {}
+        if hashlib.sha256(blobs["adapter_model.safetensors"]).hexdigest() != meta.get("sha256"):
+            log.warning("adapter tier %s: %s is damaged (checksum mismatch); not used", self.tier.url, key[:12])
+            return False
+        with atomic_folder(self.folder(key), prefix=f".{key}.") as tmp:
+            for f, data in blobs.items():
+                (tmp / f).write_bytes(data)
+        return True
 
     def save(self, key: str, write_peft: Callable[[Path], None], augmentation: dict, meta: dict) -> Path:
         """write_peft(folder) writes adapter_config.json and adapter_model.safetensors."""
@@ -83,13 +123,20 @@ class AdapterBank:
             (tmp / "augmentation.json").write_text(json.dumps(augmentation, indent=1, ensure_ascii=False))
             meta = {**meta, "key": key, "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
             (tmp / "knowmux.json").write_text(json.dumps(meta, indent=1))
+        if self.tier is not None:
+            for f in FILES:  # knowmux.json last: a replica reading the tier sees a whole adapter or none
+                self._tier_call("put", f"{key}.{f}", (final / f).read_bytes())
         return final
 
     def remove(self, key: str) -> bool:
         """Delete an adapter folder; rename first, so no half-deleted adapter is ever visible."""
         final = self.folder(key)
+        shared = self.tier is not None and bool(self._tier_call("exists", f"{key}.knowmux.json"))
+        for f in reversed(FILES):  # the mark first: no replica fetches a half-deleted adapter
+            if shared:
+                self._tier_call("delete", f"{key}.{f}")
         if not final.exists():
-            return False
+            return shared
         gone = self.root / f".deleted-{key}-{os.getpid()}-{time.monotonic_ns()}"
         os.replace(final, gone)
         shutil.rmtree(gone, ignore_errors=True)
@@ -101,6 +148,8 @@ class AdapterBank:
     def load(self, key: str, doc_id: str, model_fingerprint: str, shapes: dict) -> LoraWeights:
         """shapes: projection -> (out_features, in_features) of the base model."""
         folder = self.folder(key)
+        if not (folder / "knowmux.json").is_file():
+            self._fetch(key)
         try:
             meta = self.meta(key)
             config = json.loads((folder / "adapter_config.json").read_text())

@@ -34,13 +34,14 @@ class Artefacts:
         from adapters.recipe import get_recipe
 
         caps = engine.capabilities
-        bank, recipe = AdapterBank(data_dir / "adapters"), get_recipe(settings.adapter_recipe)
+        from .tiers import open_tier
+
+        bank = AdapterBank(data_dir / "adapters", open_tier(settings.kv_tier, "adapters"))
+        recipe = get_recipe(settings.adapter_recipe)
         kv = prag = None
         if KV_INJECTION in caps:
             from .kv.service import KVService
             from .kv.store import KVStore
-
-            from .tiers import open_tier
 
             kv = KVService(engine, prompts, KVStore(data_dir / "kv", settings.kv_memory_bytes,
                                                     settings.kv_store_bytes, open_tier(settings.kv_tier, "kv")))

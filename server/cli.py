@@ -22,8 +22,8 @@ def _device_flags(p: argparse.ArgumentParser) -> None:
                                     "sees one, else cpu), cpu, cuda, cuda:N (env KNOWMUX_DEVICE)")
     p.add_argument("--dtype", help="compute dtype: auto (float32 on CPU, the model folder's dtype on a GPU), "
                                    "float32, bfloat16, float16 (env KNOWMUX_DTYPE)")
-    p.add_argument("--kv-tier", help="a second KV-cache tier shared by replicas: file:///dir or "
-                                     "s3://bucket/prefix?endpoint_url=... (env KNOWMUX_KV_TIER)")
+    p.add_argument("--kv-tier", help="a second tier for KV caches and adapters, shared by replicas: file:///dir "
+                                     "or s3://bucket/prefix?endpoint_url=... (env KNOWMUX_KV_TIER)")
     p.add_argument("--kv-store-bytes", type=int, help="disk budget of the local KV store in bytes, least recently "
                                                       "used evicted first (env KNOWMUX_KV_STORE_BYTES; 0 = no limit)")
 

@@ -48,7 +48,7 @@ class Settings:
     max_body_bytes: int = 16 * 1024 * 1024
     kv_memory_bytes: int = 512 * 1024 * 1024  # memory LRU in front of the on-disk KV store
     kv_store_bytes: int = 0  # disk budget of the KV store, least recently used evicted first (0 = no limit)
-    kv_tier: Optional[str] = None  # a second tier shared by replicas: file:///dir or s3://bucket/prefix (server.tiers)
+    kv_tier: Optional[str] = None  # a second tier for KV caches and adapters, shared by replicas (server.tiers)
     adapter_recipe: str = "passage-4ep"  # adapters.recipe.PRESETS
     adapter_build_group: int = 8  # documents whose adapters are augmented and trained together
     kv_recompute: float = 0.0  # default CacheBlend fraction of non-exact passage tokens recomputed by `kv`

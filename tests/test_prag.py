@@ -289,3 +289,45 @@ def test_prag_through_the_api(make_server, monkeypatch):
     r = httpx.post(srv.url + "/v1/chat/completions", headers={"X-Strategy": "prag"},
                    json={"model": "knowmux", "messages": ASK, "top_k": 2, "max_tokens": 2})
     assert r.status_code == 200 and "zorbl" in r.json()["knowmux"]["missing_adapters"]
+
+
+def test_replicas_share_adapters_through_a_tier(tmp_path):
+    """An adapter saved by one replica is fetched, checked and kept by another that has
+    no folder for it; a damaged object is refused; removing deletes it everywhere; an
+    unreachable tier is a miss."""
+    from server.tiers import DirectoryTier, open_tier
+
+    pm = random_peft_adapters(tiny_model(), ["doc1"])
+    tier = open_tier((tmp_path / "shared").as_uri(), "adapters")
+    a = AdapterBank(tmp_path / "a", tier)
+    b = AdapterBank(tmp_path / "b", open_tier(str(tmp_path / "shared"), "adapters"))
+    a.save("k1", peft_writer(pm, "doc1"), {"qa": []}, {"model": "fp"})
+    assert sorted(p.name for p in (tmp_path / "shared" / "adapters").iterdir()) == \
+        sorted(f"k1.{f}" for f in ("adapter_config.json", "adapter_model.safetensors", "augmentation.json",
+                                   "knowmux.json"))
+    assert b.has("k1") and (tmp_path / "b" / "k1" / "knowmux.json").is_file()  # fetched and kept
+    wa, wb = (bank.load("k1", "doc1", "fp", SHAPES) for bank in (a, b))
+    assert all(torch.equal(wa.deltas[k][0], wb.deltas[k][0]) for k in wa.deltas)
+
+    c = AdapterBank(tmp_path / "c", DirectoryTier(tmp_path / "shared" / "adapters"))
+    raw = bytearray(tier.get("k1.adapter_model.safetensors"))
+    raw[-4:] = b"\x00" * 4
+    tier.put("k1.adapter_model.safetensors", bytes(raw))
+    assert not c.has("k1") and not (tmp_path / "c" / "k1").exists()  # damaged: refused, not kept
+    with pytest.raises(AdapterError, match="missing"):
+        c.load("k1", "doc1", "fp", SHAPES)
+
+    assert a.remove("k1") and not tier.exists("k1.knowmux.json") and not b.remove("k2")
+
+    class Down:
+        url = "s3://down"
+
+        def __getattr__(self, name):
+            def fail(*args):
+                raise ConnectionError("no route to host")
+            return fail
+
+    d = AdapterBank(tmp_path / "d", Down())
+    assert not d.has("k1")
+    d.save("k3", peft_writer(pm, "doc1"), {}, {"model": "fp"})  # stored locally; the tier's failure is logged
+    assert d.has("k3")
