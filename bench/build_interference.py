@@ -1,11 +1,12 @@
-"""How much does an adapter build slow down live serving? Measured side by side.
+"""How much does a build (adapters, or KV caches) slow down live serving? Measured side by side.
 
     python -m bench.build_interference       # -> bench/results/build_interference.json
 
 One `knowmux serve` with the bundled NQ sample. The same load (C clients at once, one
 `direct` request each, greedy, ignore_eos, --max-tokens) runs twice on fresh questions:
 first with the server idle, then while a build job trains adapters for --docs documents
-(each optimiser step runs on the engine thread between serving steps). Reports
+(each optimiser step runs on the engine thread between serving steps), or with --kind kv
+builds the KV caches of --docs documents (one passage prefill per call). Reports
 aggregate tokens/s, TTFT and latency for both, and the build's own progress meanwhile.
 """
 
@@ -31,6 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--requests", type=int, default=6, help="per client, one after another")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--kind", choices=["adapters", "kv"], default="adapters")
     ap.add_argument("--docs", type=int, default=6)
     ap.add_argument("--out", default="bench/results/build_interference.json")
     a = ap.parse_args(argv)
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
         server.wait()
         idle = load.main_levels(url, "knowmux", [a.clients], a.requests, "direct", a.max_tokens, None, offset=1)[0]
         ids = [json.loads(line)["id"] for line in open(SAMPLE_CORPUS)][-a.docs:]
-        job = httpx.post(url + "/v1/builds", json={"kind": "adapters", "doc_ids": ids}, timeout=60).json()
+        job = httpx.post(url + "/v1/builds", json={"kind": a.kind, "doc_ids": ids}, timeout=60).json()
         time.sleep(2)  # let the build get past its first document's setup
         progress = {}
 
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
         server.stop()
     report = {"when": time.strftime("%Y-%m-%d %H:%M:%S"),
               "command": "python -m bench.build_interference " + " ".join(sys.argv[1:] if argv is None else argv),
-              "clients": a.clients, "requests_per_client": a.requests, "max_tokens": a.max_tokens,
+              "kind": a.kind, "docs": a.docs, "clients": a.clients, "requests_per_client": a.requests, "max_tokens": a.max_tokens,
               "idle": idle, "during_build": busy, "build_docs_finished_during_load": done_during,
               "build_status_at_end": busy_status,
               "slowdown_tokens_per_s": idle["tokens_per_s"] / busy["tokens_per_s"]}

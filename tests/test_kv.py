@@ -188,3 +188,26 @@ def test_kv_recompute_is_validated(make_server):
         r = httpx.post(srv.url + "/v1/chat/completions", headers={"X-Strategy": "kv"},
                        json={"model": "knowmux", "messages": ASK, "kv_recompute": bad})
         assert r.status_code == 400 and r.json()["error"]["param"] == "kv_recompute"
+
+
+def test_a_build_job_prefills_as_background_work_and_a_request_does_not(tmp_path):
+    """A build job's passage prefills yield to live requests (the worker's background
+    queue: one per build-yield interval while requests run); a kv request that must build
+    a missing passage does it at once, as part of its own answer."""
+    from indexes.store import Document
+
+    engine, kv = service(tmp_path)
+    engine.start()
+    try:
+        seen = []
+        call = engine.worker.call
+        engine.worker.call = lambda fn, background=False: (seen.append(background), call(fn, background))[1]
+        kv.head()
+        seen.clear()
+        assert kv.build_document(Document("a", PASSAGES[0].text, PASSAGES[0].title))
+        assert seen == [True]
+        seen.clear()
+        layout = kv.prompts.with_passages(ASK, PASSAGES[1:2])
+        assert kv.passage("b", layout.passages[0]).source == "built" and seen == [False]
+    finally:
+        engine.shutdown()

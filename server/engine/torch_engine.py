@@ -69,12 +69,13 @@ class TorchEngine:
             compute.close()
             raise
 
-    def run_compute(self, fn: Callable[[], T]) -> T:
+    def run_compute(self, fn: Callable[[], T], background: bool = False) -> T:
         """``fn()`` on the engine's thread (see server.engine.compute), for torch work outside
         the engine's steps: between two steps once the engine runs (at once when called
-        from the engine thread), before that on the compute thread, if there is one."""
+        from the engine thread), before that on the compute thread, if there is one.
+        ``background`` work (a build job's pieces) yields to live requests (worker.call)."""
         if self.worker.started:
-            return fn() if self.worker.on_engine_thread() else self.worker.call(fn).result()
+            return fn() if self.worker.on_engine_thread() else self.worker.call(fn, background).result()
         return self.compute.run(fn) if self.compute is not None else fn()
 
     def observe_steps(self, callback: Callable[[int, int, float], None]) -> None:

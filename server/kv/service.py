@@ -58,8 +58,8 @@ class KVService:
         self.runner.forward(self.runner.ids(ids), [Segment(cache, 0, len(ids))])
         return cache.export(start, start + len(ids))
 
-    def _on_engine(self, fn):
-        return self.engine.run_compute(fn)
+    def _on_engine(self, fn, background: bool = False):
+        return self.engine.run_compute(fn, background)
 
     # ---- public -------------------------------------------------------------------
     def head(self) -> tuple[list[int], KVPrefix]:
@@ -72,8 +72,10 @@ class KVService:
     def key(self, passage_ids: list[int]) -> str:
         return entry_key(self.fingerprint, self.dtype, self.head()[0], passage_ids)
 
-    def passage(self, doc_id: str, passage_ids: list[int], build: bool = True) -> Optional[PassageKV]:
-        """The stored cache of one passage; computed and stored now if missing and ``build``."""
+    def passage(self, doc_id: str, passage_ids: list[int], build: bool = True,
+                background: bool = False) -> Optional[PassageKV]:
+        """The stored cache of one passage; computed and stored now if missing and ``build``
+        (as background work that yields to live requests if ``background``: a build job)."""
         head_ids, head_kv = self.head()
         key = self.key(passage_ids)
         entry, where = self.store.get(key, self.runner.dtype)
@@ -81,7 +83,7 @@ class KVService:
             return PassageKV(entry, where)
         if not build:
             return None
-        kv = self._on_engine(lambda: self._prefill_span(head_kv, passage_ids))
+        kv = self._on_engine(lambda: self._prefill_span(head_kv, passage_ids), background)
         entry = KVEntry(key, kv.kv.cpu(), kv.start_pos, doc_id)  # the store's tiers hold host memory
         self.store.put(entry, {"model": self.fingerprint, "dtype": self.dtype, "n_tokens": len(passage_ids),
                                "head_tokens": len(head_ids), "built_at": time.time()})
@@ -127,8 +129,11 @@ class KVService:
         return self.store.contains(self.doc_key(doc))
 
     def build_document(self, doc) -> bool:
-        """Compute and store one document's cache unless stored; True if it was built now."""
-        return self.passage(doc.id, self._ids(doc)).source == "built"
+        """Compute and store one document's cache unless stored; True if it was built now.
+        A build job's prefills are background work: while requests run, one per
+        ``KNOWMUX_BUILD_YIELD_S`` (each one held the engine for a passage's prefill between
+        two steps: a 150-document build made live serving 2.8x slower)."""
+        return self.passage(doc.id, self._ids(doc), background=True).source == "built"
 
     def blend(self, prefix: KVPrefix, ids: list[int], exact_upto: int, fraction: float) -> tuple[KVPrefix, int]:
         """The joined prefix with ``fraction`` of its non-exact tokens recomputed
