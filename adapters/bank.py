@@ -129,11 +129,12 @@ class AdapterBank:
         return final
 
     def remove(self, key: str) -> bool:
-        """Delete an adapter folder; rename first, so no half-deleted adapter is ever visible."""
+        """Delete an adapter here and in the shared tier; the folder is renamed first and the
+        tier's mark deleted first, so no half-deleted adapter is ever visible."""
         final = self.folder(key)
         shared = self.tier is not None and bool(self._tier_call("exists", f"{key}.knowmux.json"))
-        for f in reversed(FILES):  # the mark first: no replica fetches a half-deleted adapter
-            if shared:
+        if shared:
+            for f in reversed(FILES):
                 self._tier_call("delete", f"{key}.{f}")
         if not final.exists():
             return shared
