@@ -33,6 +33,7 @@ from typing import Callable
 from safetensors.torch import load_file
 
 from indexes.atomic import atomic_folder
+from server import tiers
 
 log = logging.getLogger(__name__)
 FILES = ("adapter_config.json", "adapter_model.safetensors", "augmentation.json", "knowmux.json")  # mark last
@@ -87,17 +88,11 @@ class AdapterBank:
         return (self.folder(key) / "knowmux.json").is_file() or self._fetch(key)
 
     def _tier_call(self, op: str, name: str, *args):
-        if self.tier is None:
-            return None
-        try:
-            return getattr(self.tier, op)(name, *args)
-        except Exception as e:  # an unreachable tier is a miss, never a failed request
-            log.warning("adapter tier %s: %s %s failed: %s: %s", self.tier.url, op, name[:12], type(e).__name__, e)
-            return None
+        return tiers.call(self.tier, op, name, *args, label="adapter tier")
 
     def _fetch(self, key: str) -> bool:
         """Copy the adapter ``key`` from the shared tier into a local folder, checked."""
-        if self.tier is None or not self._tier_call("exists", f"{key}.knowmux.json"):
+        if not self._tier_call("exists", f"{key}.knowmux.json"):
             return False
         blobs = {f: self._tier_call("get", f"{key}.{f}") for f in FILES}
         if any(b is None for b in blobs.values()):
@@ -123,7 +118,7 @@ class AdapterBank:
             (tmp / "augmentation.json").write_text(json.dumps(augmentation, indent=1, ensure_ascii=False))
             meta = {**meta, "key": key, "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
             (tmp / "knowmux.json").write_text(json.dumps(meta, indent=1))
-        if self.tier is not None:
+        if self.tier is not None:  # (no reading the files back without one)
             for f in FILES:  # knowmux.json last: a replica reading the tier sees a whole adapter or none
                 self._tier_call("put", f"{key}.{f}", (final / f).read_bytes())
         return final
@@ -132,7 +127,7 @@ class AdapterBank:
         """Delete an adapter here and in the shared tier; the folder is renamed first and the
         tier's mark deleted first, so no half-deleted adapter is ever visible."""
         final = self.folder(key)
-        shared = self.tier is not None and bool(self._tier_call("exists", f"{key}.knowmux.json"))
+        shared = bool(self._tier_call("exists", f"{key}.knowmux.json"))
         if shared:
             for f in reversed(FILES):
                 self._tier_call("delete", f"{key}.{f}")

@@ -115,6 +115,19 @@ class S3Tier(Tier):
             raise
 
 
+def call(tier: Optional[Tier], op: str, name: str, *args, label: str = "tier"):
+    """``tier.<op>(name, *args)`` for a store that uses a tier (server.kv.store, adapters.bank):
+    None without a tier, and a tier that fails (network, permissions, the object store's own
+    errors) is logged and counts as a miss, never as a failed request."""
+    if tier is None:
+        return None
+    try:
+        return getattr(tier, op)(name, *args)
+    except Exception as e:
+        log.warning("%s %s: %s %s failed: %s: %s", label, tier.url, op, name[:12], type(e).__name__, e)
+        return None
+
+
 def open_tier(url: Optional[str], namespace: str = "") -> Optional[Tier]:
     """The tier a URL names (None for None or ""); ``namespace`` separates what different
     stores keep in one tier (e.g. "kv"). ValueError for a URL it cannot serve."""

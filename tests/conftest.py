@@ -22,6 +22,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class UnreachableTier:
+    """A shared tier (server.tiers) whose every call fails, as one behind a dead network."""
+
+    url = "s3://down"
+
+    def __getattr__(self, name):
+        def fail(*args):
+            raise ConnectionError("no route to host")
+        return fail
+
+
 class LiveServer:
     """uvicorn on loopback in a thread, serving an app around a given runtime."""
 

@@ -110,15 +110,9 @@ def test_a_damaged_object_in_the_tier_is_refused_and_not_kept(tmp_path):
 
 
 def test_an_unreachable_tier_is_a_miss_not_an_error(tmp_path):
-    class Down:
-        url = "s3://down"
+    from tests.conftest import UnreachableTier
 
-        def __getattr__(self, name):
-            def fail(*a):
-                raise ConnectionError("no route to host")
-            return fail
-
-    store = KVStore(tmp_path, tier=Down())
+    store = KVStore(tmp_path, tier=UnreachableTier())
     assert store.get("k1") == (None, "missing") and not store.contains("k1")
     store.put(entry(1), {})  # stored locally; the tier's failure is logged
     store.forget_memory()

@@ -296,6 +296,7 @@ def test_replicas_share_adapters_through_a_tier(tmp_path):
     no folder for it; a damaged object is refused; removing deletes it everywhere; an
     unreachable tier is a miss."""
     from server.tiers import DirectoryTier, open_tier
+    from tests.conftest import UnreachableTier
 
     pm = random_peft_adapters(tiny_model(), ["doc1"])
     tier = open_tier((tmp_path / "shared").as_uri(), "adapters")
@@ -319,15 +320,7 @@ def test_replicas_share_adapters_through_a_tier(tmp_path):
 
     assert a.remove("k1") and not tier.exists("k1.knowmux.json") and not b.remove("k2")
 
-    class Down:
-        url = "s3://down"
-
-        def __getattr__(self, name):
-            def fail(*args):
-                raise ConnectionError("no route to host")
-            return fail
-
-    d = AdapterBank(tmp_path / "d", Down())
+    d = AdapterBank(tmp_path / "d", UnreachableTier())
     assert not d.has("k1")
     d.save("k3", peft_writer(pm, "doc1"), {}, {"model": "fp"})  # stored locally; the tier's failure is logged
     assert d.has("k3")

@@ -216,10 +216,9 @@ class VLLMEngine(LoopThread):
 
     def info(self) -> dict:
         """Where and in what precision vLLM runs, and its paged KV cache (for /health, /v1/models)."""
-        cache = getattr(getattr(self.llm, "vllm_config", None), "cache_config", None)
-        blocks, size = getattr(cache, "num_gpu_blocks", None), getattr(cache, "block_size", None)
         cfg = getattr(self.llm, "vllm_config", None)
-        lora = getattr(cfg, "lora_config", None)
+        cache, lora = getattr(cfg, "cache_config", None), getattr(cfg, "lora_config", None)
+        blocks, size = getattr(cache, "num_gpu_blocks", None), getattr(cache, "block_size", None)
         return {"device": self.device, "dtype": self.dtype,
                 "kv_pool": {"blocks": blocks, "block_tokens": size, "dtype": self.dtype} if blocks else None,
                 "vllm": {"max_model_len": self.max_context,

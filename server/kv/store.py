@@ -43,6 +43,7 @@ from safetensors.torch import save as st_save
 
 from indexes.atomic import atomic_write_bytes
 
+from .. import tiers
 from ..engine.device import tensor_bytes
 
 log = logging.getLogger(__name__)
@@ -280,15 +281,9 @@ class KVStore:
                 _, old = self._lru.popitem(last=False)
                 self._lru_bytes -= old.nbytes
 
-    def _tier_call(self, op: str, *args):
-        """A call on the shared tier; a tier that fails is logged and counts as a miss."""
-        if self.tier is None:
-            return None
-        try:
-            return getattr(self.tier, op)(f"{args[0]}.safetensors", *args[1:])
-        except Exception as e:  # network, permissions, the object store's own errors
-            log.warning("KV tier %s: %s %s failed: %s: %s", self.tier.url, op, args[0][:12], type(e).__name__, e)
-            return None
+    def _tier_call(self, op: str, key: str, *args):
+        """A call on the shared tier for entry ``key``; a tier that fails counts as a miss."""
+        return tiers.call(self.tier, op, f"{key}.safetensors", *args, label="KV tier")
 
     def forget_memory(self) -> None:
         with self._lock:
