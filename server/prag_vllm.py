@@ -34,11 +34,13 @@ from .prag import StoredAdapters
 
 
 
-def folder_fingerprint(path: Path, model_id: str) -> tuple[str, dict]:
-    """The torch engine's model fingerprint, and the FFN shapes, read from the model folder."""
+def folder_fingerprint(path: Path, model_id: str, dtype: str = "float32") -> tuple[str, dict]:
+    """The torch engine's model fingerprint for the weights loaded in ``dtype`` (adapters are
+    keyed by float32's, the dtype they are trained in), and the FFN shapes, read from the
+    model folder."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     c = model.config
     fp = fingerprint_of(c, model.model.embed_tokens.weight, model.lm_head.weight.t().contiguous(), model_id)
     shapes = {"gate_proj": (c.intermediate_size, c.hidden_size), "up_proj": (c.intermediate_size, c.hidden_size),

@@ -110,24 +110,110 @@ def test_prag_on_vllm_matches_the_torch_engine(vllm_engine, real_engine, shared_
         assert tb != base.json()["choices"][0]["message"]["content"]  # the adapter changed the answer
 
 
-def test_unsupported_strategies_are_refused_and_reported(vllm_engine, shared_data, embedder):
+def test_strategies_health_and_builds_on_the_vllm_engine(vllm_engine, shared_data, embedder):
     with _server(vllm_engine, shared_data, embedder) as srv:
-        for strategy in ("kv", "kv+ckplug"):
-            r = _ask(srv.url, strategy, QUESTIONS[0])
-            assert r.status_code == 400, r.text
-            err = r.json()["error"]
-            assert err["code"] == "strategy_not_supported" and "torch" in err["message"]
         models = httpx.get(srv.url + "/v1/models").json()["data"][0]
         assert models["engine"] == "vllm"
-        assert set(models["strategies"]) == {"auto", "direct", "rag", "rag+ckplug", "prag", "prag+rag"}
+        assert set(models["strategies"]) == {"auto", "direct", "rag", "rag+ckplug", "prag", "prag+rag", "kv",
+                                             "kv+ckplug"}
         health = httpx.get(srv.url + "/health").json()
         assert health["strategies"] == models["strategies"]
         assert health["vllm"]["max_model_len"] == 2048 and health["vllm"]["tensor_parallel_size"] == 1
         assert health["vllm"]["logits_hooks"] is True and health["vllm"]["max_lora_rank"] == 16
+        assert health["vllm"]["kv_connector"] is True
         r = _ask(srv.url, "auto", "Where does Zorbl live?")
         assert r.status_code == 200 and r.headers["x-strategy"] in models["strategies"]
-        r = httpx.post(srv.url + "/v1/builds", json={"kind": "kv", "doc_ids": ["zorbl"]})
+        r = httpx.post(srv.url + "/v1/builds", json={"kind": "adapters", "doc_ids": ["zorbl"]})
         assert r.status_code == 409 and "cannot build" in r.json()["error"]["message"]
+        r = _ask(srv.url, "kv", "Where does Zorbl live?", kv_recompute=0.3)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "kv_recompute"
+
+
+def test_kv_on_vllm_injects_through_the_connector(vllm_engine, shared_data, embedder):
+    """One injected passage is exact: `kv` at top-1 on vLLM answers token for token as `rag`
+    at top-1 (a full prefill of the same prompt), with only the question prefilled."""
+    with _server(vllm_engine, shared_data, embedder) as srv:
+        for q in ["What is Zorbl's favourite food?", QUESTIONS[1], "What is the capital of France?"]:
+            kv = _ask(srv.url, "kv", q, top_k=1, max_tokens=16)
+            rag = _ask(srv.url, "rag", q, top_k=1, max_tokens=16)
+            assert kv.status_code == rag.status_code == 200, (kv.text, rag.text)
+            info = kv.json()["knowmux"]["kv"]
+            assert info["engine_load"]["injected_tokens"] + info["engine_load"]["from_prefix_cache"] == \
+                info["injected_tokens"] > 0
+            assert "fallback" not in info["engine_load"]
+            assert kv.json()["usage"]["prompt_tokens"] == info["prefilled_tokens"] < rag.json()["usage"]["prompt_tokens"]
+            assert kv.json()["choices"][0]["message"]["content"] == rag.json()["choices"][0]["message"]["content"]
+
+
+def test_kv_on_vllm_matches_the_torch_engine(vllm_engine, real_engine, shared_data, embedder):
+    """Three joined passages: the same stored caches (one model, one dtype, one layout: the
+    engines share them) give the same answers and logprobs within tolerance on both engines;
+    kv+ckplug takes the same reweighted steps."""
+    from server.kv.compute import TorchKV, VLLMKV
+
+    assert TorchKV(real_engine).fingerprint == VLLMKV(vllm_engine).fingerprint  # fp32 on both: shared caches
+    opts = {"top_k": 3, "max_tokens": 8, "logprobs": True, "top_logprobs": 2}
+    with _server(real_engine, shared_data, embedder) as a, _server(vllm_engine, shared_data, embedder) as b:
+        for q in ["What colour is Zorbl?", QUESTIONS[1]]:
+            ra, rb = _ask(a.url, "kv", q, **opts), _ask(b.url, "kv", q, **opts)
+            assert ra.status_code == rb.status_code == 200, (ra.text, rb.text)
+            assert ra.json()["knowmux"]["kv"]["injected_tokens"] == rb.json()["knowmux"]["kv"]["injected_tokens"]
+            la, lb = (r.json()["choices"][0]["logprobs"]["content"] for r in (ra, rb))
+            assert [t["token"] for t in la] == [t["token"] for t in lb]
+            assert [t["logprob"] for t in la] == pytest.approx([t["logprob"] for t in lb], abs=1e-2)
+        ck = {"ckplug_alpha": 0.5, "ckplug_trace": True, "max_tokens": 10, "ignore_eos": True, "top_k": 3}
+        ra, rb = (_ask(srv.url, "kv+ckplug", "What colour is Zorbl?", **ck) for srv in (a, b))
+        assert ra.status_code == rb.status_code == 200, (ra.text, rb.text)
+        ka, kb = ra.json()["knowmux"]["ckplug"], rb.json()["knowmux"]["ckplug"]
+        assert [t["reweighted"] for t in ka["trace"]] == [t["reweighted"] for t in kb["trace"]]
+        assert ra.json()["choices"][0]["message"]["content"] == rb.json()["choices"][0]["message"]["content"]
+        assert "engine_load" in rb.json()["knowmux"]["kv"]
+
+
+def test_kv_builds_through_a_vllm_server_are_used_by_it(vllm_engine, tmp_path, embedder):
+    """POST /v1/builds on a vLLM server computes the caches with vLLM (read out of its paged
+    blocks by the connector); the same server then injects them (on_missing: error)."""
+    import time
+
+    with _server(vllm_engine, tmp_path, embedder) as srv:
+        httpx.post(srv.url + "/v1/documents", json={"documents": DOCS}, timeout=120).raise_for_status()
+        r = httpx.post(srv.url + "/v1/builds", json={"kind": "kv", "doc_ids": ["zorbl", "paris"]})
+        assert r.status_code == 200, r.text
+        job = r.json()["id"]
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            state = httpx.get(srv.url + f"/v1/jobs/{job}").json()
+            if state["status"] not in ("queued", "running"):
+                break
+            time.sleep(0.2)
+        assert (state["status"], state["built"]) == ("done", 2), state
+        r = _ask(srv.url, "kv", "What is Zorbl's favourite food?", top_k=1, on_missing="error")
+        assert r.status_code == 200, r.text
+        assert r.json()["knowmux"]["kv"]["built_now"] == [] and r.json()["knowmux"]["retrieved"][0]["id"] == "zorbl"
+        rag = _ask(srv.url, "rag", "What is Zorbl's favourite food?", top_k=1)
+        assert r.json()["choices"][0]["message"]["content"] == rag.json()["choices"][0]["message"]["content"]
+
+
+def test_a_failed_kv_load_on_vllm_falls_back_to_prefilling(vllm_engine, shared_data, embedder, monkeypatch):
+    """A connector write that raises is reported and vLLM prefills the passages instead
+    (kv_load_failure_policy=recompute): the answer is the full prefill's, never a wrong one."""
+    from server.engine import vllm_kv
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected fault")
+
+    with _server(vllm_engine, shared_data, embedder) as srv:
+        q = "Tell me what Zorbl likes to eat."  # asked nowhere else: vLLM has none of its blocks cached
+        rag = _ask(srv.url, "rag", q, top_k=1)
+        monkeypatch.setattr(vllm_kv, "_write", broken)
+        r = _ask(srv.url, "kv", q, top_k=1)
+        monkeypatch.undo()
+        assert r.status_code == 200, r.text
+        load = r.json()["knowmux"]["kv"]["engine_load"]
+        assert load["fallback"] == "prefilled" and "injected fault" in load["error"]
+        assert r.json()["choices"][0]["message"]["content"] == rag.json()["choices"][0]["message"]["content"]
+        ok = _ask(srv.url, "kv", "What is the capital of France?", top_k=1)  # the engine serves on
+        assert ok.status_code == 200 and "fallback" not in ok.json()["knowmux"]["kv"]["engine_load"]
 
 
 def test_both_engines_give_the_same_logprobs(vllm_engine, real_engine, shared_data, embedder):

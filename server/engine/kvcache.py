@@ -16,7 +16,7 @@ of one call per row. The memory is only committed as slots are written.
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -28,10 +28,16 @@ class KVPrefix:
 
     ``start_pos`` is the position of the first token when its keys were rotated;
     importing at another position needs re-rotation (done by the KV strategy, not here).
+    ``ids`` are the tokens it stands for, where known: an engine that prefills the whole
+    prompt and injects the span into its own cache (vllm) needs them. ``load`` is what
+    such an engine reports of the injection once the request has run (tokens written, or
+    why it fell back to prefilling them).
     """
 
     kv: torch.Tensor
     start_pos: int = 0
+    ids: Optional[tuple[int, ...]] = None
+    load: dict = field(default_factory=dict, compare=False)
 
     @property
     def length(self) -> int:

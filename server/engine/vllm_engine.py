@@ -11,10 +11,13 @@ into TokenEvents. Cancellation is ``abort_request`` at the next step boundary.
 
 What runs here: ``direct``, ``rag``, ``prag``/``prag+rag`` through vLLM's LoRA support
 (server.prag_vllm folds the retrieved documents' adapters into one per document set), and
-requests of two rows under a logits hook (``rag+ckplug``, the router's probe) as two vLLM
-requests joined by a batch-level logits processor (server.engine.vllm_pairs). No injected
-KV prefixes and no per-row deltas, so ``kv`` and ``kv+ckplug`` are refused with a 400
-naming the torch engine.
+requests of two rows under a logits hook (``rag+ckplug``, ``kv+ckplug``, the router's
+probe) as two vLLM requests joined by a batch-level logits processor
+(server.engine.vllm_pairs), and rows that start from an injected KV prefix (``kv``): the
+whole prompt goes to vLLM and knowmux's KV connector (server.engine.vllm_kv) writes the
+prefix's keys and values into the request's blocks, so vLLM prefills only the rest. The
+same connector reads spans back out for KV builds (``prefill_kv``). Hooks and injection
+need vLLM's engine core and its one worker in this process (no tensor parallelism).
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import EngineUnavailable, InvalidRequest, QueueFull
-from . import LOGITS_HOOK, LORA_REQUESTS
+from . import KV_INJECTION, LOGITS_HOOK, LORA_REQUESTS
 from .loop import LoopThread
-from .types import GenRequest, Sink, Timings, TokenEvent, TokenLogprob, WorkerLimits
+from .types import GenRequest, RowSpec, SamplingParams, Sink, Timings, TokenEvent, TokenLogprob, WorkerLimits
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +105,13 @@ class VLLMEngine(LoopThread):
     thread_name = "knowmux-vllm"
 
     def __init__(self, llm_engine, tokenizer, model_path: Path, max_context: int, limits: WorkerLimits,
-                 max_lora_rank: int = 0, pairs: bool = False):
-        # logits hooks need the sampler in this process (no tensor parallelism): from_folder decides
+                 max_lora_rank: int = 0, pairs: bool = False, kv: bool = False):
+        # logits hooks need the sampler in this process, KV injection the worker (no tensor
+        # parallelism, the engine core in process): from_folder decides
         pairs = pairs and limits.max_batch_size >= 2
-        self.capabilities = frozenset({LORA_REQUESTS, LOGITS_HOOK} if pairs else {LORA_REQUESTS})
+        self.capabilities = frozenset({LORA_REQUESTS} | ({LOGITS_HOOK} if pairs else set())
+                                      | ({KV_INJECTION} if kv else set()))
+        self._fingerprints: dict[str, str] = {}
         self.llm = llm_engine
         self.tokenizer = tokenizer
         self.model_path = Path(model_path)  # the adapters' model fingerprint is read from it
@@ -159,16 +165,24 @@ class VLLMEngine(LoopThread):
         if max_model_len is None:
             max_model_len = 2048 if on_cpu else min(8192, _model_max_len(path))
         pairs = tensor_parallel_size == 1
+        # the connector's jobs are shared with vLLM's scheduler and worker through this process
+        kv = pairs and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+        kv_config = None
+        if kv:
+            from vllm.config import KVTransferConfig
+
+            kv_config = KVTransferConfig(kv_connector="KnowmuxConnector", kv_connector_module_path="server.engine.vllm_kv",
+                                         kv_role="kv_both", kv_load_failure_policy="recompute")
         args = EngineArgs(model=str(path), dtype=vllm_dtype, enforce_eager=on_cpu, max_model_len=max_model_len,
                           max_num_seqs=limits.max_batch_size, enable_lora=max_lora_rank > 0,
                           max_lora_rank=max_lora_rank or 16, max_loras=max_loras, seed=0,
                           tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
                           enable_chunked_prefill=False,
                           max_num_batched_tokens=2 * max_model_len + limits.max_batch_size,
-                          logits_processors=[PairedRows] if pairs else None)
+                          logits_processors=[PairedRows] if pairs else None, kv_transfer_config=kv_config)
         llm = LLMEngine.from_engine_args(args)
         tok = AutoTokenizer.from_pretrained(path)
-        eng = cls(llm, tok, path, max_model_len, limits, max_lora_rank, pairs=pairs)
+        eng = cls(llm, tok, path, max_model_len, limits, max_lora_rank, pairs=pairs, kv=kv)
         eng.device = "cpu" if on_cpu else "cuda"
         eng.dtype = str(llm.model_config.dtype).replace("torch.", "")
         return eng
@@ -184,7 +198,11 @@ class VLLMEngine(LoopThread):
                                  "this strategy needs the torch engine (knowmux serve --engine torch)")
         for row in req.rows:
             if row.prefix is not None:
-                raise InvalidRequest("the vllm engine cannot inject stored KV caches; use the torch engine for kv")
+                if KV_INJECTION not in self.capabilities:
+                    raise InvalidRequest("this vllm engine cannot inject stored KV caches (tensor parallelism, or "
+                                         "vLLM's engine core in another process); use the torch engine for kv")
+                if row.prefix.ids is None or len(row.prefix.ids) != row.prefix.length:
+                    raise InvalidRequest("an injected KV prefix needs its token ids on the vllm engine")
             if row.adapters is not None and not isinstance(row.adapters, VLLMLora):
                 raise InvalidRequest("the vllm engine applies adapters as vLLM LoRA requests only")
             if not row.prompt_ids:
@@ -226,12 +244,63 @@ class VLLMEngine(LoopThread):
                                                          "tensor_parallel_size", None),
                          "gpu_memory_utilization": getattr(cache, "gpu_memory_utilization", None),
                          "max_loras": getattr(lora, "max_loras", None), "max_lora_rank": getattr(lora, "max_lora_rank", None),
-                         "logits_hooks": LOGITS_HOOK in self.capabilities}}
+                         "logits_hooks": LOGITS_HOOK in self.capabilities,
+                         "kv_connector": KV_INJECTION in self.capabilities}}
 
     def health(self) -> tuple[bool, str]:
         if not self.alive:
             return False, self.last_error or "the engine is not running"
         return True, "ok"
+
+    def fingerprint(self) -> str:
+        """The model fingerprint stored artefacts are keyed by, as the torch engine computes it
+        for the same weights in this engine's dtype (read once from the model folder)."""
+        if self.dtype not in self._fingerprints:
+            from ..prag_vllm import folder_fingerprint
+
+            self._fingerprints[self.dtype] = folder_fingerprint(self.model_path, self.model_id, self.dtype)[0]
+        return self._fingerprints[self.dtype]
+
+    def prefill_kv(self, ids: list[int], start: int, end: int, timeout_s: float = 600.0):
+        """Keys (after RoPE) and values of positions [start, end) of ``ids`` as vLLM computes
+        them: [L, 2, Hkv, end - start, D] on the CPU. A one-token request, scheduled by vLLM
+        beside the live ones (a build's spans are not held back as background work here),
+        read out of its blocks by the connector. Waits while the queue is full."""
+        import uuid
+
+        from .vllm_kv import JOBS, Save
+
+        if KV_INJECTION not in self.capabilities:
+            raise InvalidRequest("this vllm engine cannot read KV caches (see KV injection)")
+        rid = f"knowmux-kv-build-{uuid.uuid4().hex[:16]}"
+        job = JOBS.register(rid, Save(start, end))
+        done, last = threading.Event(), []
+
+        def sink(ev: TokenEvent) -> None:
+            if ev.finish_reason is not None:
+                last.append(ev)
+                done.set()
+
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                try:
+                    self.submit(GenRequest(rid, [RowSpec(list(ids))], SamplingParams(max_tokens=1, temperature=0.0)),
+                                sink)
+                    break
+                except QueueFull:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            if not done.wait(max(deadline - time.monotonic(), 0.0)):
+                self._cancel(rid)
+                raise TimeoutError(f"a KV span of {end - start} tokens took over {timeout_s:.0f} s")
+        finally:
+            JOBS.forget(rid)
+        if job.kv is None:
+            why = job.error or (last[0].error if last else None) or "the request ended before its prefill was read"
+            raise RuntimeError(f"vLLM computed no KV for the span: {why}")
+        return job.kv
 
     # ---- the engine thread -------------------------------------------------------------
     def _loop(self) -> None:
@@ -247,10 +316,7 @@ class VLLMEngine(LoopThread):
                 self._live.clear()
                 self._pending.clear()
             for r in stranded:
-                if r.pair is not None:
-                    from .vllm_pairs import PAIRS
-
-                    PAIRS.forget(r.req.request_id)
+                self._forget(r)
                 self._emit(r, TokenEvent("", finish_reason="error", error=self.last_error or "engine shut down"))
 
     def _serve(self) -> None:
@@ -326,7 +392,7 @@ class VLLMEngine(LoopThread):
                     self._end(r, TokenEvent(c.text, list(c.token_ids), finish, r.prompt_tokens, r.n_out,
                                             Timings.between(r.t_submit, r.t_admit or r.t_submit,
                                                             r.t_first or now, now),
-                                            cached_tokens=out.num_cached_tokens or 0, logprobs=lps))
+                                            cached_tokens=_cached(r, out), logprobs=lps))
                 elif c.text or c.token_ids:
                     self._emit(r, TokenEvent(c.text, list(c.token_ids), logprobs=lps))
             if self.on_step is not None:
@@ -334,11 +400,13 @@ class VLLMEngine(LoopThread):
 
     def _add(self, r: _Req, params) -> None:
         """Hand ``r`` to vLLM: one request, or a pair (row 0 as asked; row 1 with no stop
-        strings and no logprobs, ended with row 0) joined by vllm_pairs.PairedRows."""
+        strings and no logprobs, ended with row 0) joined by vllm_pairs.PairedRows. A row
+        with an injected prefix is its whole prompt, salted, with the prefix registered
+        for the KV connector under its vLLM request id."""
         rid, rows = r.req.request_id, r.req.rows
         lora = [row.adapters.request if row.adapters is not None else None for row in rows]
         if r.req.logits_hook is None:
-            self.llm.add_request(rid, {"prompt_token_ids": list(rows[0].prompt_ids)}, params, lora_request=lora[0])
+            self._add_row(rid, rows[0], params, lora[0])
             return
         from .vllm_pairs import PAIR_KEY, PAIRS, ROW_KEY
 
@@ -351,28 +419,55 @@ class VLLMEngine(LoopThread):
         second.extra_args = {PAIR_KEY: rid, ROW_KEY: 1}
         r.pair = PAIRS.register(rid, r.req.logits_hook)
         try:
-            self.llm.add_request(rid, {"prompt_token_ids": list(rows[0].prompt_ids)}, first, lora_request=lora[0])
+            self._add_row(rid, rows[0], first, lora[0])
             try:
-                self.llm.add_request(rid + PAIR_SUFFIX, {"prompt_token_ids": list(rows[1].prompt_ids)}, second,
-                                     lora_request=lora[1])
+                self._add_row(rid + PAIR_SUFFIX, rows[1], second, lora[1])
             except Exception:
                 self.llm.abort_request([rid])
                 raise
         except Exception:
-            PAIRS.forget(rid)
+            self._forget(r)
             r.pair = None
             raise
+
+    def _add_row(self, vid: str, row: RowSpec, params, lora) -> None:
+        from .vllm_kv import CACHE_SALT, JOB_KEY, JOBS, Load
+
+        if row.prefix is None:
+            if JOBS.get(vid) is not None:  # a build's span to read (prefill_kv)
+                params.extra_args = {**(params.extra_args or {}), JOB_KEY: vid}
+            self.llm.add_request(vid, {"prompt_token_ids": list(row.prompt_ids)}, params, lora_request=lora)
+            return
+        JOBS.register(vid, Load(row.prefix.kv))
+        params.extra_args = {**(params.extra_args or {}), JOB_KEY: vid}
+        try:
+            self.llm.add_request(vid, {"prompt_token_ids": list(row.prefix.ids) + list(row.prompt_ids),
+                                       "cache_salt": CACHE_SALT}, params, lora_request=lora)
+        except Exception:
+            JOBS.forget(vid)
+            raise
+
+    def _forget(self, r: _Req) -> None:
+        """Drop what this process holds for ``r``'s vLLM requests (its pair's hook, its KV
+        loads), saying in each injected prefix how its load went."""
+        from .vllm_kv import JOBS, Load
+
+        if r.pair is not None:
+            from .vllm_pairs import PAIRS
+
+            PAIRS.forget(r.req.request_id)
+        for vid, row in zip(r.ids, r.req.rows):
+            job = JOBS.get(vid)
+            if isinstance(job, Load) and row.prefix is not None:
+                row.prefix.load.update(_load_report(job))
+            JOBS.forget(vid)
 
     def _end(self, r: _Req, ev: TokenEvent) -> None:
         """Emit ``r``'s last event, after aborting what vLLM still runs of it (a pair's row 1
         always ends with row 0) and forgetting its pair."""
-        if r.pair is not None:
-            from .vllm_pairs import PAIRS
-
+        if r.pair is not None or ev.finish_reason in ("cancelled", "error"):
             self.llm.abort_request(r.ids)  # vLLM ignores ids it has already finished
-            PAIRS.forget(r.req.request_id)
-        elif ev.finish_reason in ("cancelled", "error"):
-            self.llm.abort_request(r.ids)
+        self._forget(r)
         self._emit(r, ev)
 
     @staticmethod
@@ -384,6 +479,22 @@ class VLLMEngine(LoopThread):
             r.sink(ev)
         except Exception:
             log.exception("sink failed for %s", r.req.request_id)
+
+
+def _cached(r: _Req, out) -> int:
+    """Prompt tokens vLLM took from its prefix cache, of those knowmux counts as the prompt:
+    an injected prefix is not (its tokens are reported in knowmux.kv), as on the torch engine."""
+    prefix = r.req.rows[0].prefix
+    return max((out.num_cached_tokens or 0) - (prefix.length if prefix is not None else 0), 0)
+
+
+def _load_report(job) -> dict:
+    """What the response says of an injected prefix's load (knowmux.kv.engine_load)."""
+    if job.error is not None:
+        return {"injected_tokens": 0, "fallback": "prefilled", "error": job.error}
+    # the prefix's tokens the connector did not write came from vLLM's prefix cache, which
+    # holds them from an earlier request with the same injected passages (the cache salt)
+    return {"injected_tokens": job.written, "from_prefix_cache": job.length - job.written}
 
 
 def _rows(r: _Req) -> int:

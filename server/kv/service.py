@@ -8,7 +8,9 @@ sequence (TurboRAG's reordered positions). Only the tail (the question) is prefi
 What the joined cache lacks against a full prefill is attention between passages;
 the first passage after the head is exact.
 
-All model computation runs on the engine thread (``engine.run_compute``), between steps.
+The model work (spans, moving keys, CacheBlend) is the engine's room (server.kv.compute):
+on the torch engine it runs on the engine thread between steps; on vLLM a span is a
+one-token vLLM request read out of its cache, and injection is the connector's.
 """
 
 from __future__ import annotations
@@ -22,10 +24,7 @@ from typing import Optional
 import torch
 
 from ..engine.kvcache import KVPrefix
-from ..engine.blend import cacheblend, rotate_keys
 from ..engine.device import dtype_name
-from ..fingerprint import model_fingerprint
-from ..engine.model import Segment
 from ..prompt import Passage
 from .store import KVEntry, KVStore, entry_key
 
@@ -37,35 +36,27 @@ class PassageKV:
 
 
 class KVService:
-    def __init__(self, engine, prompts, store: KVStore):
+    def __init__(self, engine, prompts, store: KVStore, compute=None):
+        from .compute import kv_compute
+
         self.engine, self.prompts, self.store = engine, prompts, store
-        self.runner = engine.runner
-        self.fingerprint = model_fingerprint(self.runner, engine.model_id)
-        self.dtype = dtype_name(self.runner.dtype)
+        self.compute = compute if compute is not None else kv_compute(engine)
+        self.fingerprint = self.compute.fingerprint
+        self.torch_dtype = self.compute.dtype
+        self.dtype = dtype_name(self.torch_dtype)
+        self.engine_loads = self.compute.engine_loads  # the engine writes the prefix itself and reports it
+        self.can_blend = self.compute.can_blend
         self._head: Optional[tuple[list[int], KVPrefix]] = None
         # (doc id, content hash) -> store key: the router asks `has` for every hit of every
         # `auto` request, and the key needs the passage tokenised
         self._doc_keys: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
         self._keys_lock = threading.Lock()
 
-    # ---- computation (engine thread) ----------------------------------------------
-    def _prefill_span(self, prefix: Optional[KVPrefix], ids: list[int]) -> KVPrefix:
-        """KV of ``ids`` computed after ``prefix``: [L, 2, Hkv, len(ids), D] at positions len(prefix).."""
-        start = prefix.length if prefix is not None else 0
-        cache = self.runner.new_cache(start + len(ids))
-        if prefix is not None:
-            cache.import_prefix(prefix)
-        self.runner.forward(self.runner.ids(ids), [Segment(cache, 0, len(ids))])
-        return cache.export(start, start + len(ids))
-
-    def _on_engine(self, fn, background: bool = False):
-        return self.engine.run_compute(fn, background)
-
     # ---- public -------------------------------------------------------------------
     def head(self) -> tuple[list[int], KVPrefix]:
         ids = self.prompts.layout_head()
         if self._head is None or self._head[0] != ids:
-            self._head = (ids, self._on_engine(lambda: self._prefill_span(None, ids)))
+            self._head = (ids, self.compute.span(None, [], ids))
             self._doc_keys.clear()
         return self._head
 
@@ -78,30 +69,30 @@ class KVService:
         (as background work that yields to live requests if ``background``: a build job)."""
         head_ids, head_kv = self.head()
         key = self.key(passage_ids)
-        entry, where = self.store.get(key, self.runner.dtype)
+        entry, where = self.store.get(key, self.torch_dtype)
         if entry is not None:
             return PassageKV(entry, where)
         if not build:
             return None
-        kv = self._on_engine(lambda: self._prefill_span(head_kv, passage_ids), background)
+        kv = self.compute.span(head_kv, head_ids, passage_ids, background)
         entry = KVEntry(key, kv.kv.cpu(), kv.start_pos, doc_id)  # the store's tiers hold host memory
         self.store.put(entry, {"model": self.fingerprint, "dtype": self.dtype, "n_tokens": len(passage_ids),
                                "head_tokens": len(head_ids), "built_at": time.time()})
         return PassageKV(entry, "built")
 
-    def join(self, entries: list[KVEntry]) -> KVPrefix:
+    def join(self, entries: list[KVEntry], ids: Optional[list[int]] = None) -> KVPrefix:
         """Head + passages in order, each passage's keys moved to its place: one prefix
-        [L, 2, Hkv, len(head) + sum(n_i), D] starting at position 0."""
+        [L, 2, Hkv, len(head) + sum(n_i), D] starting at position 0 (``ids``: its tokens)."""
         _, head_kv = self.head()
 
         def join() -> KVPrefix:  # megabytes of rotation and copying: torch work, on the engine's thread
             parts, pos = [head_kv.kv], head_kv.length
             for e in entries:
-                parts.append(rotate_keys(self.runner, e.kv, pos - e.start_pos))
+                parts.append(self.compute.rotate(e.kv, pos - e.start_pos))
                 pos += e.n_tokens
-            return KVPrefix(torch.cat(parts, dim=3), 0)
+            return KVPrefix(torch.cat(parts, dim=3), 0, tuple(ids) if ids is not None else None)
 
-        return self._on_engine(join)
+        return self.compute.run(join)
 
     def doc_key(self, doc) -> str:
         memo = (doc.id, doc.content_hash)
@@ -140,21 +131,14 @@ class KVService:
         (CacheBlend); returns the new prefix and how many tokens were recomputed."""
         if fraction <= 0 or exact_upto >= len(ids):
             return prefix, 0
-
-        def run():
-            cache = self.runner.new_cache(prefix.length)
-            cache.import_prefix(prefix)
-            chosen = cacheblend(self.runner, cache, self.runner.ids(ids), exact_upto, fraction)
-            return KVPrefix(cache.kv, 0), len(chosen)
-
-        return self._on_engine(run)
+        return self.compute.blend(prefix, ids, exact_upto, fraction)
 
     def describe(self, doc) -> dict:
         doc_id, passage_ids = doc.id, self._ids(doc)
         key = self.key(passage_ids)
         entry, where = self.store.get(key)
-        L, _, H, n, D = (self.runner.n_layers, 2, self.runner.n_kv_heads, len(passage_ids), self.runner.head_dim)
-        bytes_per_token = L * 2 * H * D * self.runner.embed.element_size()
+        (L, H, D), n = self.compute.shape, len(passage_ids)
+        bytes_per_token = L * 2 * H * D * self.torch_dtype.itemsize
         return {"doc_id": doc_id, "key": key, "stored": entry is not None, "where": where,
                 "shape": [L, 2, H, n, D], "dtype": self.dtype, "tokens": n,
                 "bytes": n * bytes_per_token, "bytes_per_token": bytes_per_token,

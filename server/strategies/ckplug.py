@@ -48,8 +48,9 @@ class CKPlug(Strategy):
         hook = ckplug_hook(query)  # validate before any retrieval or cache work
         plan = self.base().plan(query, ctx)
         without_context = RowSpec(ctx.prompts.with_passages(query.messages, []).ids)
+        base_report = plan.report
         return replace(plan, strategy=self.name, rows=[*plan.rows, without_context], logits_hook=hook,
-                       report=lambda: {"ckplug": hook.summary()})
+                       report=lambda: {**(base_report() if base_report is not None else {}), "ckplug": hook.summary()})
 
 
 class RagCKPlug(CKPlug):

@@ -12,7 +12,13 @@ prefilled. A passage with no stored cache is computed now and stored (reported i
 What the joined cache lacks is attention between passages (the head and the first
 passage are exact). ``kv_recompute`` (a fraction, default the server's setting)
 recovers it CacheBlend's way: the tokens whose layer-1 KV deviates most from a true
-prefill are recomputed through all layers (server.engine.model.LlamaRunner.blend).
+prefill are recomputed through all layers (server.engine.model.LlamaRunner.blend); on
+the torch engine only.
+
+On the vllm engine the joined prefix is written into vLLM's paged cache by knowmux's KV
+connector (server.engine.vllm_kv) and the whole prompt is handed to vLLM, which prefills
+only the question; ``knowmux.kv.engine_load`` says how many tokens were written, or why
+the load fell back to prefilling the passages.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import time
 
 from ..engine.types import RowSpec
-from ..errors import StrategyUnavailable
+from ..errors import InvalidRequest, StrategyUnavailable
 from .base import Plan, Query, Strategy, StrategyContext
 from .rag import retrieve
 
@@ -32,9 +38,14 @@ class KV(Strategy):
 
     def plan(self, query: Query, ctx: StrategyContext) -> Plan:
         if ctx.kv is None:
-            raise StrategyUnavailable("the kv strategy needs the torch engine's KV store")
+            raise StrategyUnavailable("the kv strategy needs a data folder for its KV store")
         fraction = query.options.get("kv_recompute")
+        if fraction is not None and fraction > 0 and not ctx.kv.can_blend:
+            raise InvalidRequest("kv_recompute (CacheBlend) runs on the torch engine only; "
+                                 "on the vllm engine kv injects the joined caches as they are", param="kv_recompute")
         fraction = ctx.kv_recompute if fraction is None else fraction  # in [0, 1]: protocol, Settings
+        if not ctx.kv.can_blend:
+            fraction = 0.0  # the server's default does not apply where CacheBlend cannot run (startup says so)
         retrieved, passages, ms = retrieve(query, ctx)
         layout = ctx.prompts.with_passages(query.messages, passages)
         t0 = time.perf_counter()
@@ -46,10 +57,10 @@ class KV(Strategy):
                                       f"build them with knowmux ingest --build kv", param="on_missing")
         kept = [(p, ids, f) for p, ids, f in zip(passages, layout.passages, found) if f is not None]
         retrieved = [r for r in retrieved if r.doc_id not in missing]
-        prefix = ctx.kv.join([f.entry for _, _, f in kept])
+        ids = layout.head + [t for _, pids, _ in kept for t in pids]
+        prefix = ctx.kv.join([f.entry for _, _, f in kept], ids)
         load_ms = (time.perf_counter() - t0) * 1e3
         t1 = time.perf_counter()
-        ids = layout.head + [t for _, pids, _ in kept for t in pids]
         exact = len(layout.head) + (len(kept[0][1]) if kept else 0)  # the head and the first passage
         prefix, recomputed = ctx.kv.blend(prefix, ids, exact, fraction)
         blend_ms = (time.perf_counter() - t1) * 1e3
@@ -57,5 +68,8 @@ class KV(Strategy):
                        "recompute_fraction": fraction, "recomputed_tokens": recomputed,
                        "sources": {p.doc_id: f.source for p, _, f in kept},
                        "built_now": [p.doc_id for p, _, f in kept if f.source == "built"], "missing": missing}}
+        # an engine that writes the prefix into its own cache (vllm) says how that went
+        report = (lambda: {"kv": {**info["kv"], "engine_load": dict(prefix.load)}}) if ctx.kv.engine_loads else None
         return Plan(self.name, [RowSpec(layout.tail, prefix=prefix)], retrieved,
-                    timings_ms={"retrieve": ms, "kv_load": load_ms, "kv_blend": blend_ms}, info=info)
+                    timings_ms={"retrieve": ms, "kv_load": load_ms, "kv_blend": blend_ms}, info=info,
+                    report=report)
