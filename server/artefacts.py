@@ -2,20 +2,27 @@
 LoRA adapters (``prag``), each behind a service that stores, loads, builds and forgets.
 
 Which services exist follows from the engine's capabilities (server.engine): KV caches
-need an engine that injects KV prefixes; adapters are served as per-row deltas by an
+need an engine that injects KV prefixes (torch, or vllm through knowmux's KV connector;
+both build them); adapters are served as per-row deltas by an
 engine with ``row_adapters`` (which also trains them) or as LoRA requests by one with
 ``lora_requests`` (which only serves what was trained). Without a data folder there are none.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from .config import Settings
 from .engine import KV_INJECTION, LORA_REQUESTS, ROW_ADAPTERS
+from .options import KV_OPTIONS
 
+log = logging.getLogger(__name__)
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings)}
 KINDS = ("kv", "adapters")  # what a build job or `knowmux ingest --build` may name
 
 
@@ -45,6 +52,11 @@ class Artefacts:
 
             kv = KVService(engine, prompts, KVStore(data_dir / "kv", settings.kv_memory_bytes,
                                                     settings.kv_store_bytes, open_tier(settings.kv_tier, "kv")))
+            unused = {k: getattr(settings, k) for k in KV_OPTIONS if getattr(settings, k) != _DEFAULTS[k]}
+            if unused and not kv.can_blend:
+                log.warning("%s do not apply on the %s engine: recomputing joined tokens (CacheBlend, LegoLink) "
+                            "and APE's attention run on the torch engine only, kv injects the joined caches as "
+                            "they are", ", ".join(f"KNOWMUX_{k.upper()}={v}" for k, v in unused.items()), engine.name)
         if ROW_ADAPTERS in caps:
             from .prag import PragService
 

@@ -52,6 +52,10 @@ class Settings:
     adapter_recipe: str = "passage-4ep"  # adapters.recipe.PRESETS
     adapter_build_group: int = 8  # documents whose adapters are augmented and trained together
     kv_recompute: float = 0.0  # default CacheBlend fraction of non-exact passage tokens recomputed by `kv`
+    kv_link_tokens: int = 0  # default LegoLink count: first tokens of each non-first passage recomputed by `kv`
+    kv_positions: str = "sequential"  # default passage positions of `kv`: "sequential" or APE's "parallel"
+    kv_temperature: float = 1.0  # default APE attention temperature of `kv` over its passages (1 = off)
+    kv_scale: float = 1.0  # default APE attention scale of `kv` over its passages (1 = off)
     # routing: the strategy when a request names none, the router's rules, A/B experiments
     default_strategy: str = "auto"
     router_min_score: float = 0.25  # best retrieval score below this: `direct` ("no good hit")
@@ -81,6 +85,16 @@ class Settings:
             raise ValueError(f"KNOWMUX_KV_STORE_BYTES must be 0 (no limit) or a positive size, got {self.kv_store_bytes}")
         if not 0.0 <= self.kv_recompute <= 1.0:  # also false for NaN
             raise ValueError(f"KNOWMUX_KV_RECOMPUTE must be a fraction between 0 and 1, got {self.kv_recompute}")
+        if not 0 <= self.kv_link_tokens <= 4096:
+            raise ValueError(f"KNOWMUX_KV_LINK_TOKENS must be between 0 and 4096, got {self.kv_link_tokens}")
+        if self.kv_positions not in ("sequential", "parallel"):
+            raise ValueError(f"KNOWMUX_KV_POSITIONS must be sequential or parallel, got {self.kv_positions!r}")
+        for name, value in (("KV_TEMPERATURE", self.kv_temperature), ("KV_SCALE", self.kv_scale)):
+            if not 0.0 < value <= 2.0:
+                raise ValueError(f"KNOWMUX_{name} must be in (0, 2], got {value}")
+        if self.kv_positions == "parallel" and (self.kv_recompute or self.kv_link_tokens):
+            raise ValueError("KNOWMUX_KV_POSITIONS=parallel cannot be combined with KNOWMUX_KV_RECOMPUTE or "
+                             "KNOWMUX_KV_LINK_TOKENS (they recompute passages in sequence)")
         if self.default_temperature is not None and not 0.0 <= self.default_temperature <= 2.0:
             raise ValueError(f"KNOWMUX_DEFAULT_TEMPERATURE must be between 0 and 2, got {self.default_temperature}")
         if self.default_top_p is not None and not 0.0 < self.default_top_p <= 1.0:

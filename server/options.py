@@ -20,9 +20,11 @@ def parse_alpha(value) -> Union[float, str]:
     return float(value)
 
 
+# `kv`'s options that the server also has defaults for (server.config.Settings, same names)
+KV_OPTIONS = ("kv_recompute", "kv_link_tokens", "kv_positions", "kv_temperature", "kv_scale")
 # the options that travel to the strategy in Query.options (top_k travels on its own)
 STRATEGY_OPTIONS = ("ckplug_alpha", "ckplug_condition", "ckplug_epsilon", "ckplug_variant", "ckplug_trace",
-                    "on_missing", "kv_recompute", "adapters")
+                    "on_missing", *KV_OPTIONS, "adapters")
 
 
 class RequestOptions(BaseModel):
@@ -40,6 +42,15 @@ class RequestOptions(BaseModel):
     # what a strategy does with a retrieved document whose stored artefact (KV cache) is missing
     on_missing: Optional[Literal["build", "skip", "error"]] = None
     kv_recompute: Optional[float] = Field(default=None, ge=0.0, le=1.0)  # kv: CacheBlend fraction recomputed
+    # kv: the first N tokens of every passage after the first recomputed against the joined
+    # cache (EPIC's LegoLink: the attention-sink tokens independent encoding corrupts)
+    kv_link_tokens: Optional[int] = Field(default=None, ge=0, le=4096)
+    # kv, APE (server.engine.ape): the passages' positions (re-rotated one after another, or
+    # all where they were encoded, right after the head), and the attention temperature and
+    # scale of the question's and answer's attention to them
+    kv_positions: Optional[Literal["sequential", "parallel"]] = None
+    kv_temperature: Optional[float] = Field(default=None, gt=0.0, le=2.0)
+    kv_scale: Optional[float] = Field(default=None, gt=0.0, le=2.0)
     adapters: Optional[list[Any]] = None  # prag: [{"doc_id", "scale"}] instead of retrieval (llama.cpp's "lora")
 
     @field_validator("ckplug_alpha")

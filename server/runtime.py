@@ -15,6 +15,7 @@ from .config import Settings
 from .errors import StrategyUnavailable
 from .jobs import Builder, JobManager, build_ids
 from .metrics import Metrics
+from .options import KV_OPTIONS
 from .pipeline import Pipeline
 from .prompt import PromptBuilder, ensure_chat_template
 from .router import Experiments, Router
@@ -90,8 +91,8 @@ def assemble(engine, kb, settings: Settings, data_dir=None) -> Parts:
     ensure_chat_template(engine.tokenizer, settings.chat_template)  # before anything renders a prompt
     prompts = PromptBuilder(engine.tokenizer)
     artefacts = Artefacts.for_engine(engine, prompts, settings, data_dir)
-    ctx = StrategyContext(kb=kb, prompts=prompts, kv=artefacts.kv, kv_recompute=settings.kv_recompute,
-                          prag=artefacts.prag)
+    ctx = StrategyContext(kb=kb, prompts=prompts, kv=artefacts.kv, prag=artefacts.prag,
+                          kv_defaults={k: getattr(settings, k) for k in KV_OPTIONS})
     runs = supported(engine.capabilities | artefacts.services)
     probe = None
     if settings.router_probe and LOGITS_HOOK in engine.capabilities:

@@ -181,13 +181,64 @@ def test_cacheblend_full_recompute_equals_full_prefill_and_partial_moves_toward_
     assert err(none) > 1e-3  # without recompute the joined cache really differs from a full prefill
 
 
-def test_kv_recompute_is_validated(make_server):
+def test_legolink_covering_every_passage_token_equals_full_prefill(tmp_path):
+    """LegoLink (kv_link_tokens): recomputing the first N tokens of each passage after the
+    first; with N past every passage's length that is every non-exact token, and the
+    answer's logits are a full prefill's. N = 2 moves toward it; N = 0 changes nothing."""
+    engine, kv = service(tmp_path)
+    layout = kv.prompts.with_passages(ASK, PASSAGES)
+    joined = kv.join([kv.passage(p.doc_id, ids).entry for p, ids in zip(PASSAGES, layout.passages)])
+    ids = layout.ids[: joined.length]
+    ref = prefill_logits(engine.runner, layout.ids)
+
+    def answer_logits(pfx):
+        cache = engine.runner.new_cache(pfx.length + len(layout.tail))
+        cache.import_prefix(pfx)
+        return engine.runner.forward(torch.tensor(layout.tail), [Segment(cache, 0, len(layout.tail), want_logits=True)])[0]
+
+    def starts(n):
+        pos = len(layout.head) + len(layout.passages[0])
+        out = []
+        for pids in layout.passages[1:]:
+            out += range(pos, pos + min(n, len(pids)))
+            pos += len(pids)
+        return out
+
+    every, n_every = kv.link(joined, ids, starts(10_000))
+    assert n_every == sum(len(p) for p in layout.passages[1:])
+    torch.testing.assert_close(answer_logits(every), ref, atol=1e-3, rtol=1e-3)
+    two, n_two = kv.link(joined, ids, starts(2))
+    none, n_none = kv.link(joined, ids, starts(0))
+    assert (n_two, n_none) == (4, 0) and none is joined
+    err = lambda p: float((answer_logits(p) - ref).abs().max())  # noqa: E731
+    assert err(two) < err(none)
+
+
+def test_kv_recompute_and_link_tokens_are_validated(make_server):
     srv = make_server()
     httpx.post(srv.url + "/v1/documents", json={"documents": [{"id": "a", "text": "Zorbl is a cat."}]})
-    for bad in (1.5, -0.1):
+    for field, bad in (("kv_recompute", 1.5), ("kv_recompute", -0.1), ("kv_link_tokens", -1),
+                       ("kv_link_tokens", 5000), ("kv_link_tokens", 2.5)):
         r = httpx.post(srv.url + "/v1/chat/completions", headers={"X-Strategy": "kv"},
-                       json={"model": "knowmux", "messages": ASK, "kv_recompute": bad})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "kv_recompute"
+                       json={"model": "knowmux", "messages": ASK, field: bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, bad, r.text)
+    r = httpx.post(srv.url + "/v1/chat/completions", headers={"X-Strategy": "kv"},
+                   json={"model": "knowmux", "messages": ASK, "kv_link_tokens": 4, "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["knowmux"]["kv"]["link_tokens"] == 4
+    # APE's options: ranges at the wire, parallel positions refuse a recompute
+    for body, param in (({"kv_temperature": 0}, "kv_temperature"), ({"kv_scale": 3}, "kv_scale"),
+                        ({"kv_positions": "diagonal"}, "kv_positions"),
+                        ({"kv_positions": "parallel", "kv_link_tokens": 4}, "kv_positions"),
+                        ({"kv_positions": "parallel", "kv_recompute": 0.5}, "kv_positions")):
+        r = httpx.post(srv.url + "/v1/chat/completions", headers={"X-Strategy": "kv"},
+                       json={"model": "knowmux", "messages": ASK, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    r = httpx.post(srv.url + "/v1/chat/completions", headers={"X-Strategy": "kv"}, json={
+        "model": "knowmux", "messages": ASK, "kv_positions": "parallel", "kv_temperature": 0.5, "kv_scale": 0.9,
+        "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert {k: r.json()["knowmux"]["kv"][k] for k in ("positions", "temperature", "scale")} == \
+        {"positions": "parallel", "temperature": 0.5, "scale": 0.9}
 
 
 def test_a_build_job_prefills_as_background_work_and_a_request_does_not(tmp_path):
@@ -211,3 +262,112 @@ def test_a_build_job_prefills_as_background_work_and_a_request_does_not(tmp_path
         assert kv.passage("b", layout.passages[0]).source == "built" and seen == [False]
     finally:
         engine.shutdown()
+
+
+def test_ape_attention_is_the_papers_three_part_merge():
+    """server.engine.ape.attend against a direct transcription of APE's query attention:
+    head, passages (temperature T, scale S) and the row's own tokens each softmaxed apart,
+    merged by a softmax over their log-sum-exps; T = S = 1 is plain causal attention."""
+    import math
+
+    import torch.nn.functional as F
+
+    from server.engine.ape import ParallelContext, attend
+
+    g = torch.Generator().manual_seed(0)
+    H, Hkv, D, head, docs, past, n = 4, 2, 8, 3, 7, 12, 3
+    q = torch.randn(H, n, D, generator=g) * 2
+    k, v = torch.randn(Hkv, past + n, D, generator=g) * 2, torch.randn(Hkv, past + n, D, generator=g)
+
+    def reference(T, S):
+        kk, vv = k.repeat_interleave(2, 0), v.repeat_interleave(2, 0)
+        out = torch.empty(H, n, D)
+        for i in range(n):
+            a = torch.einsum("hd,hkd->hk", q[:, i], kk[:, : past + i + 1]) / math.sqrt(D)  # [H, keys seen]
+            parts = [(a[:, :head], 1.0, 1.0, slice(0, head)), (a[:, head:head + docs], T, S, slice(head, head + docs)),
+                     (a[:, head + docs:], 1.0, 1.0, slice(head + docs, past + i + 1))]
+            lse = torch.stack([t * torch.logsumexp(x / t, -1) + math.log(s) for x, t, s, _ in parts], -1)
+            w = torch.softmax(lse, -1)
+            out[:, i] = sum(w[:, j, None] * (torch.softmax(x / t, -1)[:, None, :] @ vv[:, sl])[:, 0]
+                            for j, (x, t, _, sl) in enumerate(parts))
+        return out
+
+    for T, S in ((1.0, 1.0), (0.6, 0.8), (1.3, 0.5)):
+        ctx = ParallelContext(head, head + docs, head + docs, T, S)
+        torch.testing.assert_close(attend(q, k, v, ctx, past), reference(T, S), atol=1e-5, rtol=1e-5)
+    mask = torch.ones(n, past + n, dtype=torch.bool).tril(diagonal=past)
+    plain = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)[0]
+    torch.testing.assert_close(attend(q, k, v, ParallelContext(head, head + docs, head + docs), past), plain,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_ape_options_on_the_engine(tmp_path):
+    """kv_temperature/kv_scale/kv_positions through the runner: T = S = 1 leaves `kv`'s
+    logits as they are; parallel positions put the question after the longest passage
+    (checked against plain attention over the same cache at those positions); with one
+    passage parallel is sequential, i.e. a full prefill; a row attended APE's way and a rag
+    row batched together decode as each does alone."""
+    from dataclasses import replace
+
+    engine, kv = service(tmp_path)
+    layout = kv.prompts.with_passages(ASK, PASSAGES)
+    entries = [kv.passage(p.doc_id, ids).entry for p, ids in zip(PASSAGES, layout.passages)]
+    h, lengths = len(layout.head), [len(p) for p in layout.passages]
+
+    def logits(prefix, pos_offset=0):
+        cache = engine.runner.new_cache(prefix.length + len(layout.tail), pos_offset=pos_offset)
+        cache.import_prefix(prefix)
+        return engine.runner.forward(torch.tensor(layout.tail), [Segment(cache, 0, len(layout.tail), want_logits=True)])[0]
+
+    seq = kv.join(entries)
+    plain = logits(seq)
+    torch.testing.assert_close(logits(kv.ape(seq, h, False, 1.0, 1.0, lengths)), plain, atol=1e-4, rtol=1e-4)
+    assert float((logits(kv.ape(seq, h, False, 0.5, 0.7, lengths)) - plain).abs().max()) > 1e-3
+
+    par = kv.join(entries, parallel=True)  # every passage at h.. as computed, no re-rotation
+    torch.testing.assert_close(par.kv[:, :, :, h + lengths[0]:h + lengths[0] + lengths[1]], entries[1].kv)
+    ape = kv.ape(par, h, True, 1.0, 1.0, lengths)
+    assert ape.parallel.next_pos == h + max(lengths)
+    torch.testing.assert_close(logits(ape), logits(par, pos_offset=h + max(lengths) - par.length), atol=1e-4, rtol=1e-4)
+
+    one = kv.prompts.with_passages(ASK, PASSAGES[:1])
+    single = kv.ape(kv.join(entries[:1], parallel=True), h, True, 1.0, 1.0, lengths[:1])
+    cache = engine.runner.new_cache(single.length + len(one.tail))
+    cache.import_prefix(single)
+    got = engine.runner.forward(torch.tensor(one.tail), [Segment(cache, 0, len(one.tail), want_logits=True)])[0]
+    torch.testing.assert_close(got, prefill_logits(engine.runner, one.ids), atol=1e-4, rtol=1e-4)
+
+    def run(rows):
+        out = {}
+        for name, spec in rows:
+            out[name] = []
+            engine.worker.submit(GenRequest(name, [spec], SamplingParams(max_tokens=6, ignore_eos=True)),
+                                 lambda ev, name=name: out[name].extend(ev.token_ids))
+        while engine.worker.step():
+            pass
+        return out
+
+    ape_row = ("ape", RowSpec(layout.tail, prefix=replace(kv.ape(par, h, True, 0.8, 0.9, lengths))))
+    rag_row = ("rag", RowSpec(kv.prompts.with_passages(ASK, PASSAGES[1:]).ids))
+    alone = {**run([ape_row]), **run([rag_row])}
+    assert run([ape_row, rag_row]) == alone and len(alone["ape"]) == 6
+
+
+def test_kv_server_defaults_are_checked_and_apply_to_requests_that_set_nothing(make_server):
+    import pytest
+
+    from server.config import Settings
+
+    for bad in (dict(kv_temperature=0), dict(kv_scale=2.5), dict(kv_positions="diagonal"), dict(kv_link_tokens=-1),
+                dict(kv_positions="parallel", kv_link_tokens=4), dict(kv_positions="parallel", kv_recompute=0.3)):
+        with pytest.raises(ValueError, match="KNOWMUX_KV_"):
+            Settings(**bad)
+    assert Settings.from_env(env={"KNOWMUX_KV_POSITIONS": "parallel", "KNOWMUX_KV_SCALE": "0.8"}).kv_scale == 0.8
+    srv = make_server(kv_positions="parallel", kv_temperature=0.7)
+    httpx.post(srv.url + "/v1/documents", json={"documents": [{"id": "a", "text": "Zorbl is a cat."}]})
+    ask = {"model": "knowmux", "messages": ASK, "max_tokens": 2}
+    got = httpx.post(srv.url + "/v1/chat/completions", headers={"X-Strategy": "kv"}, json=ask).json()["knowmux"]["kv"]
+    assert (got["positions"], got["temperature"], got["scale"]) == ("parallel", 0.7, 1.0)
+    got = httpx.post(srv.url + "/v1/chat/completions", headers={"X-Strategy": "kv"},
+                     json={**ask, "kv_positions": "sequential", "kv_temperature": 1}).json()["knowmux"]["kv"]
+    assert (got["positions"], got["temperature"]) == ("sequential", 1)

@@ -27,6 +27,10 @@ OPTION_VALUES = {
     "ckplug_trace": st.booleans(),
     "on_missing": st.sampled_from(["build", "skip", "error"]),
     "kv_recompute": st.one_of(st.sampled_from([0, 0.0, 1.0]), st.floats(0, 1)),
+    "kv_link_tokens": st.one_of(st.sampled_from([0, 4096]), st.integers(0, 64)),
+    "kv_positions": st.sampled_from(["sequential", "parallel"]),
+    "kv_temperature": st.one_of(st.sampled_from([1, 1.0, 2, 0.01]), st.floats(0.01, 2)),
+    "kv_scale": st.one_of(st.sampled_from([1, 1.0, 2, 0.01]), st.floats(0.01, 2)),
     "adapters": st.sampled_from([[], [{"doc_id": "a", "scale": 0}], [{"doc_id": "a", "scale": 0.0}]]),
 }
 # the ChatInput fields that a request field fills, with the valid values a client may send
@@ -91,7 +95,9 @@ def test_ckplug_alpha_reaches_the_hook_as_sent(make_server, strategy):
 @pytest.mark.parametrize("field, bad", [("ckplug_alpha", -0.1), ("ckplug_alpha", 1.5), ("ckplug_alpha", "high"),
                                         ("ckplug_alpha", True), ("ckplug_alpha", "NaN"), ("kv_recompute", -0.1),
                                         ("kv_recompute", 1.5), ("ckplug_condition", "vibes"), ("on_missing", "x"),
-                                        ("top_k", 0), ("n", 0), ("n", 9), ("top_logprobs", 21)])
+                                        ("top_k", 0), ("n", 0), ("n", 9), ("top_logprobs", 21),
+                                        ("kv_link_tokens", -1), ("kv_temperature", 0), ("kv_scale", 2.5),
+                                        ("kv_positions", "diagonal")])
 def test_a_value_out_of_range_is_refused_at_the_wire_naming_the_field(field, bad):
     from pydantic import ValidationError
 

@@ -57,7 +57,8 @@ class PooledDecode:
 
     @classmethod
     def of(cls, segments: list[Segment], heads: int, head_dim: int, dtype) -> Optional["PooledDecode"]:
-        members = [s for s in segments if s.n == 1 and s.cache.pool is not None]
+        # rows that attend to passages APE's way (cache.parallel) take the per-row path
+        members = [s for s in segments if s.n == 1 and s.cache.pool is not None and s.cache.parallel is None]
         if members:
             pool = members[0].cache.pool
             members = [s for s in members if s.cache.pool is pool]

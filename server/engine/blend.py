@@ -5,7 +5,7 @@ Both read the runner's weights and rope; neither runs inside a step.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ def rotate_keys(runner: "LlamaRunner", kv: torch.Tensor, delta: int) -> torch.Te
 
 @torch.inference_mode()
 def cacheblend(runner: "LlamaRunner", cache: RowCache, input_ids: torch.Tensor, exact_upto: int,
-               fraction: float) -> torch.Tensor:
+               fraction: float, positions: Optional[list[int]] = None) -> torch.Tensor:
     """CacheBlend-style selective recompute (Yao et al., 2024) of a joined cache, in place.
 
     ``cache`` holds KV for positions 0..n-1 of ``input_ids`` [n], of which 0..exact_upto-1
@@ -50,6 +50,12 @@ def cacheblend(runner: "LlamaRunner", cache: RowCache, input_ids: torch.Tensor, 
     only they are carried through the remaining layers, their fresh K/V overwriting
     the stored ones. Returns the selected positions (sorted). fraction = 1 reproduces
     a full prefill.
+
+    With ``positions`` the tokens are given instead of selected (EPIC's LegoLink: the
+    first tokens of each independently encoded passage, its attention sinks): they are
+    carried through every layer from the embedding, each attending to the joined cache
+    with the fresh keys and values of the given tokens before it (``fraction`` unused).
+    All positions from ``exact_upto`` on reproduce a full prefill too.
     """
     n = input_ids.shape[0]
     if cache.length != n:
@@ -59,11 +65,16 @@ def cacheblend(runner: "LlamaRunner", cache: RowCache, input_ids: torch.Tensor, 
     cos, sin = runner.rope(idx + cache.pos_offset)
     x = F.embedding(input_ids.to(runner.device), runner.embed)
     selected = idx[:0]
+    if positions is not None:
+        if not positions:
+            return selected
+        idx = selected = torch.tensor(sorted(set(positions)), dtype=torch.long, device=runner.device)
+        x = x[idx]
     for li, L in enumerate(runner.layers):
         h = runner.rms_norm(x, L.ln1)
         qkv = L.qkv(h)
         q, k, v = runner.split_qkv(qkv, cos[idx], sin[idx])
-        if li == 1:  # choose the tokens to carry on from their layer-1 deviation
+        if li == 1 and positions is None:  # choose the tokens to carry on from their layer-1 deviation
             dev = ((k.transpose(0, 1) - cache.kv[1, 0, :, :n]) ** 2).sum((0, 2)) \
                 + ((v.transpose(0, 1) - cache.kv[1, 1, :, :n]) ** 2).sum((0, 2))
             m = int(round(fraction * (n - exact_upto)))

@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from .ape import ParallelContext
+
 
 @dataclass(frozen=True)
 class KVPrefix:
@@ -38,6 +40,8 @@ class KVPrefix:
     start_pos: int = 0
     ids: Optional[tuple[int, ...]] = None
     load: dict = field(default_factory=dict, compare=False)
+    # passages encoded apart that a row attends to APE's way (server.engine.ape)
+    parallel: Optional[ParallelContext] = None
 
     @property
     def length(self) -> int:
@@ -57,6 +61,7 @@ class RowCache:
         self.pos_offset = pos_offset  # rotary position of slot 0 (slot i sits at pos_offset + i)
         self.pool = pool  # set when the storage is a slot of a pool
         self.slot = slot
+        self.parallel: Optional[ParallelContext] = None  # set by importing a prefix that has one
 
     @classmethod
     def over(cls, kv: torch.Tensor, pos_offset: int, pool: "KVPool", slot: int) -> "RowCache":
@@ -90,6 +95,9 @@ class RowCache:
             raise ValueError(f"prefix of shape {tuple(prefix.kv.shape)} does not fit cache {tuple(self.kv.shape)}")
         self.kv[:, :, :, :n] = prefix.kv.to(self.kv.device, self.kv.dtype)
         self.length = n
+        self.parallel = prefix.parallel
+        if prefix.parallel is not None:  # the row's own tokens go on from the prefix's next position
+            self.pos_offset = prefix.parallel.next_pos - n
 
     def export(self, start: int, end: int) -> KVPrefix:
         """A copy of positions start..end-1 (keys keep the rotation of those positions)."""

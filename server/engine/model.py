@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import ape
 from .attention import PooledDecode
 from .kernels import TUNED, Proj, return_free_memory, tune_kernels, use_linear
 from .kvcache import KVPool, RowCache
@@ -199,6 +200,9 @@ class LlamaRunner:
                 seg.cache.write(li, past, k[s:e], v[s:e])
                 kk, vv = seg.cache.view(li, past + seg.n)
                 qq = q[s:e].transpose(0, 1)  # [H, n, D]
+                if seg.cache.parallel is not None:  # injected passages attended APE's way
+                    attn[s:e] = ape.attend(qq, kk, vv, seg.cache.parallel, past).transpose(0, 1)
+                    continue
                 if seg.n == 1:
                     mask, causal = None, False
                 elif past == 0:

@@ -57,11 +57,14 @@ class TorchKV:
     def rotate(self, kv: torch.Tensor, delta: int) -> torch.Tensor:
         return rotate_keys(self.runner, kv, delta)
 
-    def blend(self, prefix: KVPrefix, ids: list[int], exact_upto: int, fraction: float) -> tuple[KVPrefix, int]:
+    def blend(self, prefix: KVPrefix, ids: list[int], exact_upto: int, fraction: float,
+              positions: Optional[list[int]] = None) -> tuple[KVPrefix, int]:
+        """CacheBlend's recompute of ``fraction`` of the tokens from ``exact_upto`` on, or of the
+        given ``positions`` (LegoLink); returns the new prefix and how many were recomputed."""
         def run():
             cache = self.runner.new_cache(prefix.length)
             cache.import_prefix(prefix)
-            chosen = cacheblend(self.runner, cache, self.runner.ids(ids), exact_upto, fraction)
+            chosen = cacheblend(self.runner, cache, self.runner.ids(ids), exact_upto, fraction, positions)
             return KVPrefix(cache.kv, 0, prefix.ids), len(chosen)
 
         return self.run(run)
@@ -69,7 +72,7 @@ class TorchKV:
 
 class VLLMKV:
     engine_loads = True  # the connector writes the prefix into vLLM's blocks and reports it
-    can_blend = False  # CacheBlend's recompute needs a forward over chosen tokens: not through vLLM
+    can_blend = False  # CacheBlend's and LegoLink's recompute need a forward over chosen tokens: not through vLLM
 
     def __init__(self, engine):
         from ..engine.rope import RopeOnly
@@ -91,8 +94,8 @@ class VLLMKV:
     def rotate(self, kv: torch.Tensor, delta: int) -> torch.Tensor:
         return rotate_keys(self.rope, kv, delta)
 
-    def blend(self, prefix, ids, exact_upto, fraction):
-        raise NotImplementedError("CacheBlend recompute runs on the torch engine only")
+    def blend(self, prefix, ids, exact_upto, fraction, positions=None):
+        raise NotImplementedError("recomputing joined tokens (CacheBlend, LegoLink) runs on the torch engine only")
 
 
 def kv_compute(engine):

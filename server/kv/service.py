@@ -18,11 +18,12 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 
+from ..engine.ape import ParallelContext
 from ..engine.kvcache import KVPrefix
 from ..engine.device import dtype_name
 from ..prompt import Passage
@@ -80,16 +81,17 @@ class KVService:
                                "head_tokens": len(head_ids), "built_at": time.time()})
         return PassageKV(entry, "built")
 
-    def join(self, entries: list[KVEntry], ids: Optional[list[int]] = None) -> KVPrefix:
+    def join(self, entries: list[KVEntry], ids: Optional[list[int]] = None, parallel: bool = False) -> KVPrefix:
         """Head + passages in order, each passage's keys moved to its place: one prefix
-        [L, 2, Hkv, len(head) + sum(n_i), D] starting at position 0 (``ids``: its tokens)."""
+        [L, 2, Hkv, len(head) + sum(n_i), D] starting at position 0 (``ids``: its tokens).
+        ``parallel`` (APE): every passage stays where it was encoded, right after the head."""
         _, head_kv = self.head()
 
         def join() -> KVPrefix:  # megabytes of rotation and copying: torch work, on the engine's thread
             parts, pos = [head_kv.kv], head_kv.length
             for e in entries:
                 parts.append(self.compute.rotate(e.kv, pos - e.start_pos))
-                pos += e.n_tokens
+                pos += 0 if parallel else e.n_tokens
             return KVPrefix(torch.cat(parts, dim=3), 0, tuple(ids) if ids is not None else None)
 
         return self.compute.run(join)
@@ -132,6 +134,22 @@ class KVService:
         if fraction <= 0 or exact_upto >= len(ids):
             return prefix, 0
         return self.compute.blend(prefix, ids, exact_upto, fraction)
+
+    @staticmethod
+    def ape(prefix: KVPrefix, head: int, parallel: bool, temperature: float, scale: float,
+            lengths: list[int]) -> KVPrefix:
+        """The joined prefix marked for APE's attention (server.engine.ape): its passages are
+        slots ``head``.. of it; the row's own tokens go on after the last passage, or with
+        ``parallel`` positions after the longest (where APE places the query)."""
+        next_pos = head + (max(lengths, default=0) if parallel else sum(lengths))
+        return replace(prefix, parallel=ParallelContext(head, prefix.length, next_pos, temperature, scale))
+
+    def link(self, prefix: KVPrefix, ids: list[int], positions: list[int]) -> tuple[KVPrefix, int]:
+        """The joined prefix with the tokens at ``positions`` recomputed against it (LegoLink:
+        the first tokens of each passage after the first); returns it and how many."""
+        if not positions:
+            return prefix, 0
+        return self.compute.blend(prefix, ids, min(positions), 0.0, positions)
 
     def describe(self, doc) -> dict:
         doc_id, passage_ids = doc.id, self._ids(doc)

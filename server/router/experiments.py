@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 # request parameters an arm may set, with the type each must have
 ARM_PARAMS = {"top_k": int, "ckplug_alpha": (int, float, str), "ckplug_condition": str,
-              "ckplug_epsilon": (int, float), "ckplug_variant": str, "kv_recompute": (int, float), "on_missing": str}
+              "ckplug_epsilon": (int, float), "ckplug_variant": str, "kv_recompute": (int, float), "kv_link_tokens": int,
+              "kv_positions": str, "kv_temperature": (int, float), "kv_scale": (int, float),
+              "on_missing": str}
 
 
 class ExperimentError(ValueError):

@@ -8,7 +8,7 @@ pipeline calls it off the event loop.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional
 
 from ..engine.types import LogitsHook, RowSpec, SamplingParams
 
@@ -57,7 +57,9 @@ class StrategyContext:
     kb: Optional["KnowledgeBase"]  # None when not configured
     prompts: "PromptBuilder"
     kv: Optional["KVService"] = None  # when the engine injects KV prefixes and a data folder is set
-    kv_recompute: float = 0.0  # default CacheBlend recompute fraction for `kv`
+    # the server's defaults of `kv`'s options (kv_recompute, kv_link_tokens, kv_positions,
+    # kv_temperature, kv_scale; server.config.Settings), for a request that does not set them
+    kv_defaults: Mapping[str, Any] = field(default_factory=dict)
     prag: Optional[Any] = None  # server.prag.PragService, or server.prag_vllm.VLLMPragService on vLLM
 
 
