@@ -384,6 +384,11 @@ def parse_args(argv):
     ap.add_argument("--ckplug-variant", choices=["paper", "kept-set"],
                     help="CK-PLUG's equations: the paper's (server default) or knowmux's first, kept-set variant")
     ap.add_argument("--kv-recompute", type=float, help="CacheBlend recompute fraction sent with kv requests")
+    ap.add_argument("--kv-link-tokens", type=int,
+                    help="LegoLink: first tokens of each non-first passage recomputed, sent with kv requests")
+    ap.add_argument("--kv-variant", action="append", default=[], type=_kv_variant, metavar="OPT=V[,OPT=V]",
+                    help="one more kv run with these request options (repeatable; in the same run, on the same "
+                         "questions), e.g. kv_link_tokens=4 or kv_positions=parallel,kv_temperature=0.5")
     ap.add_argument("--top-k", type=int, default=3)
     ap.add_argument("--conflict-top-k", type=int, default=1, help="top_k for conflict sets (their own passage)")
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -466,7 +471,8 @@ def _main(a, argv) -> int:
                 if not items:
                     continue
                 sweep = alphas[kind] if strategy.endswith("+ckplug") else [None]
-                for alpha in sweep:
+                variants = [{}] + (a.kv_variant if strategy == "kv" else [])
+                for alpha, variant in [(al, v) for al in sweep for v in variants]:
                     extra = ({"ckplug_alpha": alpha, "ckplug_condition": a.ckplug_condition}
                              if alpha is not None else {})
                     if alpha is not None:  # sent only when given: the server's defaults otherwise
@@ -474,12 +480,18 @@ def _main(a, argv) -> int:
                                                         ("ckplug_variant", a.ckplug_variant)) if v is not None})
                     if strategy.split("+")[0] in ("kv", "prag"):
                         extra["on_missing"] = "error"  # a missing artefact is a failure, never a silent fallback
-                    if strategy.split("+")[0] == "kv" and a.kv_recompute is not None:
-                        extra["kv_recompute"] = a.kv_recompute
+                    if strategy.split("+")[0] == "kv":
+                        extra.update({k: v for k, v in (("kv_recompute", a.kv_recompute),
+                                                        ("kv_link_tokens", a.kv_link_tokens)) if v is not None})
+                        extra.update(variant)
                     recs, wall = run_items(url, strategy, items, a.max_tokens, top_k, extra)
                     s = summarise(recs, wall, items, kind)
                     label = strategy + (f" (alpha={alpha})" if alpha is not None else "") + (
-                        f" (recompute={a.kv_recompute})" if "kv_recompute" in extra else "")
+                        f" (recompute={a.kv_recompute})" if "kv_recompute" in extra and "kv_recompute" not in variant
+                        else "") + (
+                        f" (link={a.kv_link_tokens})" if "kv_link_tokens" in extra and "kv_link_tokens" not in variant
+                        else "") + (
+                        " [" + ",".join(f"{k}={v}" for k, v in variant.items()) + "]" if variant else "")
                     runs.append({"strategy": strategy, "alpha": alpha, "label": label, "kind": kind,
                                  "concurrency": 1, **s})
                     records += [{**r, "kind": kind, "label": label} for r in recs]
@@ -498,7 +510,7 @@ def _main(a, argv) -> int:
             "when": time.strftime("%Y-%m-%d %H:%M:%S"), "url": url, "unavailable": unavailable,
             "data_dir": str(data_dir) if server else None,
             "settings": {"skip": a.skip, "top_k": a.top_k, "ckplug_condition": a.ckplug_condition,
-                         "ckplug_epsilon": a.ckplug_epsilon, "ckplug_variant": a.ckplug_variant, "kv_recompute": a.kv_recompute, "conflict_top_k": a.conflict_top_k, "max_tokens": a.max_tokens,
+                         "ckplug_epsilon": a.ckplug_epsilon, "ckplug_variant": a.ckplug_variant, "kv_recompute": a.kv_recompute, "kv_link_tokens": a.kv_link_tokens, "kv_variants": a.kv_variant, "conflict_top_k": a.conflict_top_k, "max_tokens": a.max_tokens,
                          "n_questions": len(ds.questions), "n_conflicts": len(ds.conflicts)},
             "build": {"documents": len(docs), "ingest_s": ingest_s,
                       "ingest_s_per_doc": ingest_s / len(docs) if docs else 0.0, **builds},
@@ -514,6 +526,23 @@ def _main(a, argv) -> int:
     finally:
         if server:
             server.stop()
+
+
+def _kv_variant(text: str) -> dict:
+    """"kv_link_tokens=4,kv_positions=parallel" -> {"kv_link_tokens": 4, "kv_positions": "parallel"}
+    (numbers as numbers; the server checks names and ranges)."""
+    out = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(f"expected OPT=VALUE[,OPT=VALUE], got {text!r}")
+        for cast in (int, float, str):
+            try:
+                out[name.strip()] = cast(value.strip())
+                break
+            except ValueError:
+                continue
+    return out
 
 
 def _alphas(text: str) -> list:

@@ -95,7 +95,7 @@ def test_end_to_end_run_writes_all_outputs(make_server, tmp_path):
     out = tmp_path / "out"
     rc = main(["--url", srv.url, "--corpus", str(corpus), "--questions", str(questions), "--conflicts",
                str(conflicts), "--strategies", "direct,rag,kv,prag,rag+ckplug,auto,telepathy", "--alphas", "0,1", "--max-tokens", "4",
-               "--concurrency", "2", "--out", str(out)])
+               "--concurrency", "2", "--kv-variant", "kv_positions=parallel,kv_temperature=0.5", "--out", str(out)])
     assert rc == 0
     result = json.loads((out / "results.json").read_text())
     assert result["unavailable"] == ["telepathy"]
@@ -108,6 +108,8 @@ def test_end_to_end_run_writes_all_outputs(make_server, tmp_path):
     assert rag["recall_at_k"] == 1.0 and rag["failures"] == 0 and rag["ttft_p50_s"] > 0
     kv = next(r for r in result["runs"] if r["label"] == "kv" and r["kind"] == "questions")
     assert kv["failures"] == 0 and result["build"]["kv"]["built"] >= 1
+    ape = next(r for r in result["runs"] if r["label"] == "kv [kv_positions=parallel,kv_temperature=0.5]")
+    assert ape["failures"] == 0 and ape["n"] == kv["n"]  # the variant ran on the same questions
     prag = next(r for r in result["runs"] if r["label"] == "prag" and r["kind"] == "questions")
     assert prag["failures"] == 0 and result["build"]["adapters"]["built"] >= 1
     lines = (out / "results.jsonl").read_text().splitlines()
