@@ -1,6 +1,7 @@
 """Do two benchmark runs give the same answers? (dtypes, engines, devices: same questions.)
 
     python -m bench.agreement runs/nq-fp32 runs/nq-bf16 [--out bench/results/agreement.json]
+    python -m bench.agreement runs/nq-k1 runs/nq-k1 --pair kv:rag   # two strategies of one run
 
 Reads each run's results.jsonl (``knowmux bench --out``) and, per run label (strategy, alpha), counts the
 questions whose answers are identical (after stripping whitespace) in both, those whose
@@ -48,8 +49,15 @@ def main(argv=None) -> None:
     ap.add_argument("a", type=Path)
     ap.add_argument("b", type=Path)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--pair", help="A:B compares label A of the first run with label B of the second (e.g. kv:rag)")
     args = ap.parse_args(argv)
-    res = compare(load(args.a), load(args.b))
+    a, b = load(args.a), load(args.b)
+    if args.pair:
+        la, _, lb = args.pair.partition(":")
+        a = {k: v for k, v in a.items() if k[0] == la}
+        b = {(f"{la} vs {lb}", k[1]): v for k, v in b.items() if k[0] == lb}
+        a = {(f"{la} vs {lb}", k[1]): v for k, v in a.items()}
+    res = compare(a, b)
     meta = [json.loads((r / "results.json").read_text()) for r in (args.a, args.b)]
     print(f"a: {args.a} ({meta[0].get('dtype')}, {meta[0].get('device')}); "
           f"b: {args.b} ({meta[1].get('dtype')}, {meta[1].get('device')})")

@@ -71,7 +71,8 @@ class _Req:
         self.t_submit = time.perf_counter()
         self.t_admit = self.t_first = None
         self.n_out = 0
-        self.prompt_tokens = len(req.rows[0].prompt_ids)
+        row = req.rows[0]  # an injected prefix counts as prompt, as on the torch engine
+        self.prompt_tokens = len(row.prompt_ids) + (row.prefix.length if row.prefix is not None else 0)
         self.done = False
         self.pair = None  # vllm_pairs.Pair of a two-row request under a logits hook
 

@@ -232,16 +232,17 @@ class KnowmuxConnector(KVConnectorBase_V1):
 
 
 def _write(layers, kv: torch.Tensor, start: int, slots: list[int]) -> None:
-    """Positions start..start+len(slots)-1 of ``kv`` into ``slots`` of every layer."""
+    """Positions start..start+len(slots)-1 of ``kv`` into ``slots`` of every layer, in the
+    model's dtype as the forward hands keys and values to the op (which quantises them for
+    an fp8 cache itself)."""
     if not slots:
         return
-    n = len(slots)
+    n, device = len(slots), layers[0][1].kv_cache.device
+    target = torch.tensor(slots, dtype=torch.long, device=device)
     for index, layer in layers:
-        cache = layer.kv_cache
-        target = torch.tensor(slots, dtype=torch.long, device=cache.device)
-        span = kv[index, :, :, start:start + n].to(device=cache.device, dtype=cache.dtype)  # [2, Hkv, n, D]
+        span = kv[index, :, :, start:start + n].to(device)  # [2, Hkv, n, D]
         k, v = span[0].transpose(0, 1).contiguous(), span[1].transpose(0, 1).contiguous()  # [n, Hkv, D]
-        layer.impl.do_kv_cache_update(layer, k, v, cache, target)
+        layer.impl.do_kv_cache_update(layer, k, v, layer.kv_cache, target)
 
 
 class PagedLayout:
