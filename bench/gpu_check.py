@@ -6,8 +6,7 @@ and decode tokens/s per strategy, printed as a table (bench/gpu_check.sh runs th
 
 For each engine: start ``knowmux serve --engine E --device D --dtype T`` on a fresh data
 folder, add --docs documents of the bundled NQ sample, build their KV caches and adapters
-where the engine can (the vllm engine builds KV caches, not adapters: its adapter build
-is reported as refused), then ask
+(on either engine; a build the server refuses is reported as refused), then ask
 --questions questions per strategy (greedy, --max-tokens tokens, the first answer is a
 warm-up and not counted). TTFT and the decode rate come from the server's own timings
 (``knowmux.timings_ms``). A strategy the server does not offer is listed as unavailable

@@ -3,9 +3,10 @@ LoRA adapters (``prag``), each behind a service that stores, loads, builds and f
 
 Which services exist follows from the engine's capabilities (server.engine): KV caches
 need an engine that injects KV prefixes (torch, or vllm through knowmux's KV connector;
-both build them); adapters are served as per-row deltas by an
-engine with ``row_adapters`` (which also trains them) or as LoRA requests by one with
-``lora_requests`` (which only serves what was trained). Without a data folder there are none.
+both build them); adapters are served as per-row deltas by an engine with
+``row_adapters`` or as LoRA requests by one with ``lora_requests``, and built on either
+(trained through the torch engine's runner, or on vllm through a float32 copy of the
+weights loaded for training). Without a data folder there are none.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ KINDS = ("kv", "adapters")  # what a build job or `knowmux ingest --build` may n
 class Artefacts:
     kv: Optional[object] = None  # server.kv.service.KVService
     prag: Optional[object] = None  # server.prag.PragService or server.prag_vllm.VLLMPragService
-    builds_adapters: bool = False  # prag trains adapters too (vLLM's only serves them)
 
     @classmethod
     def for_engine(cls, engine, prompts, settings: Settings, data_dir: Optional[Path]) -> "Artefacts":
@@ -64,8 +64,9 @@ class Artefacts:
         elif LORA_REQUESTS in caps:
             from .prag_vllm import VLLMPragService
 
-            prag = VLLMPragService(engine, bank, recipe, data_dir / "combined", engine.model_path)
-        return cls(kv, prag, builds_adapters=ROW_ADAPTERS in caps)
+            prag = VLLMPragService(engine, prompts, bank, recipe, data_dir / "combined",
+                                   build_group=settings.adapter_build_group)
+        return cls(kv, prag)
 
     @property
     def services(self) -> frozenset[str]:
@@ -75,7 +76,7 @@ class Artefacts:
     def builder(self, kind: str):
         """The service that builds artefacts of ``kind`` (one of ``KINDS``), or None if this
         engine cannot; each has ``build_document(doc) -> bool``."""
-        return {"kv": self.kv, "adapters": self.prag if self.builds_adapters else None}[kind]
+        return {"kv": self.kv, "adapters": self.prag}[kind]
 
     def stored(self, doc) -> dict[str, bool]:
         """Which artefacts are stored for ``doc`` (the kinds this engine serves)."""

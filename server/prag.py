@@ -1,11 +1,12 @@
-"""Parametric RAG on the torch engine: building adapters and serving them as row deltas.
+"""Parametric RAG: building adapters (both engines) and serving them as row deltas (torch).
 
 Building (a job, or ``knowmux ingest --build adapters``) takes documents in groups
 (``build_group``, 8 by default): the served model writes every document's augmentation
 at once (one engine batch, shared with live traffic), then the group's LoRAs are trained
-together through the engine's packed forward over the served weights, in pieces run on
-the engine thread between serving steps (short pieces while requests are live), and
-each is saved in peft's format (adapters.bank). Serving: the retrieved
+together through a packed forward (``AdapterBuilds``): on the torch engine over the
+served weights, in pieces run on the engine thread between serving steps (short pieces
+while requests are live); on vllm over a float32 copy (server.prag_vllm). Each is saved
+in peft's format (adapters.bank). Serving: the retrieved
 documents' adapters are loaded (memory LRU in front of the bank), turned into
 (A, (alpha/r) B) pairs and combined by concatenation, the exact sum of their deltas;
 the engine applies them to the request's row only, so the base weights never change.
@@ -68,51 +69,29 @@ class StoredAdapters:
             raise
 
 
-class PragService(StoredAdapters):
-    # Tokens per training piece (one engine-thread call): short while requests are live,
-    # so a build holds serving up for about a second at a time; long when idle.
-    TRAIN_TOKENS_BUSY, TRAIN_TOKENS_IDLE = 256, 1024
+class AdapterBuilds(StoredAdapters):
+    """Building adapters, the same on both engines: the served model writes every document's
+    augmentation of a group at once (one engine batch, shared with live traffic), then the
+    group's LoRAs are trained together through a ``LlamaRunner``'s packed forward and each is
+    saved in peft's format. Subclasses set ``engine``, ``prompts`` and ``build_group``, and
+    give the trainer (``trainer()``), the runner it trains through (``train_runner``) and the
+    tokens per training piece (``_train_tokens()``)."""
 
-    def __init__(self, engine, prompts, bank: AdapterBank, recipe: Recipe, cache_size: int = 256,
-                 build_group: int = 8):
-        self.engine, self.prompts, self.bank, self.recipe = engine, prompts, bank, recipe
-        self.build_group = max(1, build_group)
-        self.runner = engine.runner
-        self.fingerprint = model_fingerprint(self.runner, engine.model_id)
-        r = self.runner
-        self.shapes = {"gate_proj": (r.intermediate, r.hidden), "up_proj": (r.intermediate, r.hidden),
-                       "down_proj": (r.hidden, r.intermediate)}
-        self._trainer: Optional[LoraTrainer] = None
-        self._train_lock = threading.Lock()
-        self._cache: collections.OrderedDict[str, AdapterSet] = collections.OrderedDict()
-        self._cache_size = cache_size
+    TRAIN_TOKENS_IDLE = 1024
+    _train_lock: threading.Lock
+    train_runner: object
 
-    # ---- building ---------------------------------------------------------------------
+    def trainer(self) -> LoraTrainer:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _train_tokens(self) -> int:
+        return self.TRAIN_TOKENS_IDLE
+
     def generate(self, prompt: str, max_tokens: int) -> str:
         ids = self.prompts.plain([{"role": "user", "content": prompt}])
         req = GenRequest(f"augment-{time.monotonic_ns()}", [RowSpec(ids)], SamplingParams(max_tokens=max_tokens),
                          background=True)
         return generate_blocking(self.engine, req, timeout=600)[0]
-
-    def trainer(self) -> LoraTrainer:
-        if self._trainer is None:
-            def make() -> LoraTrainer:
-                # The trainer needs the model's modules (peft wraps its projections and saves
-                # adapters in its format) but trains through the engine's runner: its copy of
-                # the modules shares the engine's frozen weights instead of holding a second
-                # set (540 MB for SmolLM2).
-                shared = {id(p): p for p in self.engine.hf_model.parameters()}
-                model = copy.deepcopy(self.engine.hf_model, shared)
-                return LoraTrainer(model, self.engine.tokenizer, self.recipe, self.fingerprint,
-                                   run=lambda fn: self.engine.worker.call(fn, background=True).result())
-
-            # copying the model's weights is torch work: on the engine's thread, so that the
-            # build's thread grows no OpenMP team of its own (server.engine.compute)
-            self._trainer = self.engine.run_compute(make)
-        return self._trainer
-
-    def _train_tokens(self) -> int:
-        return self.TRAIN_TOKENS_BUSY if self.engine.worker.busy else self.TRAIN_TOKENS_IDLE
 
     def _augment(self, doc):
         passage = f"{doc.title}\n{doc.text}" if doc.title else doc.text
@@ -149,7 +128,7 @@ class PragService(StoredAdapters):
         with self._train_lock:  # one trainer, one group at a time
             trainer = self.trainer()
             ok = list(augs)
-            trained = trainer.train_many([training_sequences(augs[i], self.recipe) for i in ok], self.runner,
+            trained = trainer.train_many([training_sequences(augs[i], self.recipe) for i in ok], self.train_runner,
                                          self._train_tokens)
             for i, (weights, stats) in zip(ok, trained):
                 doc = docs[i]
@@ -158,7 +137,7 @@ class PragService(StoredAdapters):
                                    augs[i].to_json(), {
                                        "doc_id": doc.id, "model": self.fingerprint, "model_id": self.engine.model_id,
                                        "recipe": self.recipe.__dict__, "content_hash": doc.content_hash,
-                                       "augment_s": round(t_aug, 3),
+                                       "augment_s": round(t_aug, 3), "engine": self.engine.name,
                                        **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()},
                                        "built_at": time.time()})
                     results[i] = True
@@ -173,7 +152,48 @@ class PragService(StoredAdapters):
             raise result
         return result
 
-    # ---- serving ------------------------------------------------------------------------
+
+class PragService(AdapterBuilds):
+    # Tokens per training piece (one engine-thread call): short while requests are live,
+    # so a build holds serving up for about a second at a time; long when idle.
+    TRAIN_TOKENS_BUSY = 256
+
+    def __init__(self, engine, prompts, bank: AdapterBank, recipe: Recipe, cache_size: int = 256,
+                 build_group: int = 8):
+        self.engine, self.prompts, self.bank, self.recipe = engine, prompts, bank, recipe
+        self.build_group = max(1, build_group)
+        self.runner = self.train_runner = engine.runner  # trains through the served weights
+        self.fingerprint = model_fingerprint(self.runner, engine.model_id)
+        r = self.runner
+        self.shapes = {"gate_proj": (r.intermediate, r.hidden), "up_proj": (r.intermediate, r.hidden),
+                       "down_proj": (r.hidden, r.intermediate)}
+        self._trainer: Optional[LoraTrainer] = None
+        self._train_lock = threading.Lock()
+        self._cache: collections.OrderedDict[str, AdapterSet] = collections.OrderedDict()
+        self._cache_size = cache_size
+
+    # ---- building ---------------------------------------------------------------------
+    def trainer(self) -> LoraTrainer:
+        if self._trainer is None:
+            def make() -> LoraTrainer:
+                # The trainer needs the model's modules (peft wraps its projections and saves
+                # adapters in its format) but trains through the engine's runner: its copy of
+                # the modules shares the engine's frozen weights instead of holding a second
+                # set (540 MB for SmolLM2).
+                shared = {id(p): p for p in self.engine.hf_model.parameters()}
+                model = copy.deepcopy(self.engine.hf_model, shared)
+                return LoraTrainer(model, self.engine.tokenizer, self.recipe, self.fingerprint,
+                                   run=lambda fn: self.engine.worker.call(fn, background=True).result())
+
+            # copying the model's weights is torch work: on the engine's thread, so that the
+            # build's thread grows no OpenMP team of its own (server.engine.compute)
+            self._trainer = self.engine.run_compute(make)
+        return self._trainer
+
+    def _train_tokens(self) -> int:
+        return self.TRAIN_TOKENS_BUSY if self.engine.worker.busy else self.TRAIN_TOKENS_IDLE
+
+    # ---- serving ----------------------------------------------------------------------
     def adapter_set(self, doc) -> Optional[AdapterSet]:
         """The document's adapter as engine deltas; None when not built; AdapterError (after
         removing it) when the stored one is damaged (``load``)."""

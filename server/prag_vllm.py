@@ -9,12 +9,18 @@ adapter is written in peft's format under ``DATA_DIR/combined/{hash}`` (atomical
 cached by document set and scales) and handed to vLLM as a LoRARequest; concurrent
 requests with different sets share a batch up to vLLM's ``max_loras``.
 
-Adapters are trained by the torch engine (knowmux ingest --build adapters); this
-service only reads them, keyed by the same model fingerprint, recipe and content hash.
+Adapters are built here as on the torch engine (server.prag.AdapterBuilds): vLLM writes
+the augmentations, and the LoRAs are trained through a ``LlamaRunner`` over a float32
+copy of the weights, loaded from the model folder on vLLM's device at the first build
+(vLLM's own weights are not reachable as modules, and adapters are trained and keyed in
+float32) and kept for later builds. Training runs in the build's thread, beside vLLM's
+steps rather than between them. The adapters are keyed by the same model fingerprint,
+recipe and content hash as the torch engine's, so either engine serves the other's.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -26,11 +32,12 @@ from safetensors.torch import save_file
 
 from adapters.bank import AdapterBank, AdapterError
 from adapters.recipe import TARGET_MODULES, Recipe
+from adapters.train import LoraTrainer
 from indexes.atomic import atomic_folder
 
 from .engine.vllm_engine import VLLMLora
-from .fingerprint import fingerprint_of
-from .prag import StoredAdapters
+from .fingerprint import fingerprint_of, model_fingerprint
+from .prag import AdapterBuilds
 
 
 
@@ -49,15 +56,37 @@ def folder_fingerprint(path: Path, model_id: str, dtype: str = "float32") -> tup
     return fp, shapes
 
 
-class VLLMPragService(StoredAdapters):
-    def __init__(self, engine, bank: AdapterBank, recipe: Recipe, root: Path, model_path: Path,
-                 max_cached: int = 256):
-        self.engine, self.bank, self.recipe = engine, bank, recipe
+class VLLMPragService(AdapterBuilds):
+    def __init__(self, engine, prompts, bank: AdapterBank, recipe: Recipe, root: Path, max_cached: int = 256,
+                 build_group: int = 8):
+        self.engine, self.prompts, self.bank, self.recipe = engine, prompts, bank, recipe
+        self.build_group = max(1, build_group)
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.fingerprint, self.shapes = folder_fingerprint(model_path, engine.model_id)
+        self.fingerprint, self.shapes = folder_fingerprint(engine.model_path, engine.model_id)
         self.max_cached = max_cached
         self._lock = threading.Lock()
+        self._train_lock = threading.Lock()
+        self._trainer = self.train_runner = None
+
+    def trainer(self) -> LoraTrainer:
+        """The first build loads the model folder in float32 on vLLM's device (a second copy
+        of the weights, kept for later builds) and trains through a LlamaRunner over it."""
+        if self._trainer is None:
+            from transformers import AutoModelForCausalLM
+
+            from .engine.model import LlamaRunner
+
+            model = AutoModelForCausalLM.from_pretrained(self.engine.model_path, dtype=torch.float32)
+            model = model.to(self.engine.device).eval().requires_grad_(False)
+            runner = LlamaRunner(model)
+            if model_fingerprint(runner, self.engine.model_id) != self.fingerprint:
+                raise AdapterError("the weights loaded for training are not the ones the adapters are keyed by")
+            shared = {id(p): p for p in model.parameters()}  # peft's copy shares the frozen weights
+            self._trainer = LoraTrainer(copy.deepcopy(model, shared), self.engine.tokenizer, self.recipe,
+                                        self.fingerprint)
+            self.train_runner = runner
+        return self._trainer
 
     def row_adapters(self, docs: list, scales: list[float]):
         usable, missing, corrupt = [], [], []

@@ -123,8 +123,6 @@ def test_strategies_health_and_builds_on_the_vllm_engine(vllm_engine, shared_dat
         assert health["vllm"]["kv_connector"] is True
         r = _ask(srv.url, "auto", "Where does Zorbl live?")
         assert r.status_code == 200 and r.headers["x-strategy"] in models["strategies"]
-        r = httpx.post(srv.url + "/v1/builds", json={"kind": "adapters", "doc_ids": ["zorbl"]})
-        assert r.status_code == 409 and "cannot build" in r.json()["error"]["message"]
         for field, value in (("kv_recompute", 0.3), ("kv_link_tokens", 4), ("kv_positions", "parallel"),
                              ("kv_temperature", 0.5), ("kv_scale", 0.8)):  # torch only: recomputes and APE
             r = _ask(srv.url, "kv", "Where does Zorbl live?", **{field: value})
@@ -195,6 +193,37 @@ def test_kv_builds_through_a_vllm_server_are_used_by_it(vllm_engine, tmp_path, e
         assert r.json()["knowmux"]["kv"]["built_now"] == [] and r.json()["knowmux"]["retrieved"][0]["id"] == "zorbl"
         rag = _ask(srv.url, "rag", "What is Zorbl's favourite food?", top_k=1)
         assert r.json()["choices"][0]["message"]["content"] == rag.json()["choices"][0]["message"]["content"]
+
+
+def test_adapter_builds_through_a_vllm_server_are_served_by_both_engines(vllm_engine, real_engine, tmp_path,
+                                                                         embedder):
+    """POST /v1/builds kind=adapters on a vLLM server: vLLM writes the augmentation, the LoRA
+    is trained through a float32 copy of the weights, and the adapter is stored under the key
+    both engines use: the vLLM server applies it (on_missing: error), and so does a torch
+    server over the same data folder."""
+    import json
+    import time
+
+    with _server(vllm_engine, tmp_path, embedder, adapter_recipe="passage-2ep-lr2e-3") as srv:
+        httpx.post(srv.url + "/v1/documents", json={"documents": DOCS[:2]}, timeout=120).raise_for_status()
+        r = httpx.post(srv.url + "/v1/builds", json={"kind": "adapters", "doc_ids": ["zorbl"]})
+        assert r.status_code == 200, r.text
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            state = httpx.get(srv.url + f"/v1/jobs/{r.json()['id']}").json()
+            if state["status"] not in ("queued", "running"):
+                break
+            time.sleep(0.5)
+        assert (state["status"], state["built"]) == ("done", 1), state
+        meta = [json.loads(p.read_text()) for p in (tmp_path / "adapters").rglob("knowmux.json")]
+        assert [(m["engine"], m["doc_id"]) for m in meta] == [("vllm", "zorbl")]
+        assert meta[0]["last_epoch_loss"] < meta[0]["first_loss"]  # it trained
+        named = {"adapters": [{"doc_id": "zorbl", "scale": 1.0}], "on_missing": "error", "max_tokens": 8}
+        got = _ask(srv.url, "prag", "Where does Zorbl live?", **named)
+        assert got.status_code == 200 and got.json()["knowmux"]["adapters_applied"] == 1, got.text
+    with _server(real_engine, tmp_path, embedder, adapter_recipe="passage-2ep-lr2e-3") as srv:
+        got = _ask(srv.url, "prag", "Where does Zorbl live?", **named)
+        assert got.status_code == 200 and got.json()["knowmux"]["adapters_applied"] == 1, got.text
 
 
 def test_a_failed_kv_load_on_vllm_falls_back_to_prefilling(vllm_engine, shared_data, embedder, monkeypatch):
