@@ -11,7 +11,6 @@ weights loaded for training). Without a data folder there are none.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +18,9 @@ from typing import Optional
 
 from .config import Settings
 from .engine import KV_INJECTION, LORA_REQUESTS, ROW_ADAPTERS
-from .options import KV_OPTIONS
 
 log = logging.getLogger(__name__)
 
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings)}
 KINDS = ("kv", "adapters")  # what a build job or `knowmux ingest --build` may name
 
 
@@ -49,10 +46,11 @@ class Artefacts:
         if KV_INJECTION in caps:
             from .kv.service import KVService
             from .kv.store import KVStore
+            from .strategies.kv import TORCH_ONLY
 
             kv = KVService(engine, prompts, KVStore(data_dir / "kv", settings.kv_memory_bytes,
                                                     settings.kv_store_bytes, open_tier(settings.kv_tier, "kv")))
-            unused = {k: getattr(settings, k) for k in KV_OPTIONS if getattr(settings, k) != _DEFAULTS[k]}
+            unused = {k: getattr(settings, k) for k, off in TORCH_ONLY.items() if getattr(settings, k) not in (None, off)}
             if unused and not kv.can_blend:
                 log.warning("%s do not apply on the %s engine: recomputing joined tokens (CacheBlend, LegoLink) "
                             "and APE's attention run on the torch engine only, kv injects the joined caches as "

@@ -53,8 +53,12 @@ class Settings:
     adapter_build_group: int = 8  # documents whose adapters are augmented and trained together
     kv_recompute: float = 0.0  # default CacheBlend fraction of non-exact passage tokens recomputed by `kv`
     kv_link_tokens: int = 0  # default LegoLink count: first tokens of each non-first passage recomputed by `kv`
-    kv_positions: str = "sequential"  # default passage positions of `kv`: "sequential" or APE's "parallel"
-    kv_temperature: float = 1.0  # default APE attention temperature of `kv` over its passages (1 = off)
+    # default passage positions of `kv`: "parallel" (APE's) or "sequential"; None: parallel,
+    # or sequential when a recompute (kv_recompute, kv_link_tokens) applies
+    kv_positions: Optional[str] = None
+    # default APE attention temperature of `kv` over its passages (1 = off); None: 0.8 with
+    # parallel positions on the torch engine, else 1 (server.strategies.kv.APE_TEMPERATURE)
+    kv_temperature: Optional[float] = None
     kv_scale: float = 1.0  # default APE attention scale of `kv` over its passages (1 = off)
     # routing: the strategy when a request names none, the router's rules, A/B experiments
     default_strategy: str = "auto"
@@ -87,10 +91,10 @@ class Settings:
             raise ValueError(f"KNOWMUX_KV_RECOMPUTE must be a fraction between 0 and 1, got {self.kv_recompute}")
         if not 0 <= self.kv_link_tokens <= 4096:
             raise ValueError(f"KNOWMUX_KV_LINK_TOKENS must be between 0 and 4096, got {self.kv_link_tokens}")
-        if self.kv_positions not in ("sequential", "parallel"):
+        if self.kv_positions not in (None, "sequential", "parallel"):
             raise ValueError(f"KNOWMUX_KV_POSITIONS must be sequential or parallel, got {self.kv_positions!r}")
         for name, value in (("KV_TEMPERATURE", self.kv_temperature), ("KV_SCALE", self.kv_scale)):
-            if not 0.0 < value <= 2.0:
+            if value is not None and not 0.0 < value <= 2.0:
                 raise ValueError(f"KNOWMUX_{name} must be in (0, 2], got {value}")
         if self.kv_positions == "parallel" and (self.kv_recompute or self.kv_link_tokens):
             raise ValueError("KNOWMUX_KV_POSITIONS=parallel cannot be combined with KNOWMUX_KV_RECOMPUTE or "

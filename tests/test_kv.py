@@ -293,49 +293,47 @@ def test_ape_attention_is_the_papers_three_part_merge():
         return out
 
     for T, S in ((1.0, 1.0), (0.6, 0.8), (1.3, 0.5)):
-        ctx = ParallelContext(head, head + docs, head + docs, T, S)
+        ctx = ParallelContext(head, head + docs, T, S)
         torch.testing.assert_close(attend(q, k, v, ctx, past), reference(T, S), atol=1e-5, rtol=1e-5)
     mask = torch.ones(n, past + n, dtype=torch.bool).tril(diagonal=past)
     plain = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)[0]
-    torch.testing.assert_close(attend(q, k, v, ParallelContext(head, head + docs, head + docs), past), plain,
+    torch.testing.assert_close(attend(q, k, v, ParallelContext(head, head + docs), past), plain,
                                atol=1e-5, rtol=1e-5)
 
 
 def test_ape_options_on_the_engine(tmp_path):
-    """kv_temperature/kv_scale/kv_positions through the runner: T = S = 1 leaves `kv`'s
-    logits as they are; parallel positions put the question after the longest passage
-    (checked against plain attention over the same cache at those positions); with one
-    passage parallel is sequential, i.e. a full prefill; a row attended APE's way and a rag
+    """APE through the runner. Parallel positions (a rotation at join time) give what the
+    paper's layout gives: every passage where it was encoded, right after the head, the
+    question after the longest (built here by hand, unrotated, with the question's positions
+    moved instead); with one passage both layouts are a full prefill. T = S = 1 leaves
+    `kv`'s logits as they are, other values change them; a row attended APE's way and a rag
     row batched together decode as each does alone."""
-    from dataclasses import replace
+    from server.engine.kvcache import KVPrefix
 
     engine, kv = service(tmp_path)
     layout = kv.prompts.with_passages(ASK, PASSAGES)
     entries = [kv.passage(p.doc_id, ids).entry for p, ids in zip(PASSAGES, layout.passages)]
     h, lengths = len(layout.head), [len(p) for p in layout.passages]
 
-    def logits(prefix, pos_offset=0):
-        cache = engine.runner.new_cache(prefix.length + len(layout.tail), pos_offset=pos_offset)
+    def logits(prefix, pos_offset=0, tail=layout.tail):
+        cache = engine.runner.new_cache(prefix.length + len(tail), pos_offset=pos_offset)
         cache.import_prefix(prefix)
-        return engine.runner.forward(torch.tensor(layout.tail), [Segment(cache, 0, len(layout.tail), want_logits=True)])[0]
+        return engine.runner.forward(torch.tensor(tail), [Segment(cache, 0, len(tail), want_logits=True)])[0]
 
+    par = kv.join(entries, parallel=True)
+    assert par.layout == "parallel" and par.length == h + sum(lengths)
+    by_hand = KVPrefix(torch.cat([kv.head()[1].kv] + [e.kv for e in entries], dim=3))  # as encoded
+    torch.testing.assert_close(logits(par), logits(by_hand, pos_offset=max(lengths) - sum(lengths)),
+                               atol=1e-4, rtol=1e-4)
     seq = kv.join(entries)
-    plain = logits(seq)
-    torch.testing.assert_close(logits(kv.ape(seq, h, False, 1.0, 1.0, lengths)), plain, atol=1e-4, rtol=1e-4)
-    assert float((logits(kv.ape(seq, h, False, 0.5, 0.7, lengths)) - plain).abs().max()) > 1e-3
-
-    par = kv.join(entries, parallel=True)  # every passage at h.. as computed, no re-rotation
-    torch.testing.assert_close(par.kv[:, :, :, h + lengths[0]:h + lengths[0] + lengths[1]], entries[1].kv)
-    ape = kv.ape(par, h, True, 1.0, 1.0, lengths)
-    assert ape.parallel.next_pos == h + max(lengths)
-    torch.testing.assert_close(logits(ape), logits(par, pos_offset=h + max(lengths) - par.length), atol=1e-4, rtol=1e-4)
-
+    assert float((logits(par) - logits(seq)).abs().max()) > 1e-3  # the layouts differ with several passages
     one = kv.prompts.with_passages(ASK, PASSAGES[:1])
-    single = kv.ape(kv.join(entries[:1], parallel=True), h, True, 1.0, 1.0, lengths[:1])
-    cache = engine.runner.new_cache(single.length + len(one.tail))
-    cache.import_prefix(single)
-    got = engine.runner.forward(torch.tensor(one.tail), [Segment(cache, 0, len(one.tail), want_logits=True)])[0]
-    torch.testing.assert_close(got, prefill_logits(engine.runner, one.ids), atol=1e-4, rtol=1e-4)
+    for single in (kv.join(entries[:1], parallel=True), kv.join(entries[:1])):
+        torch.testing.assert_close(logits(single, tail=one.tail), prefill_logits(engine.runner, one.ids),
+                                   atol=1e-4, rtol=1e-4)
+
+    torch.testing.assert_close(logits(kv.ape(par, h, 1.0, 1.0)), logits(par), atol=1e-4, rtol=1e-4)
+    assert float((logits(kv.ape(par, h, 0.5, 0.7)) - logits(par)).abs().max()) > 1e-3
 
     def run(rows):
         out = {}
@@ -347,7 +345,7 @@ def test_ape_options_on_the_engine(tmp_path):
             pass
         return out
 
-    ape_row = ("ape", RowSpec(layout.tail, prefix=replace(kv.ape(par, h, True, 0.8, 0.9, lengths))))
+    ape_row = ("ape", RowSpec(layout.tail, prefix=kv.ape(par, h, 0.8, 0.9)))
     rag_row = ("rag", RowSpec(kv.prompts.with_passages(ASK, PASSAGES[1:]).ids))
     alone = {**run([ape_row]), **run([rag_row])}
     assert run([ape_row, rag_row]) == alone and len(alone["ape"]) == 6
@@ -363,11 +361,31 @@ def test_kv_server_defaults_are_checked_and_apply_to_requests_that_set_nothing(m
         with pytest.raises(ValueError, match="KNOWMUX_KV_"):
             Settings(**bad)
     assert Settings.from_env(env={"KNOWMUX_KV_POSITIONS": "parallel", "KNOWMUX_KV_SCALE": "0.8"}).kv_scale == 0.8
-    srv = make_server(kv_positions="parallel", kv_temperature=0.7)
-    httpx.post(srv.url + "/v1/documents", json={"documents": [{"id": "a", "text": "Zorbl is a cat."}]})
     ask = {"model": "knowmux", "messages": ASK, "max_tokens": 2}
-    got = httpx.post(srv.url + "/v1/chat/completions", headers={"X-Strategy": "kv"}, json=ask).json()["knowmux"]["kv"]
-    assert (got["positions"], got["temperature"], got["scale"]) == ("parallel", 0.7, 1.0)
-    got = httpx.post(srv.url + "/v1/chat/completions", headers={"X-Strategy": "kv"},
-                     json={**ask, "kv_positions": "sequential", "kv_temperature": 1}).json()["knowmux"]["kv"]
-    assert (got["positions"], got["temperature"]) == ("sequential", 1)
+
+    def kv_info(srv, **body):
+        r = httpx.post(srv.url + "/v1/chat/completions", headers={"X-Strategy": "kv"}, json={**ask, **body})
+        assert r.status_code == 200, r.text
+        return r.json()["knowmux"]["kv"]
+
+    srv = make_server(kv_positions="sequential", kv_temperature=0.7)
+    httpx.post(srv.url + "/v1/documents", json={"documents": [{"id": "a", "text": "Zorbl is a cat."}]})
+    got = kv_info(srv)
+    assert (got["positions"], got["temperature"], got["scale"]) == ("sequential", 0.7, 1.0)
+    got = kv_info(srv, kv_positions="parallel", kv_temperature=1)
+    assert (got["positions"], got["temperature"]) == ("parallel", 1)
+    # the default layout is parallel, with APE's temperature from two passages on; a recompute
+    # asked for without positions runs in sequence (T = 1), and positions asked for win over
+    # the server's recompute
+    srv = make_server(kv_recompute=0.5)
+    httpx.post(srv.url + "/v1/documents", json={"documents": [{"id": "a", "text": "Zorbl is a cat."},
+                                                              {"id": "b", "text": "Zorbl lives on the moon."}]})
+    got = kv_info(srv)
+    assert (got["positions"], got["recompute_fraction"], got["temperature"]) == ("sequential", 0.5, 1.0)
+    got = kv_info(srv, kv_positions="parallel")
+    assert (got["positions"], got["recompute_fraction"], got["temperature"]) == ("parallel", 0.0, 0.8)
+    assert kv_info(srv, kv_positions="parallel", top_k=1)["temperature"] == 1.0  # one passage is exact
+    got = kv_info(srv, kv_recompute=0)
+    assert (got["positions"], got["recompute_fraction"]) == ("parallel", 0)
+    got = kv_info(srv, kv_link_tokens=2, kv_recompute=0)
+    assert (got["positions"], got["link_tokens"]) == ("sequential", 2)

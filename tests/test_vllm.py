@@ -123,8 +123,8 @@ def test_strategies_health_and_builds_on_the_vllm_engine(vllm_engine, shared_dat
         assert health["vllm"]["kv_connector"] is True
         r = _ask(srv.url, "auto", "Where does Zorbl live?")
         assert r.status_code == 200 and r.headers["x-strategy"] in models["strategies"]
-        for field, value in (("kv_recompute", 0.3), ("kv_link_tokens", 4), ("kv_positions", "parallel"),
-                             ("kv_temperature", 0.5), ("kv_scale", 0.8)):  # torch only: recomputes and APE
+        for field, value in (("kv_recompute", 0.3), ("kv_link_tokens", 4), ("kv_temperature", 0.5),
+                             ("kv_scale", 0.8)):  # torch only: the recomputes and APE's attention
             r = _ask(srv.url, "kv", "Where does Zorbl live?", **{field: value})
             assert r.status_code == 400 and r.json()["error"]["param"] == field
 
@@ -153,16 +153,20 @@ def test_kv_on_vllm_matches_the_torch_engine(vllm_engine, real_engine, shared_da
     from server.kv.compute import TorchKV, VLLMKV
 
     assert TorchKV(real_engine).fingerprint == VLLMKV(vllm_engine).fingerprint  # fp32 on both: shared caches
-    opts = {"top_k": 3, "max_tokens": 8, "logprobs": True, "top_logprobs": 2}
+    # T = 1 on the torch engine too: APE's default temperature there is torch-only
+    opts = {"top_k": 3, "max_tokens": 8, "logprobs": True, "top_logprobs": 2, "kv_temperature": 1}
     with _server(real_engine, shared_data, embedder) as a, _server(vllm_engine, shared_data, embedder) as b:
-        for q in ["What colour is Zorbl?", QUESTIONS[1]]:
-            ra, rb = _ask(a.url, "kv", q, **opts), _ask(b.url, "kv", q, **opts)
+        for q, positions in (("What colour is Zorbl?", "parallel"), (QUESTIONS[1], "parallel"),
+                             (QUESTIONS[1], "sequential")):  # both layouts: rotations at join time
+            ra, rb = (_ask(srv.url, "kv", q, kv_positions=positions, **opts) for srv in (a, b))
             assert ra.status_code == rb.status_code == 200, (ra.text, rb.text)
             assert ra.json()["knowmux"]["kv"]["injected_tokens"] == rb.json()["knowmux"]["kv"]["injected_tokens"]
+            assert rb.json()["knowmux"]["kv"]["positions"] == positions
             la, lb = (r.json()["choices"][0]["logprobs"]["content"] for r in (ra, rb))
             assert [t["token"] for t in la] == [t["token"] for t in lb]
             assert [t["logprob"] for t in la] == pytest.approx([t["logprob"] for t in lb], abs=1e-2)
-        ck = {"ckplug_alpha": 0.5, "ckplug_trace": True, "max_tokens": 10, "ignore_eos": True, "top_k": 3}
+        ck = {"ckplug_alpha": 0.5, "ckplug_trace": True, "max_tokens": 10, "ignore_eos": True, "top_k": 3,
+              "kv_temperature": 1}
         ra, rb = (_ask(srv.url, "kv+ckplug", "What colour is Zorbl?", **ck) for srv in (a, b))
         assert ra.status_code == rb.status_code == 200, (ra.text, rb.text)
         ka, kb = ra.json()["knowmux"]["ckplug"], rb.json()["knowmux"]["ckplug"]
@@ -393,3 +397,20 @@ def test_the_paired_rows_processor_joins_pairs_and_notices_them_apart():
     finally:
         PAIRS.forget("p")
         PAIRS.forget("q")
+
+
+def test_injected_blocks_are_shared_only_where_their_keys_agree():
+    """vLLM reuses cached blocks of equal leading tokens: fine for sequential layouts (a
+    block's keys depend only on what precedes it), wrong for parallel ones (every key is
+    shifted by an amount that depends on all the passages), which share only whole prefixes."""
+    import torch
+
+    from server.engine.kvcache import KVPrefix
+    from server.engine.vllm_kv import cache_salt
+
+    kv = torch.zeros(1, 2, 1, 3, 4)
+    seq = [KVPrefix(kv, 0, ids, layout="sequential") for ids in ((1, 2, 3), (1, 2, 4))]
+    par = [KVPrefix(kv, 0, ids, layout="parallel") for ids in ((1, 2, 3), (1, 2, 4), (1, 2, 3))]
+    assert cache_salt(seq[0]) == cache_salt(seq[1])
+    assert cache_salt(par[0]) != cache_salt(par[1]) and cache_salt(par[0]) == cache_salt(par[2])
+    assert cache_salt(par[0]) != cache_salt(seq[0])

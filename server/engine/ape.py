@@ -14,7 +14,9 @@ code does: with a = q k^T / sqrt(D) (causal within the row's own tokens),
 That is one softmax over adjusted logits: the passages' keys get a/T + ln S + (T - 1) lse(a_ctx/T)
 and the others keep a, which is how ``attend`` computes it. T = S = 1 is plain attention. The
 paper also places every passage at the positions it was encoded at (all right after the
-head) and the row's own tokens after the longest: the KV strategy's ``kv_positions: parallel``.
+head) and the row's own tokens after the longest: the KV strategy's ``kv_positions: parallel``,
+which is a rotation of the stored keys when they are joined (server.kv.service), not an
+engine matter.
 """
 
 from __future__ import annotations
@@ -27,17 +29,19 @@ import torch
 
 @dataclass(frozen=True)
 class ParallelContext:
-    """Where a row's independently encoded passages sit in its cache, and APE's two knobs.
-
-    ``start``..``end``-1 are the passages' cache slots (after the head); ``next_pos`` is the
-    rotary position of the slot after them (``end`` with sequential positions; with APE's
-    parallel positions ``len(head) + max(len(passage))``)."""
+    """Where a row's independently encoded passages sit in its cache (slots ``start``..``end``-1,
+    after the head), and APE's two knobs."""
 
     start: int
     end: int
-    next_pos: int
     temperature: float = 1.0
     scale: float = 1.0
+
+    @property
+    def reweights(self) -> bool:
+        """T or S away from 1: the row needs ``attend``; otherwise its attention is plain (and
+        may be batched with other rows)."""
+        return self.temperature != 1.0 or self.scale != 1.0
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ParallelContext, past: int) -> torch.Tensor:

@@ -57,8 +57,9 @@ class PooledDecode:
 
     @classmethod
     def of(cls, segments: list[Segment], heads: int, head_dim: int, dtype) -> Optional["PooledDecode"]:
-        # rows that attend to passages APE's way (cache.parallel) take the per-row path
-        members = [s for s in segments if s.n == 1 and s.cache.pool is not None and s.cache.parallel is None]
+        # rows that reweight their attention to passages APE's way take the per-row path
+        members = [s for s in segments if s.n == 1 and s.cache.pool is not None
+                   and (s.cache.parallel is None or not s.cache.parallel.reweights)]
         if members:
             pool = members[0].cache.pool
             members = [s for s in members if s.cache.pool is pool]

@@ -42,6 +42,9 @@ class KVPrefix:
     load: dict = field(default_factory=dict, compare=False)
     # passages encoded apart that a row attends to APE's way (server.engine.ape)
     parallel: Optional[ParallelContext] = None
+    # how the passages' keys were placed ("sequential" or "parallel"): an engine that caches
+    # prompt blocks by token ids (vllm) must not serve one layout's blocks to the other
+    layout: str = "sequential"
 
     @property
     def length(self) -> int:
@@ -96,8 +99,6 @@ class RowCache:
         self.kv[:, :, :, :n] = prefix.kv.to(self.kv.device, self.kv.dtype)
         self.length = n
         self.parallel = prefix.parallel
-        if prefix.parallel is not None:  # the row's own tokens go on from the prefix's next position
-            self.pos_offset = prefix.parallel.next_pos - n
 
     def export(self, start: int, end: int) -> KVPrefix:
         """A copy of positions start..end-1 (keys keep the rotation of those positions)."""

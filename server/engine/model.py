@@ -200,7 +200,7 @@ class LlamaRunner:
                 seg.cache.write(li, past, k[s:e], v[s:e])
                 kk, vv = seg.cache.view(li, past + seg.n)
                 qq = q[s:e].transpose(0, 1)  # [H, n, D]
-                if seg.cache.parallel is not None:  # injected passages attended APE's way
+                if seg.cache.parallel is not None and seg.cache.parallel.reweights:  # APE's T and S
                     attn[s:e] = ape.attend(qq, kk, vv, seg.cache.parallel, past).transpose(0, 1)
                     continue
                 if seg.n == 1:

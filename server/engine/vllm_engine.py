@@ -432,7 +432,7 @@ class VLLMEngine(LoopThread):
             raise
 
     def _add_row(self, vid: str, row: RowSpec, params, lora) -> None:
-        from .vllm_kv import CACHE_SALT, JOB_KEY, JOBS, Load
+        from .vllm_kv import JOB_KEY, JOBS, Load, cache_salt
 
         if row.prefix is None:
             if JOBS.get(vid) is not None:  # a build's span to read (prefill_kv)
@@ -443,7 +443,7 @@ class VLLMEngine(LoopThread):
         params.extra_args = {**(params.extra_args or {}), JOB_KEY: vid}
         try:
             self.llm.add_request(vid, {"prompt_token_ids": list(row.prefix.ids) + list(row.prompt_ids),
-                                       "cache_salt": CACHE_SALT}, params, lora_request=lora)
+                                       "cache_salt": cache_salt(row.prefix)}, params, lora_request=lora)
         except Exception:
             JOBS.forget(vid)
             raise

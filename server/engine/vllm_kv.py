@@ -33,12 +33,14 @@ unavailable rather than guessed.
 The jobs live in this process (``JOBS``): this needs vLLM's engine core in the process
 (knowmux's ``LLMEngine`` with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and one GPU; with
 tensor parallelism the worker side runs elsewhere and the engine does not offer ``kv``.
-Injected requests carry a cache salt, so vLLM's own prefix cache never hands their
-(approximate, joined) blocks to a request that did not ask for injection.
+Injected requests carry a cache salt (``cache_salt``), so vLLM's own prefix cache never
+hands their (approximate, joined) blocks to a request that did not ask for injection, nor
+to one whose prefix holds the same leading tokens with other keys.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -55,6 +57,16 @@ except ImportError:  # pragma: no cover - the engine refuses to start without vl
 log = logging.getLogger(__name__)
 
 CACHE_SALT = "knowmux-kv"  # vLLM prefix-cache namespace of injected requests
+
+
+def cache_salt(prefix) -> str:
+    """vLLM caches prompt blocks by their tokens and the tokens before them. In a
+    sequential layout a block's keys depend on nothing else, so requests share the blocks
+    of a common start. In the parallel one every key is shifted by an amount that depends
+    on all the passages (server.kv.service.join): only the very same prefix may share."""
+    if prefix.layout == "sequential":
+        return f"{CACHE_SALT}-sequential"
+    return f"{CACHE_SALT}-{prefix.layout}-" + hashlib.sha256(repr(tuple(prefix.ids)).encode()).hexdigest()[:24]
 JOB_KEY = "knowmux_kv"  # SamplingParams.extra_args key naming a request's job (vLLM renames request ids)
 
 

@@ -82,17 +82,26 @@ class KVService:
         return PassageKV(entry, "built")
 
     def join(self, entries: list[KVEntry], ids: Optional[list[int]] = None, parallel: bool = False) -> KVPrefix:
-        """Head + passages in order, each passage's keys moved to its place: one prefix
-        [L, 2, Hkv, len(head) + sum(n_i), D] starting at position 0 (``ids``: its tokens).
-        ``parallel`` (APE): every passage stays where it was encoded, right after the head."""
+        """Head + passages in order: one prefix [L, 2, Hkv, len(head) + sum(n_i), D] whose next
+        token sits at position len(head) + sum(n_i) (``ids``: its tokens).
+
+        Sequential (TurboRAG): each passage's keys are moved to its place after the one
+        before. ``parallel`` (APE): every passage where it was encoded, right after the
+        head, and what follows after the longest. RoPE attention depends only on the
+        distance between a query and a key, so that layout is written as its shift by
+        d = sum(n_i) - max(n_i): head keys at d.., every passage at d + len(head).., and the
+        row's own tokens where they fall anyway, so both engines serve it unchanged."""
         _, head_kv = self.head()
+        lengths = [e.n_tokens for e in entries]
+        shift = sum(lengths) - max(lengths, default=0) if parallel else 0
 
         def join() -> KVPrefix:  # megabytes of rotation and copying: torch work, on the engine's thread
-            parts, pos = [head_kv.kv], head_kv.length
+            parts, pos = [self.compute.rotate(head_kv.kv, shift) if shift else head_kv.kv], head_kv.length
             for e in entries:
-                parts.append(self.compute.rotate(e.kv, pos - e.start_pos))
+                parts.append(self.compute.rotate(e.kv, pos + shift - e.start_pos))
                 pos += 0 if parallel else e.n_tokens
-            return KVPrefix(torch.cat(parts, dim=3), 0, tuple(ids) if ids is not None else None)
+            return KVPrefix(torch.cat(parts, dim=3), 0, tuple(ids) if ids is not None else None,
+                            layout="parallel" if parallel else "sequential")
 
         return self.compute.run(join)
 
@@ -136,13 +145,10 @@ class KVService:
         return self.compute.blend(prefix, ids, exact_upto, fraction)
 
     @staticmethod
-    def ape(prefix: KVPrefix, head: int, parallel: bool, temperature: float, scale: float,
-            lengths: list[int]) -> KVPrefix:
-        """The joined prefix marked for APE's attention (server.engine.ape): its passages are
-        slots ``head``.. of it; the row's own tokens go on after the last passage, or with
-        ``parallel`` positions after the longest (where APE places the query)."""
-        next_pos = head + (max(lengths, default=0) if parallel else sum(lengths))
-        return replace(prefix, parallel=ParallelContext(head, prefix.length, next_pos, temperature, scale))
+    def ape(prefix: KVPrefix, head: int, temperature: float, scale: float) -> KVPrefix:
+        """The joined prefix marked for APE's attention (server.engine.ape) over its passages,
+        slots ``head``.. of it."""
+        return replace(prefix, parallel=ParallelContext(head, prefix.length, temperature, scale))
 
     def link(self, prefix: KVPrefix, ids: list[int], positions: list[int]) -> tuple[KVPrefix, int]:
         """The joined prefix with the tokens at ``positions`` recomputed against it (LegoLink:
