@@ -36,16 +36,21 @@ class InlineRag:
     def __init__(self, data_dir: str, top_k: int):
         from indexes import KnowledgeBase
         from indexes.embedder import Embedder
-        from server.prompt import PASSAGE_WRAPPER, SYSTEM_PROMPT
+        from server.prompt import get_layout
 
         self.kb, self.k = KnowledgeBase(Path(data_dir), Embedder()), top_k
-        self.system, self.wrapper = SYSTEM_PROMPT, PASSAGE_WRAPPER
+        self.layout = get_layout(None)  # the tokens knowmux's default layout prefills
 
     def messages(self, question: str) -> list[dict]:
         hits = self.kb.search(question, self.k)
         docs = self.kb.get_many([h.doc_id for h in hits])
-        passages = "".join(self.wrapper.format(title=docs[h.doc_id].title, text=docs[h.doc_id].text) for h in hits)
-        return [{"role": "system", "content": self.system + passages}, {"role": "user", "content": question}]
+        spec = self.layout
+        passages = "".join(spec.wrapper.format(title=docs[h.doc_id].title, text=docs[h.doc_id].text) for h in hits)
+        if spec.placement == "system":
+            return [{"role": "system", "content": spec.system + spec.intro + passages},
+                    {"role": "user", "content": spec.before_question + question}]
+        system = [{"role": "system", "content": spec.system}] if spec.system else []
+        return system + [{"role": "user", "content": spec.intro + passages + spec.before_question + question}]
 
 
 async def one_request(client, model: str, messages, strategy: str, max_tokens: int, top_k: int) -> dict:

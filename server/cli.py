@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="top_p for a request that sets none (default: the model's generation_config, else 1.0)")
     s.add_argument("--chat-template", type=Path,
                    help="a Jinja chat template file, for a model folder without one (env KNOWMUX_CHAT_TEMPLATE)")
+    s.add_argument("--prompt-layout", help="where the passages go in the prompt: system (default: the end of "
+                                           "a knowmux system prompt), user-instruct (the first user turn, "
+                                           "before the question), or another of server.prompt.LAYOUTS "
+                                           "(env KNOWMUX_PROMPT_LAYOUT)")
     s.add_argument("--router-probe", action="store_const", const=True, default=None,
                    help="let the router probe the model's confidence with and without context")
     s.add_argument("--log-level", default=None)
@@ -73,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("file", type=Path, help='JSON lines: {"id": str, "title": str (optional), "text": str}')
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--build", default="", help="artefacts to build after ingest, comma-separated: kv, adapters")
+    s.add_argument("--prompt-layout", help="the layout the KV caches are built for: the server's --prompt-layout "
+                                           "(env KNOWMUX_PROMPT_LAYOUT)")
     _device_flags(s)
     s.set_defaults(func=cmd_ingest)
 
@@ -125,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 def _settings(args) -> Settings:
     keys = ("data_dir", "model", "host", "port", "engine", "threads", "max_batch_size", "max_queue",
             "max_tokens_in_flight", "experiments", "default_strategy", "router_probe", "chat_template", "log_level",
-            "default_temperature", "default_top_p", "device", "dtype", "kv_tier", "kv_store_bytes", "max_context",
+            "default_temperature", "default_top_p", "prompt_layout", "device", "dtype", "kv_tier", "kv_store_bytes", "max_context",
             "tensor_parallel_size", "gpu_memory_utilization", "max_loras", "max_lora_rank")
     return Settings.from_env(**{k: getattr(args, k, None) for k in keys})
 

@@ -41,6 +41,7 @@ class Settings:
     max_tokens_limit: int = 4096
     max_context: Optional[int] = None  # None = the model's max_position_embeddings
     chat_template: Optional[Path] = None  # a Jinja chat template file, for a model folder without one (or to replace it)
+    prompt_layout: str = "system"  # where the passages go in the prompt: server.prompt.LAYOUTS
     default_top_k: int = 3
     max_top_k: int = 20
     max_document_chars: int = 100_000
@@ -99,6 +100,9 @@ class Settings:
         if self.kv_positions == "parallel" and (self.kv_recompute or self.kv_link_tokens):
             raise ValueError("KNOWMUX_KV_POSITIONS=parallel cannot be combined with KNOWMUX_KV_RECOMPUTE or "
                              "KNOWMUX_KV_LINK_TOKENS (they recompute passages in sequence)")
+        from .prompt import get_layout  # no model or torch import
+
+        get_layout(self.prompt_layout)  # ValueError naming the layouts
         if self.default_temperature is not None and not 0.0 <= self.default_temperature <= 2.0:
             raise ValueError(f"KNOWMUX_DEFAULT_TEMPERATURE must be between 0 and 2, got {self.default_temperature}")
         if self.default_top_p is not None and not 0.0 < self.default_top_p <= 1.0:

@@ -1,12 +1,28 @@
-"""The one prompt layout shared by every strategy that shows passages.
+"""The prompt layouts shared by every strategy that shows passages.
 
-    [chat-template head + SYSTEM_PROMPT] [passage 1 wrapper] ... [passage k wrapper] [rest + question]
+    [head] [passage 1] ... [passage k] [tail: the rest of the conversation + the question]
 
 Each part is tokenised on its own, so a passage's tokens do not depend on its
-neighbours: ``rag`` prefills exactly these tokens, and ``kv`` (later) injects each
-passage's stored cache in place of its segment and prefills only the tail. The
-passages sit at the end of the system turn, before the user's own system text (if any)
-and the conversation, so everything before them is a fixed prefix.
+neighbours: ``rag`` prefills exactly these tokens, and ``kv`` injects each passage's
+stored cache in place of its segment and prefills only the tail. Everything before the
+passages is a fixed head (it does not depend on the conversation), so a passage's cache,
+computed once after that head, fits every request.
+
+Where the passages sit is a named layout (LAYOUTS, ``--prompt-layout``):
+
+- ``system`` (the default): a knowmux system prompt whose end holds the passages, the
+  request's system text after them, then the conversation as sent.
+- ``user-instruct``: the model's own system turn (its template's default, if any), then
+  the first user turn: the passages, one line of instruction, ``Question:`` and the
+  user's text. A request's own system messages go into that turn after the passages.
+- ``user``, ``user-system``, ``system-question``, ``user-reference``: the other
+  candidates measured (bench.prompt_layouts), kept selectable.
+
+The default is the one that measured best where it is used (bench/RESULTS.md, "Prompt
+layouts"): with one gold passage on SmolLM2-135M-Instruct ``user-instruct`` answered 17
+points more of the bundled NQ sample, but with three retrieved passages (the default
+top_k) every layout that puts the passages next to the question lost about 25 points on
+invented facts to ``system``.
 """
 
 from __future__ import annotations
@@ -26,10 +42,52 @@ SYSTEM_PROMPT = (
     "You are a helpful assistant. Answer the question using the documents below. "
     "If they do not contain the answer, answer from your own knowledge. Answer briefly."
 )
-# No rank number in the wrapper: a passage's tokens (and so its stored KV) must not
-# depend on where retrieval placed it.
-PASSAGE_WRAPPER = "\n\nDocument: {title}\n{text}"
 _SENTINEL = "\x00KNOWMUX_PASSAGES\x00"
+
+
+@dataclass(frozen=True)
+class LayoutSpec:
+    """Where the passages go and the words around them.
+
+    ``placement``: ``system`` (the end of a knowmux system turn) or ``user`` (the start
+    of the first user turn). ``system``: the system prompt knowmux adds (None: none, so
+    the template's own default, if it has one, stays). ``wrapper``: one passage, with no
+    rank number: a passage's tokens (and so its stored KV) must not depend on where
+    retrieval placed it. ``intro``: before the passages, in their turn (part of the head).
+    ``before_question``: between the passages (and any system text of the request) and
+    the first user message.
+    """
+
+    name: str
+    placement: str
+    system: Optional[str]
+    wrapper: str
+    before_question: str = ""
+    intro: str = ""
+
+
+LAYOUTS = {
+    "system": LayoutSpec("system", "system", SYSTEM_PROMPT, "\n\nDocument: {title}\n{text}"),
+    # measured beside it (bench.prompt_layouts), kept selectable
+    "user-instruct": LayoutSpec("user-instruct", "user", None, "Document: {title}\n{text}\n\n",
+                                "Answer the question using the documents above. Answer briefly.\n\nQuestion: "),
+    "user": LayoutSpec("user", "user", None, "Document: {title}\n{text}\n\n", "Question: "),
+    "user-system": LayoutSpec("user-system", "user", SYSTEM_PROMPT, "Document: {title}\n{text}\n\n", "Question: "),
+    "system-question": LayoutSpec("system-question", "system", SYSTEM_PROMPT, "\n\nDocument: {title}\n{text}",
+                                  "Question: "),
+    # the words of Parametric RAG's released prompt (an instruction, the passages, the question)
+    "user-reference": LayoutSpec("user-reference", "user", None, "Document: {title}\n{text}\n\n", "Question: ",
+                                 intro="You should answer the question by referring to the knowledge provided "
+                                       "below and integrating your own knowledge.\n\n"),
+}
+DEFAULT_LAYOUT = "system"
+
+
+def get_layout(name: Optional[str]) -> LayoutSpec:
+    try:
+        return LAYOUTS[name or DEFAULT_LAYOUT]
+    except KeyError:
+        raise ValueError(f"unknown prompt layout {name!r}; one of {', '.join(LAYOUTS)}") from None
 
 
 # For a model folder whose tokenizer has no chat template (a base model) and no
@@ -84,8 +142,9 @@ class PromptLayout:
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, layout: Optional[str] = None):
         self.tok = tokenizer
+        self.layout = get_layout(layout)
 
     def _render(self, messages: list[dict]) -> str:
         try:
@@ -108,12 +167,25 @@ class PromptBuilder:
         return self.with_passages([{"role": "user", "content": "?"}], []).head
 
     def passage_ids(self, passage: Passage) -> list[int]:
-        return self._encode(PASSAGE_WRAPPER.format(title=passage.title, text=passage.text))
+        return self._encode(self.layout.wrapper.format(title=passage.title, text=passage.text))
 
     def with_passages(self, messages: list[dict], passages: list[Passage]) -> PromptLayout:
+        spec = self.layout
         user_system = [m["content"] for m in messages if m["role"] == "system"]
-        rest = [m for m in messages if m["role"] != "system"]
-        system = SYSTEM_PROMPT + _SENTINEL + "".join("\n\n" + s for s in user_system)
-        text = self._render([{"role": "system", "content": system}] + rest)
-        head, tail = text.split(_SENTINEL, 1)
+        rest = [dict(m) for m in messages if m["role"] != "system"]
+        first_user = next((i for i, m in enumerate(rest) if m["role"] == "user"), None)
+        if first_user is not None and spec.before_question:
+            rest[first_user]["content"] = spec.before_question + rest[first_user]["content"]
+        if spec.placement == "system":
+            system = (spec.system or "") + spec.intro + _SENTINEL + "".join("\n\n" + s for s in user_system)
+            convo = [{"role": "system", "content": system}] + rest
+        else:
+            if first_user is None:
+                raise InvalidRequest("the passages go into the first user message, and there is none",
+                                     param="messages")
+            # the request's system text after the passages, so the head stays fixed
+            rest[first_user]["content"] = (spec.intro + _SENTINEL + "".join(s + "\n\n" for s in user_system)
+                                           + rest[first_user]["content"])
+            convo = ([{"role": "system", "content": spec.system}] if spec.system else []) + rest
+        head, tail = self._render(convo).split(_SENTINEL, 1)
         return PromptLayout(self._encode(head), [self.passage_ids(p) for p in passages], self._encode(tail))

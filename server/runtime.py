@@ -89,7 +89,7 @@ def assemble(engine, kb, settings: Settings, data_dir=None) -> Parts:
     from .engine import LOGITS_HOOK
 
     ensure_chat_template(engine.tokenizer, settings.chat_template)  # before anything renders a prompt
-    prompts = PromptBuilder(engine.tokenizer)
+    prompts = PromptBuilder(engine.tokenizer, settings.prompt_layout)
     artefacts = Artefacts.for_engine(engine, prompts, settings, data_dir)
     ctx = StrategyContext(kb=kb, prompts=prompts, kv=artefacts.kv, prag=artefacts.prag,
                           kv_defaults={k: getattr(settings, k) for k in KV_OPTIONS})
