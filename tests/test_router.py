@@ -211,6 +211,21 @@ def test_rule_classifier(tmp_path):
     assert d.strategy == "rag"
 
 
+def test_a_classifier_that_does_not_beat_its_majority_class_is_not_used(tmp_path):
+    X = np.zeros((20, 12), np.float32)
+    X[:, 8] = np.linspace(0.3, 0.9, 20)
+    clf = RouterClassifier.fit(X, ["kv" if s > 0.6 else "rag" for s in X[:, 8]], ["kv", "rag"], embedding_dim=8)
+    clf.info.update(cv_label_accuracy=0.46, majority_share=0.64, one_passage_gap=0.2)  # as a real run measured
+    clf.save(tmp_path / "router")
+    r = _router([0.9], with_kv=True, classifier_dir=tmp_path / "router")
+    assert r.classifier is None and "does not beat its majority class (0.64)" in r.classifier_error
+    assert r.one_passage_gap == 0.2  # the trainer's one-passage rule is a rule of its own: kept
+    assert r.route(ASK, "q", 1).rule == "preference"
+    clf.info.update(cv_label_accuracy=0.83, majority_share=0.53)  # one that does: used
+    clf.save(tmp_path / "router")
+    assert _router([0.9], with_kv=True, classifier_dir=tmp_path / "router").route(ASK, "q", 1).rule == "classifier"
+
+
 # ---- over HTTP -----------------------------------------------------------------------------
 @pytest.fixture
 def server(make_server, tmp_path):

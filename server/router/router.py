@@ -10,7 +10,8 @@ In order, the first that applies decides:
    (none fits: the fastest)
 4. probe on, and the context makes the model less sure of its first token
    (CK-PLUG confidence gain < 0: memory and context disagree) -> rag+ckplug
-5. a trained classifier is loaded               -> its most probable candidate
+5. a trained classifier is loaded               -> its most probable candidate (a classifier
+   whose out-of-fold accuracy does not beat its majority class is not loaded)
 6. otherwise                                    -> the first candidate in ``PREFERENCE``
 7. applied to the choice of 3, 5 or 6 when it reads the passages as they are (rag, kv):
    ``one_passage_gap`` (a setting, or calibrated by ``knowmux router train
@@ -86,11 +87,19 @@ class Router:
         except ClassifierError as e:
             self.classifier, self.classifier_error = None, str(e)
             log.error("%s; routing by rules only", e)
+        info = self.classifier.info if self.classifier is not None else {}
+        if self._one_passage_setting is None:  # calibrated by the trainer; a rule of its own, kept either way
+            gap = info.get("one_passage_gap")
+            self.one_passage_gap = float(gap) if isinstance(gap, (int, float)) else None
+        cv, majority = info.get("cv_label_accuracy"), info.get("majority_share")
+        if isinstance(cv, (int, float)) and isinstance(majority, (int, float)) and cv <= majority:
+            # always answering its most common label would do as well: it has learnt nothing to route by
+            self.classifier, self.classifier_error = None, (
+                f"router classifier in {self.classifier_dir}: out-of-fold label accuracy {cv:.2f} does not beat "
+                f"its majority class ({majority:.2f}); not used (retrain it on more questions)")
+            log.warning("%s; routing by rules only", self.classifier_error)
         if self.classifier is not None:
             log.info("router classifier loaded: classes %s", ", ".join(self.classifier.classes))
-        if self._one_passage_setting is None:
-            gap = self.classifier.info.get("one_passage_gap") if self.classifier is not None else None
-            self.one_passage_gap = float(gap) if isinstance(gap, (int, float)) else None
 
     # ---- prefill rate ------------------------------------------------------------------
     def observe_prefill(self, tokens: int, ms: float) -> None:

@@ -282,7 +282,11 @@ def main(argv=None) -> int:
     print("cost order (median latency): " + ", ".join(f"{s} {lat[s]:.2f}s" for s in order))
     print(f"labels: {dict(counts)}; fallback when none is right: {fallback}")
     if cv is not None:
-        print(f"5-fold label accuracy {cv:.3f} (majority class {max(counts.values()) / len(keys):.3f})")
+        majority = max(counts.values()) / len(keys)
+        print(f"5-fold label accuracy {cv:.3f} (majority class {majority:.3f})")
+        if cv <= majority:
+            print("warning: the classifier does not beat its majority class; the server will not use it "
+                  "(routing by rules only)")
         print("fixed strategies, accuracy on these questions: " + ", ".join(f"{s} {v:.3f}" for s, v in fixed.items()))
         for t in table:
             print(f"  follow the classifier when p >= {t['min_confidence']:.2f}, else {default}: accuracy "
