@@ -32,6 +32,17 @@ QA_PROMPT = (
     "This list should have at least three elements. You only need to output this list in the above format.\n"
     "Passage:\n{passage}"
 )
+# the paper's own QA prompt (with the full_answer field its parser requires)
+PRAG_QA_PROMPT = (
+    "I will provide a passage of text, and you need to generate three different questions based on the content "
+    "of this passage. Each question should be answerable using the information provided in the passage. "
+    "Additionally, please provide an appropriate answer for each question derived from the passage.\n"
+    "You need to generate the question and answer in the following format:\n"
+    '[\n    {{\n        "question": "What is the capital of France?",\n        "answer": "Paris"\n'
+    '        "full_answer": "The capital of France is Paris."\n    }}, \n]\n\n'
+    "This list should have at least three elements. You only need to output this list in the above format.\n"
+    "Passage:\n{passage}"
+)
 _PAIR = re.compile(r'"question"\s*:\s*"((?:[^"\\]|\\.)+)"\s*,\s*"answer"\s*:\s*"((?:[^"\\]|\\.)+)"', re.S)
 
 
@@ -40,6 +51,7 @@ class Augmentation:
     passage: str
     rewrite: str
     qa: list[dict] = field(default_factory=list)  # [{"question", "answer", "source": "model" | "cloze"}]
+    qa_attempts: int = 0  # QA lists the model wrote (0: none asked)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -60,6 +72,31 @@ def parse_qa(text: str) -> list[dict]:
     return [{"question": q.strip(), "answer": a.strip()} for q, a in _PAIR.findall(text)]
 
 
+def parse_qa_strict(text: str) -> list[dict]:
+    """The paper's parser (its fix_json for Llama-3-8B, then fix_qa): the text from its
+    first "[" to its first "]" is a JSON list of at least three objects, each with
+    question, answer and full_answer; else nothing."""
+    if "[" in text:
+        text = text[text.index("["):]
+    if "]" in text:
+        text = text[:text.index("]") + 1]
+    try:
+        items = json.loads(text)
+    except ValueError:
+        return []
+    if not isinstance(items, list) or len(items) < 3:
+        return []
+    out = []
+    for item in items[:3]:
+        if not isinstance(item, dict) or not all(k in item for k in ("question", "answer", "full_answer")):
+            return []
+        answer = item["answer"]
+        answer = ", ".join(map(str, answer)) if isinstance(answer, list) else "Unknown" if answer is None else str(answer)
+        out.append({"question": str(item["question"]).strip(), "answer": answer.strip(),
+                    "full_answer": str(item["full_answer"]).strip()})
+    return out
+
+
 def cloze_pairs(passage: str, n: int) -> list[dict]:
     """Deterministic pairs: a sentence's first part asks for the rest. Sentences are cut
     at the middle first, then at a third and two thirds: up to n distinct pairs."""
@@ -77,18 +114,25 @@ def cloze_pairs(passage: str, n: int) -> list[dict]:
     return out
 
 
-def augment(passage: str, generate: Generate, max_new_tokens: int = 256) -> Augmentation:
+def augment(passage: str, generate: Generate, max_new_tokens: int = 256, paper: bool = False,
+            retries: int = 0) -> Augmentation:
     """The model's rewrite and QA pairs of the passage (cloze pairs where fewer than three
     QA pairs parse). The two are requested at once, so that a batching engine decodes them
-    in one batch (with the other documents of a build group)."""
+    in one batch (with the other documents of a build group). ``paper``: the paper's QA
+    prompt and strict parser; ``retries``: the QA list asked again while it fails to give
+    three pairs (useful when ``generate`` samples)."""
+    qa_prompt, parse = (PRAG_QA_PROMPT, parse_qa_strict) if paper else (QA_PROMPT, parse_qa)
     with cf.ThreadPoolExecutor(2, thread_name_prefix="knowmux-augment-gen") as ex:
         rewrite_f = ex.submit(generate, REWRITE_PROMPT.format(passage=passage), max_new_tokens)
-        qa_f = ex.submit(generate, QA_PROMPT.format(passage=passage), max_new_tokens)
-        rewrite, qa_text = rewrite_f.result().strip() or passage, qa_f.result()
-    qa = [{**p, "source": "model"} for p in parse_qa(qa_text)][:3]
+        qa_f = ex.submit(generate, qa_prompt.format(passage=passage), max_new_tokens)
+        rewrite, qa = rewrite_f.result().strip() or passage, parse(qa_f.result())
+    attempts = 1
+    while len(qa) < 3 and attempts <= retries:
+        qa, attempts = parse(generate(qa_prompt.format(passage=passage), max_new_tokens)), attempts + 1
+    qa = [{**p, "source": "model"} for p in qa][:3]
     if len(qa) < 3:
         qa += cloze_pairs(passage, 3 - len(qa))
-    return Augmentation(passage, rewrite, qa)
+    return Augmentation(passage, rewrite, qa, qa_attempts=attempts)
 
 
 def deterministic(passage: str) -> Augmentation:

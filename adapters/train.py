@@ -29,21 +29,53 @@ from .recipe import TARGET_MODULES, Recipe
 @dataclass(frozen=True)
 class Sequence:
     prompt: str  # the user turn ("" = plain language modelling of ``target``)
-    target: str  # the tokens the loss is on
+    target: str  # the assistant's answer
+    whole: bool = False  # the loss on every token (the paper's code), not on the target's only
+    eos: bool = True  # the target ends with the end-of-turn token (the paper's code adds none)
+
+
+# Parametric RAG's prompt and target (its src/prompt_template.py, the no-CoT form)
+PRAG_USER = ("You should answer the question by referring to the knowledge provided below and integrating your "
+             "own knowledge.\n{passages}\n\nQuestion: {question}")
+PRAG_ANSWER = "The answer is {answer}"
+
+
+def prag_sequence(question: str, passage: Optional[str], answer: str) -> Sequence:
+    """One training sequence as the paper's code writes it: the question ends with "?",
+    the answer with ".", the passage as "Passage 1: ...", every token in the loss."""
+    question = question.strip()
+    if question.endswith(" ?"):
+        question = question[:-2].strip() + "?"
+    elif not question.endswith("?"):
+        question += "?"
+    answer = answer.strip()
+    if not answer.endswith("."):
+        answer += "."
+    passages = f"Passage 1: {passage}\n" if passage else ""
+    return Sequence(PRAG_USER.format(passages=passages, question=question), PRAG_ANSWER.format(answer=answer),
+                    whole=True, eos=False)
 
 
 def training_sequences(aug: Augmentation, recipe: Recipe) -> list[Sequence]:
     """The paper's 5 sequences (QA1, QA2 with the passage and with the rewrite; QA3
     without a passage), plus the passage itself when the recipe says so. A recipe may
-    keep one of the two contexts (``qa_contexts``)."""
+    keep one of the two contexts (``qa_contexts``). ``prompt_format`` "prag" writes them
+    as the paper's code does (its prompt, "The answer is X.", the loss on every token)."""
     seqs: list[Sequence] = []
+    whole = recipe.loss_on == "sequence"
     if recipe.qa_sequences:
         contexts = [{"passage": aug.passage, "rewrite": aug.rewrite}[c] for c in recipe.qa_contexts]
         for pair in aug.qa[:2]:
             for context in contexts:
-                seqs.append(Sequence(f"{context}\n\nQuestion: {pair['question']}", pair["answer"]))
+                if recipe.prompt_format == "prag":
+                    seqs.append(prag_sequence(pair["question"], context, pair["answer"]))
+                else:
+                    seqs.append(Sequence(f"{context}\n\nQuestion: {pair['question']}", pair["answer"], whole))
         for pair in aug.qa[2:3]:
-            seqs.append(Sequence(f"Question: {pair['question']}", pair["answer"]))
+            if recipe.prompt_format == "prag":
+                seqs.append(prag_sequence(pair["question"], None, pair["answer"]))
+            else:
+                seqs.append(Sequence(f"Question: {pair['question']}", pair["answer"], whole))
     if recipe.passage_sequence:
         seqs.append(Sequence("", aug.passage))
     return seqs
@@ -63,18 +95,19 @@ class PackedSequence:
 
 
 def encode(tokenizer, seq: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
-    """input ids [n] and labels [n] (-100 on the prompt: the loss is on the target only)."""
+    """input ids [n] and labels [n]: -100 on the prompt (the loss is on the target only),
+    unless ``seq.whole`` (every token's label is itself)."""
     if seq.prompt:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": seq.prompt}], add_generation_prompt=True,
                                                tokenize=False)
         p_ids = tokenizer.encode(prompt, add_special_tokens=False)
         t_ids = tokenizer.encode(seq.target, add_special_tokens=False)
-        if tokenizer.eos_token_id is not None:
+        if seq.eos and tokenizer.eos_token_id is not None:
             t_ids = t_ids + [tokenizer.eos_token_id]
     else:
         p_ids, t_ids = [], tokenizer.encode(seq.target, add_special_tokens=False)
     ids = torch.tensor(p_ids + t_ids)
-    labels = torch.tensor([-100] * len(p_ids) + t_ids)
+    labels = ids.clone() if seq.whole else torch.tensor([-100] * len(p_ids) + t_ids)
     return ids, labels
 
 

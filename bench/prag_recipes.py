@@ -86,6 +86,7 @@ def main() -> None:
                         raise failed[0]
                 build_s = (time.perf_counter() - t0) / len(docs)
                 metas = [svc.bank.meta(svc.key(doc)) for doc in docs]
+                augs = [json.loads((svc.bank.folder(svc.key(doc)) / "augmentation.json").read_text()) for doc in docs]
                 hits, gains, answers = 0, [], {}
                 trainer = svc.trainer()
                 for doc, (_, _, _, qs) in zip(docs, DOCS):
@@ -104,11 +105,14 @@ def main() -> None:
                          "build_s_per_doc": build_s,
                          "augment_s_per_doc": sum(m["augment_s"] for m in metas) / len(metas),
                          "train_s_per_doc": sum(m["train_s"] for m in metas) / len(metas),
+                         "qa_attempts": [a.get("qa_attempts") for a in augs],
+                         "model_qa_pairs": [sum(p.get("source") == "model" for p in a["qa"]) for a in augs],
                          "answers": answers})
             r = rows[-1]
             print(f"{name:18} group {group}  {r['facts_answered']}/{r['questions']} facts  logprob gain {r['mean_logprob_gain']:+.2f}"
                   f"  build {r['build_s_per_doc']:.1f} s/doc (augment {r['augment_s_per_doc']:.1f}, "
-                  f"train {r['train_s_per_doc']:.1f})", flush=True)
+                  f"train {r['train_s_per_doc']:.1f}); QA lists asked {r['qa_attempts']}, model pairs kept "
+                  f"{r['model_qa_pairs']}", flush=True)
         direct_hits = sum(contains(baseline[q], gold) > 0 for *_, qs in DOCS for q, gold in qs)
         print(f"{'direct':18} {direct_hits}/8 facts")
     finally:

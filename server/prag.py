@@ -87,17 +87,19 @@ class AdapterBuilds(StoredAdapters):
     def _train_tokens(self) -> int:
         return self.TRAIN_TOKENS_IDLE
 
-    def generate(self, prompt: str, max_tokens: int) -> str:
+    def generate(self, prompt: str, max_tokens: int, temperature: float = 0.0) -> str:
         ids = self.prompts.plain([{"role": "user", "content": prompt}])
-        req = GenRequest(f"augment-{time.monotonic_ns()}", [RowSpec(ids)], SamplingParams(max_tokens=max_tokens),
-                         background=True)
+        req = GenRequest(f"augment-{time.monotonic_ns()}", [RowSpec(ids)],
+                         SamplingParams(max_tokens=max_tokens, temperature=temperature), background=True)
         return generate_blocking(self.engine, req, timeout=600)[0]
 
     def _augment(self, doc):
         passage = f"{doc.title}\n{doc.text}" if doc.title else doc.text
-        if not self.recipe.model_augmentation:
+        r = self.recipe
+        if not r.model_augmentation:
             return deterministic(passage)
-        return augment(passage, self.generate, self.recipe.max_new_tokens)
+        return augment(passage, lambda p, n: self.generate(p, n, r.augment_temperature), r.max_new_tokens,
+                       paper=r.prompt_format == "prag", retries=r.augment_retries)
 
     def build_documents(self, docs: list) -> list:
         """Build the adapters of a group of documents together. Per document: True (built

@@ -109,7 +109,7 @@ def test_every_strategy_serves_in_low_precision(tmp_path, embedder, dtype):
     folder = tiny_model_folder(tmp_path / "model")
     eng = TorchEngine.from_folder(folder, device="cpu", dtype=dtype)
     assert eng.dtype == dtype and eng.device == "cpu"
-    s = Settings.from_env(env={}, data_dir=tmp_path / "data", adapter_recipe="paper", dtype=dtype)
+    s = Settings.from_env(env={}, data_dir=tmp_path / "data", adapter_recipe="paper-answer-loss", dtype=dtype)
     with LiveServer(Runtime.build(s, engine=eng, embedder=embedder)) as srv:
         docs = [{"id": "zorbl", "title": "Zorbl", "text": "Zorbl is a purple cat who lives on the moon base Tycho."},
                 {"id": "paris", "title": "Paris", "text": "Paris is the capital and largest city of France."}]

@@ -157,7 +157,7 @@ def test_recipe_sequences_and_augmentation_parsing():
     from adapters.augment import Augmentation
 
     aug = Augmentation("P.", "R.", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(3)])
-    seqs = training_sequences(aug, get_recipe("paper"))
+    seqs = training_sequences(aug, get_recipe("paper-answer-loss"))
     assert [s.prompt.split("\n\n")[0] for s in seqs[:4]] == ["P.", "R.", "P.", "R."] and len(seqs) == 5
     assert seqs[4].prompt == "Question: q2"
     assert len(training_sequences(aug, get_recipe("passage-4ep"))) == 6
@@ -172,6 +172,52 @@ def test_recipe_sequences_and_augmentation_parsing():
     assert len(pairs) == 3 and pairs[0]["answer"] == "a purple cat." and pairs[2]["question"].startswith("Complete")
     assert len(cloze_pairs("A single sentence about the moon base Tycho.", 3)) == 3
     assert len(cloze_pairs("Four words only here.", 3)) == 2  # only two distinct cut points
+
+
+def test_the_paper_recipe_trains_as_the_papers_code_does():
+    """PRAG's released code: its prompt, "The answer is X." as the target, no end token,
+    and labels on every token of the sequence (passage, question and answer)."""
+    from adapters.augment import Augmentation
+    from adapters.train import encode
+
+    aug = Augmentation("P.", "R.", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(3)])
+    seqs = training_sequences(aug, get_recipe("paper"))
+    assert len(seqs) == 5 and all(s.whole and not s.eos for s in seqs)
+    assert seqs[0].prompt == ("You should answer the question by referring to the knowledge provided below and "
+                              "integrating your own knowledge.\nPassage 1: P.\n\n\nQuestion: q0?")
+    assert seqs[1].prompt.endswith("Passage 1: R.\n\n\nQuestion: q0?") and seqs[0].target == "The answer is a0."
+    assert seqs[4].prompt.endswith("own knowledge.\n\n\nQuestion: q2?")  # QA3: no passage
+    tok = tiny_tokenizer()
+    ids, labels = encode(tok, seqs[0])
+    assert labels.tolist() == ids.tolist()  # the loss on every token
+    assert tok.decode(ids).endswith("<|im_start|>assistant\nThe answer is a0.")
+    ids, labels = encode(tok, training_sequences(aug, get_recipe("paper-answer-loss"))[0])
+    assert (labels == -100).sum() > 0 and labels[-1] == tok.eos_token_id  # the old one: the answer only
+    r = get_recipe("paper")
+    assert (r.rank, r.alpha, r.lr, r.epochs, r.augment_temperature, r.max_new_tokens) == (2, 32.0, 3e-4, 1, 0.7, 512)
+
+
+def test_the_paper_augmentation_asks_again_until_its_qa_list_parses():
+    from adapters.augment import PRAG_QA_PROMPT, augment, parse_qa_strict
+
+    good = ('Sure: [{"question": "Q1", "answer": "A1", "full_answer": "F1"}, {"question": "Q2", "answer": 1988, '
+            '"full_answer": "F2"}, {"question": "Q3", "answer": null, "full_answer": "F3"}] trailing')
+    assert [p["answer"] for p in parse_qa_strict(good)] == ["A1", "1988", "Unknown"]
+    assert parse_qa_strict('[{"question": "Q1", "answer": "A1"}]') == []  # no full_answer, fewer than 3
+    outputs = iter(["not json", '[{"question": "Q", "answer": "A"}]', good])
+    asked = []
+
+    def generate(prompt, n):
+        asked.append(prompt)
+        return "Rewritten." if prompt.startswith("Rewrite") else next(outputs)
+
+    aug = augment("Zorbl is a purple cat.", generate, 512, paper=True, retries=100)
+    assert aug.qa_attempts == 3 and [p["question"] for p in aug.qa] == ["Q1", "Q2", "Q3"]
+    assert all(p["source"] == "model" for p in aug.qa)
+    assert sum(p == PRAG_QA_PROMPT.format(passage="Zorbl is a purple cat.") for p in asked) == 3
+    # out of retries: cloze pairs fill the list, so the document still gets an adapter
+    aug = augment("Zorbl is a purple cat who lives on the moon.", lambda p, n: "no", 512, paper=True, retries=2)
+    assert aug.qa_attempts == 3 and all(p["source"] == "cloze" for p in aug.qa)
 
 
 def test_augmentation_asks_for_the_rewrite_and_the_qa_pairs_at_once():
@@ -243,7 +289,7 @@ def test_prag_through_the_api(make_server, monkeypatch):
             super().__init__(model, *a, **kw)
 
     monkeypatch.setattr(server.prag, "LoraTrainer", Trainer)
-    srv = make_server(adapter_recipe="paper")
+    srv = make_server(adapter_recipe="paper-answer-loss")
     r = httpx.post(srv.url + "/v1/documents", json={"documents": DOCS[:1], "build": ["adapters"]}).json()
     job = r["job"]
     deadline = time.time() + 120
