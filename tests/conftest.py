@@ -33,6 +33,19 @@ class UnreachableTier:
         return fail
 
 
+def wait_for_job(url: str, job, timeout: float, poll: float = 0.2) -> dict:
+    """A build job's state once it is no longer queued or running (or at the deadline):
+    ``job`` is the job as an endpoint returned it, or its id."""
+    import httpx
+
+    state = job if isinstance(job, dict) else {"id": job, "status": "queued"}
+    deadline = time.time() + timeout
+    while state["status"] in ("queued", "running") and time.time() < deadline:
+        time.sleep(poll)
+        state = httpx.get(f"{url}/v1/jobs/{state['id']}").json()
+    return state
+
+
 class LiveServer:
     """uvicorn on loopback in a thread, serving an app around a given runtime."""
 

@@ -2,7 +2,6 @@
 the runner against transformers in the same dtype, every strategy through the API, and
 KV caches kept in their dtype. Device and dtype settings are checked before a model loads."""
 
-import time
 
 import httpx
 import pytest
@@ -16,6 +15,7 @@ from server.kv.store import KVStore
 from server.prompt import Passage, PromptBuilder
 from tests.engine_util import Collector, greedy
 from server.engine.types import GenRequest, RowSpec
+from tests.conftest import wait_for_job
 from tests.tiny import tiny_model, tiny_model_folder, tiny_tokenizer
 
 LOW = [torch.bfloat16, torch.float16]
@@ -115,10 +115,7 @@ def test_every_strategy_serves_in_low_precision(tmp_path, embedder, dtype):
                 {"id": "paris", "title": "Paris", "text": "Paris is the capital and largest city of France."}]
         job = httpx.post(srv.url + "/v1/documents", json={"documents": docs, "build": ["kv", "adapters"]}).json()
         for j in job["jobs"]:
-            deadline = time.time() + 180
-            while j["status"] in ("queued", "running") and time.time() < deadline:
-                time.sleep(0.2)
-                j = httpx.get(srv.url + f"/v1/jobs/{j['id']}").json()
+            j = wait_for_job(srv.url, j, timeout=180)
             assert j["status"] == "done" and j["built"] == 2, j
         health = httpx.get(srv.url + "/health").json()
         assert health["device"] == "cpu" and health["dtype"] == dtype

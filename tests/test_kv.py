@@ -9,6 +9,7 @@ from server.engine.types import GenRequest, RowSpec, SamplingParams
 from server.kv.service import KVService
 from server.kv.store import KVEntry, KVStore
 from server.prompt import Passage, PromptBuilder
+from tests.conftest import wait_for_job
 from tests.tiny import tiny_engine, tiny_model, tiny_tokenizer
 
 PASSAGES = [Passage("a", "Zorbl", "Zorbl is a purple cat who lives on the moon."),
@@ -123,16 +124,11 @@ def test_store_lru_is_bounded_in_bytes(tmp_path):
 
 
 def test_kv_through_the_api_with_build_job_and_inspection(make_server):
-    import time
 
     srv = make_server()
     docs = [{"id": p.doc_id, "title": p.title, "text": p.text} for p in PASSAGES]
     r = httpx.post(srv.url + "/v1/documents", json={"documents": docs, "build": ["kv"]}).json()
-    job = r["job"]
-    deadline = time.time() + 60
-    while job["status"] in ("queued", "running") and time.time() < deadline:
-        time.sleep(0.1)
-        job = httpx.get(srv.url + f"/v1/jobs/{job['id']}").json()
+    job = wait_for_job(srv.url, r["job"], timeout=60, poll=0.1)
     assert job["status"] == "done" and job["built"] == 3 and job["total"] == 3
     info = httpx.get(srv.url + "/v1/kv/a").json()
     assert info["stored"] and info["shape"][3] == info["tokens"] and info["bytes"] == info["tokens"] * info["bytes_per_token"]

@@ -12,6 +12,7 @@ from adapters.train import LoraTrainer, Sequence, training_sequences
 from server.engine.lora import AdapterSet
 from server.engine.model import LlamaRunner, Segment
 from server.engine.types import GenRequest, RowSpec, SamplingParams
+from tests.conftest import wait_for_job
 from tests.tiny import tiny_engine, tiny_model, tiny_tokenizer
 
 SHAPES = {"gate_proj": (128, 64), "up_proj": (128, 64), "down_proj": (64, 128)}
@@ -274,7 +275,6 @@ ASK = [{"role": "user", "content": "Where does Zorbl live?"}]
 
 def test_prag_through_the_api(make_server, monkeypatch):
     import threading
-    import time
 
     import server.prag
 
@@ -291,11 +291,7 @@ def test_prag_through_the_api(make_server, monkeypatch):
     monkeypatch.setattr(server.prag, "LoraTrainer", Trainer)
     srv = make_server(adapter_recipe="paper-answer-loss")
     r = httpx.post(srv.url + "/v1/documents", json={"documents": DOCS[:1], "build": ["adapters"]}).json()
-    job = r["job"]
-    deadline = time.time() + 120
-    while job["status"] in ("queued", "running") and time.time() < deadline:
-        time.sleep(0.2)
-        job = httpx.get(srv.url + f"/v1/jobs/{job['id']}").json()
+    job = wait_for_job(srv.url, r["job"], timeout=120)
     assert job["status"] == "done" and job["built"] == 1, job
     assert made_on == ["knowmux-engine"]  # torch work on the engine's thread, not the job's
     served = {p.data_ptr() for p in srv.runtime.engine.hf_model.parameters()}

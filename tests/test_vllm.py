@@ -8,6 +8,8 @@ import importlib.util
 import httpx
 import pytest
 
+from tests.conftest import wait_for_job
+
 pytestmark = [
     pytest.mark.real_model,
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
@@ -178,19 +180,12 @@ def test_kv_on_vllm_matches_the_torch_engine(vllm_engine, real_engine, shared_da
 def test_kv_builds_through_a_vllm_server_are_used_by_it(vllm_engine, tmp_path, embedder):
     """POST /v1/builds on a vLLM server computes the caches with vLLM (read out of its paged
     blocks by the connector); the same server then injects them (on_missing: error)."""
-    import time
 
     with _server(vllm_engine, tmp_path, embedder) as srv:
         httpx.post(srv.url + "/v1/documents", json={"documents": DOCS}, timeout=120).raise_for_status()
         r = httpx.post(srv.url + "/v1/builds", json={"kind": "kv", "doc_ids": ["zorbl", "paris"]})
         assert r.status_code == 200, r.text
-        job = r.json()["id"]
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            state = httpx.get(srv.url + f"/v1/jobs/{job}").json()
-            if state["status"] not in ("queued", "running"):
-                break
-            time.sleep(0.2)
+        state = wait_for_job(srv.url, r.json()["id"], timeout=300)
         assert (state["status"], state["built"]) == ("done", 2), state
         r = _ask(srv.url, "kv", "What is Zorbl's favourite food?", top_k=1, on_missing="error")
         assert r.status_code == 200, r.text
@@ -206,18 +201,12 @@ def test_adapter_builds_through_a_vllm_server_are_served_by_both_engines(vllm_en
     both engines use: the vLLM server applies it (on_missing: error), and so does a torch
     server over the same data folder."""
     import json
-    import time
 
     with _server(vllm_engine, tmp_path, embedder, adapter_recipe="passage-2ep-lr2e-3") as srv:
         httpx.post(srv.url + "/v1/documents", json={"documents": DOCS[:2]}, timeout=120).raise_for_status()
         r = httpx.post(srv.url + "/v1/builds", json={"kind": "adapters", "doc_ids": ["zorbl"]})
         assert r.status_code == 200, r.text
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            state = httpx.get(srv.url + f"/v1/jobs/{r.json()['id']}").json()
-            if state["status"] not in ("queued", "running"):
-                break
-            time.sleep(0.5)
+        state = wait_for_job(srv.url, r.json()["id"], timeout=600, poll=0.5)
         assert (state["status"], state["built"]) == ("done", 1), state
         meta = [json.loads(p.read_text()) for p in (tmp_path / "adapters").rglob("knowmux.json")]
         assert [(m["engine"], m["doc_id"]) for m in meta] == [("vllm", "zorbl")]
