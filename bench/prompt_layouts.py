@@ -35,24 +35,20 @@ SETS = {"nq": DATA / "nq_open_sample", "invented": DATA / "invented_facts"}
 
 def load_set(name: str, n: int, data_root: Path) -> list[tuple[str, list[str], dict]]:
     """(question, answers, gold document) triples."""
+    from bench.datasets import load_generic, nq_open_oracle
+
     if name == "nq-heldout":
-        from bench.datasets import nq_open_oracle
-
         ds = nq_open_oracle(data_root)
-        docs = {d["id"]: d for d in ds.corpus}
-        return [(q.question, q.answers, docs[q.gold_doc_ids[0]]) for q in ds.questions[200:200 + n]]
-    folder = SETS[name]
-
-    def rows(name):
-        with open(folder / name, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-
-    docs = {d["id"]: d for d in rows("corpus.jsonl")}
+        questions = ds.questions[200:200 + n]
+    else:
+        ds = load_generic(SETS[name] / "corpus.jsonl", SETS[name] / "questions.jsonl", None)
+        questions = ds.questions
+    docs = {d["id"]: d for d in ds.corpus}
     out = []
-    for q in rows("questions.jsonl"):
-        gold = [docs[i] for i in q.get("gold_doc_ids", []) if i in docs]
+    for q in questions:
+        gold = [docs[i] for i in q.gold_doc_ids if i in docs]
         if gold:
-            out.append((q["question"], q["answers"], gold[0]))
+            out.append((q.question, q.answers, gold[0]))
     return out[:n]
 
 
@@ -109,8 +105,9 @@ def main() -> None:
             return plain.plain(user)
         docs = passages_for(question, doc)
         if condition == "question-first":
+            wrapper = LAYOUTS["system"].wrapper  # "\n\nDocument: {title}\n{text}"
             return plain.plain([{"role": "user", "content": question + "".join(
-                f"\n\nDocument: {d.get('title', '')}\n{d['text']}" for d in docs)}])
+                wrapper.format(title=d.get("title", ""), text=d["text"]) for d in docs)}])
         return PromptBuilder(engine.tokenizer, condition).with_passages(
             user, [Passage(d["id"], d.get("title", ""), d["text"]) for d in docs]).ids
 
