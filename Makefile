@@ -9,7 +9,7 @@ SAMPLE := bench/data/nq_open_sample/corpus.jsonl
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup serve test model clean fuzz soak
+.PHONY: setup serve test model postgres clean fuzz soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,12 @@ serve: setup
 	$(BIN)/knowmux ingest $(SAMPLE) --data-dir $(DATA_DIR)
 	$(BIN)/knowmux serve --data-dir $(DATA_DIR)
 
-test: setup
+# The replica tests start their own PostgreSQL server (tests/pg.py) from Debian's binaries.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 >/dev/null; }
+
+test: setup postgres
 	$(BIN)/python -m pytest -q
 
 # On demand (not in CI): the long fuzz run (tiny model, then SmolLM2) and the soak run.

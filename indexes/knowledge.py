@@ -1,11 +1,13 @@
 """KnowledgeBase: the store, the embedder and the FAISS index kept in step.
 
-Write path (upsert/delete): embed outside the lock, commit to SQLite (the
+Write path (upsert/delete): embed outside the lock, commit to the store (the
 acknowledgement point), update the in-memory index, save the index file atomically.
 If the process dies between the commit and the index save, the next open sees the
-generation mismatch and rebuilds the index from the embeddings in SQLite. Another
-process (``knowmux ingest`` beside a running server) bumps the generation too; a
-search notices and reloads.
+generation mismatch and rebuilds the index from the stored embeddings (SQLite) or
+catches up from the store's change log (PostgreSQL, indexes.pgstore). Another process
+(``knowmux ingest`` beside a running server, another replica) moves the generation
+too; every search checks it first and reloads (SQLite) or catches up (PostgreSQL), so a
+document acknowledged anywhere is found by the next search everywhere.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .store import Document, DocumentStore, content_hash
+from .store import Document, content_hash, open_store
 from .vector import VectorIndex
 
 log = logging.getLogger(__name__)
@@ -29,34 +31,61 @@ class Hit:
 
 
 class KnowledgeBase:
-    def __init__(self, data_dir: Path, embedder):
+    def __init__(self, data_dir: Path, embedder, store=None):
+        """``store``: a document store URL (indexes.store.open_store; None: SQLite in the data
+        dir) or an open store."""
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.embedder = embedder
-        try:
-            self.store = DocumentStore(self.data_dir / "documents.sqlite3")
-        except sqlite3.DatabaseError as e:
-            raise ValueError(f"{self.data_dir / 'documents.sqlite3'} is damaged ({e}). It is the source of truth "
-                             "(documents and embeddings) and cannot be rebuilt from anything else: restore it from "
-                             "a backup, or re-ingest the corpus into a fresh data dir") from None
+        if store is None or isinstance(store, str):
+            try:
+                store = open_store(store, self.data_dir)
+            except sqlite3.DatabaseError as e:
+                raise ValueError(f"{self.data_dir / 'documents.sqlite3'} is damaged ({e}). It is the source of "
+                                 "truth (documents and embeddings) and cannot be rebuilt from anything else: restore "
+                                 "it from a backup, or re-ingest the corpus into a fresh data dir") from None
+        self.store = store
         self._index_path = self.data_dir / "index.faiss"
         self._lock = threading.RLock()
         self._load_index()
 
     def _load_index(self) -> None:
-        gen = self.store.generation
-        idx = VectorIndex.load(self._index_path, gen, self.embedder.dim)
-        if idx is None:
-            ids, embs, gen = self.store.all_embeddings(self.embedder.dim)
-            idx = VectorIndex(self.embedder.dim)
-            idx.add(ids, embs)
-            log.info("rebuilt the vector index from %d stored embeddings", len(ids))
-            idx.save(self._index_path, gen)
+        """The saved index if it belongs to this store, caught up to the store's changes;
+        else rebuilt from the stored embeddings."""
+        saved = VectorIndex.load(self._index_path, self.embedder.dim, self.store.store_id)
+        if saved is not None:
+            self._index, self._gen = saved
+            now = self.store.generation
+            if self._gen == now or (self._gen < now and self._catch_up()):
+                return
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        ids, embs, gen = self.store.all_embeddings(self.embedder.dim)
+        idx = VectorIndex(self.embedder.dim)
+        idx.add(ids, embs)
+        log.info("rebuilt the vector index from %d stored embeddings", len(ids))
         self._index, self._gen = idx, gen
+        self._save_index()
+
+    def _save_index(self) -> None:
+        self._index.save(self._index_path, self._gen, self.store.store_id)
+
+    def _catch_up(self) -> bool:
+        """Apply the store's changes since this index's generation (other replicas' writes
+        and this one's); False when the store keeps no change log."""
+        delta = self.store.changes_since(self._gen, self.embedder.dim)
+        if delta is None:
+            return False
+        removed, ids, embs, gen = delta
+        if len(removed) or len(ids):
+            self._compute(lambda: (self._index.remove(removed), self._index.add(ids, embs)))
+        self._gen = gen
+        return True
 
     def _refresh(self) -> None:
-        if self.store.generation != self._gen:
-            self._load_index()
+        if self.store.generation != self._gen and not self._catch_up():
+            self._rebuild()
 
     def count(self) -> int:
         return self.store.count()
@@ -77,10 +106,11 @@ class KnowledgeBase:
             with self._lock:
                 self._refresh()
                 changes = self.store.upsert(todo, embs)
-                self._compute(lambda: (self._index.remove([old for _, old, _ in changes if old is not None]),
-                                       self._index.add([new for new, _, _ in changes], embs)))
-                self._gen = self.store.generation
-                self._index.save(self._index_path, self._gen)
+                if not self._catch_up():  # no change log: apply this write here
+                    self._compute(lambda: (self._index.remove([old for _, old, _ in changes if old is not None]),
+                                           self._index.add([new for new, _, _ in changes], embs)))
+                    self._gen = self.store.generation
+                self._save_index()
         return [(d.id, status[d.id]) for d in latest.values()]
 
     def delete(self, doc_id: str) -> bool:
@@ -89,9 +119,10 @@ class KnowledgeBase:
             vec_id = self.store.delete(doc_id)
             if vec_id is None:
                 return False
-            self._compute(lambda: self._index.remove([vec_id]))
-            self._gen = self.store.generation
-            self._index.save(self._index_path, self._gen)
+            if not self._catch_up():
+                self._compute(lambda: self._index.remove([vec_id]))
+                self._gen = self.store.generation
+            self._save_index()
             return True
 
     def search(self, query: str, k: int) -> list[Hit]:

@@ -54,6 +54,9 @@ class Document:
 class DocumentStore:
     """Thread-safe (one connection behind a lock; WAL journal, synchronous=FULL)."""
 
+    kind = "sqlite"
+    store_id = "sqlite"  # one file per data dir: the index file beside it belongs to it
+
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,6 +72,14 @@ class DocumentStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def describe(self) -> str:
+        return str(self.path)
+
+    def changes_since(self, generation: int, dim: int):
+        """None: this store keeps no change log (an index behind it is rebuilt whole; only
+        ``knowmux ingest`` beside a running server writes behind its back)."""
+        return None
 
     @property
     def generation(self) -> int:
@@ -179,3 +190,17 @@ class DocumentStore:
         embs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim) if rows \
             else np.zeros((0, dim), dtype=np.float32)
         return ids, embs, gen
+
+
+def open_store(url, data_dir: Path):
+    """The document store a URL names: None or ``sqlite`` (the embedded default, in the data
+    dir), ``sqlite:///path``, or ``postgresql://...`` (indexes.pgstore: shared by replicas)."""
+    if url in (None, "", "sqlite"):
+        return DocumentStore(Path(data_dir) / "documents.sqlite3")
+    if url.startswith("sqlite:///"):
+        return DocumentStore(Path(url[len("sqlite:///"):]))  # sqlite:///relative, sqlite:////absolute
+    if url.startswith(("postgresql://", "postgres://")):
+        from .pgstore import PostgresStore
+
+        return PostgresStore(url)
+    raise ValueError(f"--store {url!r}: expected sqlite, sqlite:///path or postgresql://user@host:port/db")

@@ -3,8 +3,10 @@
 Exact inner-product search (IndexFlatIP in an IndexIDMap2) over normalised vectors,
 keyed by the store's integer vec_id. It stays on the CPU on GPU machines too: a flat
 search over 100,000 MiniLM vectors is a few milliseconds there, and faiss-gpu's ID map
-cannot remove ids (deletes would mean rebuilding a GPU copy). The file is a cache of the SQLite store: ``index.meta.json``
-records the store generation and the file's sha256; any mismatch means rebuild.
+cannot remove ids (deletes would mean rebuilding a GPU copy). The file is a cache of the document store: ``index.meta.json``
+records which store (``store_id``), its generation and the file's sha256; a damaged
+file or another store's means rebuild, an older generation means catching up (a store
+with a change log) or rebuilding (SQLite).
 """
 
 from __future__ import annotations
@@ -58,25 +60,27 @@ class VectorIndex:
         scores, ids = self.index.search(np.asarray(query, dtype=np.float32).reshape(1, -1), min(k, self.size))
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
 
-    def save(self, path: Path, generation: int) -> None:
+    def save(self, path: Path, generation: int, store_id: str = "sqlite") -> None:
         faiss = _faiss()
         data = faiss.serialize_index(self.index).tobytes()
         atomic_write_bytes(path, data)
-        meta = {"generation": generation, "sha256": hashlib.sha256(data).hexdigest(), "dim": self.dim,
-                "count": self.size}
+        meta = {"generation": generation, "store_id": store_id, "sha256": hashlib.sha256(data).hexdigest(),
+                "dim": self.dim, "count": self.size}
         atomic_write_bytes(path.with_suffix(".meta.json"), json.dumps(meta).encode())
 
     @classmethod
-    def load(cls, path: Path, generation: int, dim: int) -> "VectorIndex | None":
-        """The saved index if it is intact and built at ``generation``; else None."""
+    def load(cls, path: Path, dim: int, store_id: str = "sqlite") -> "tuple[VectorIndex, int] | None":
+        """(the saved index, the store generation it was built at) if it is intact and was
+        built from this store (``store_id``) at this dimension; else None."""
         meta_path = path.with_suffix(".meta.json")
         try:
             meta = json.loads(meta_path.read_text())
-            if meta.get("generation") != generation or meta.get("dim") != dim or _sha256(path) != meta.get("sha256"):
+            if (meta.get("store_id", "sqlite") != store_id or meta.get("dim") != dim
+                    or not isinstance(meta.get("generation"), int) or _sha256(path) != meta.get("sha256")):
                 return None
             faiss = _faiss()
             idx = cls(dim)
             idx.index = faiss.deserialize_index(np.fromfile(path, dtype=np.uint8))
-            return idx
+            return idx, meta["generation"]
         except (OSError, ValueError, RuntimeError):
             return None

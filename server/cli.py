@@ -15,6 +15,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="where everything the server builds lives (env KNOWMUX_DATA_DIR; default ./data)")
     p.add_argument("--model", help="a local transformers causal-LM folder (env KNOWMUX_MODEL; default: the converted "
                                    "SmolLM2-135M-Instruct)")
+    p.add_argument("--store", help="the document store: sqlite (default, in the data dir) or "
+                                   "postgresql://user:password@host:port/db, shared by replicas with their build "
+                                   "jobs (env KNOWMUX_STORE)")
 
 
 def _device_flags(p: argparse.ArgumentParser) -> None:
@@ -67,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                                            "a knowmux system prompt), user-instruct (the first user turn, "
                                            "before the question), or another of server.prompt.LAYOUTS "
                                            "(env KNOWMUX_PROMPT_LAYOUT)")
+    s.add_argument("--job-lease-s", type=float, help="with a shared --store: a running build whose replica is "
+                                                     "silent this long is taken over by another (default 30)")
     s.add_argument("--router-probe", action="store_const", const=True, default=None,
                    help="let the router probe the model's confidence with and without context")
     s.add_argument("--log-level", default=None)
@@ -132,7 +137,7 @@ def _settings(args) -> Settings:
     keys = ("data_dir", "model", "host", "port", "engine", "threads", "max_batch_size", "max_queue",
             "max_tokens_in_flight", "experiments", "default_strategy", "router_probe", "chat_template", "log_level",
             "default_temperature", "default_top_p", "prompt_layout", "device", "dtype", "kv_tier", "kv_store_bytes", "max_context",
-            "tensor_parallel_size", "gpu_memory_utilization", "max_loras", "max_lora_rank")
+            "store", "job_lease_s", "tensor_parallel_size", "gpu_memory_utilization", "max_loras", "max_lora_rank")
     return Settings.from_env(**{k: getattr(args, k, None) for k in keys})
 
 
@@ -198,12 +203,12 @@ def cmd_ingest(args) -> int:
         engine = engine_for(settings)
         engine.start()
     try:
-        kb = KnowledgeBase(settings.data_dir, embedder_for(engine, settings.device))
+        kb = KnowledgeBase(settings.data_dir, embedder_for(engine, settings.device), store=settings.store)
         try:
             rep = ingest(kb, docs, batch_size=args.batch_size)
             total = kb.count()
             print(f"{args.file}: {rep.created} created, {rep.updated} updated, {rep.unchanged} unchanged; "
-                  f"{total} documents in {settings.data_dir}")
+                  f"{total} documents in {kb.store.describe()}")
             if builds and build(settings, engine, kb, [d.id for d in docs], builds):
                 return 1
         finally:

@@ -50,6 +50,10 @@ class Settings:
     kv_memory_bytes: int = 512 * 1024 * 1024  # memory LRU in front of the on-disk KV store
     kv_store_bytes: int = 0  # disk budget of the KV store, least recently used evicted first (0 = no limit)
     kv_tier: Optional[str] = None  # a second tier for KV caches and adapters, shared by replicas (server.tiers)
+    # the document store: None = SQLite in the data dir; postgresql://... = shared by replicas,
+    # build jobs included (indexes.pgstore, server.shared_jobs)
+    store: Optional[str] = None
+    job_lease_s: float = 30.0  # shared store: a running job whose replica is silent this long is taken over
     adapter_recipe: str = "passage-4ep"  # adapters.recipe.PRESETS
     adapter_build_group: int = 8  # documents whose adapters are augmented and trained together
     kv_recompute: float = 0.0  # default CacheBlend fraction of non-exact passage tokens recomputed by `kv`
@@ -107,6 +111,11 @@ class Settings:
             raise ValueError(f"KNOWMUX_DEFAULT_TEMPERATURE must be between 0 and 2, got {self.default_temperature}")
         if self.default_top_p is not None and not 0.0 < self.default_top_p <= 1.0:
             raise ValueError(f"KNOWMUX_DEFAULT_TOP_P must be in (0, 1], got {self.default_top_p}")
+        if self.store is not None and not self.store.startswith(("sqlite", "postgresql://", "postgres://")):
+            raise ValueError(f"KNOWMUX_STORE must be sqlite, sqlite:///path or postgresql://user@host:port/db, "
+                             f"got {self.store!r}")
+        if not self.job_lease_s > 0.0:
+            raise ValueError(f"KNOWMUX_JOB_LEASE_S must be a positive number of seconds, got {self.job_lease_s}")
         if self.max_context is not None and self.max_context < 1:
             raise ValueError(f"KNOWMUX_MAX_CONTEXT must be a positive number of tokens, got {self.max_context}")
 

@@ -196,9 +196,9 @@ class JobManager:
         for g in range(0, len(todo), build.group):
             if self._closing.is_set():  # shutting down: the record stays "running" and resumes next start
                 return
-            if job.status == "cancelled":
-                log.info("%s build %s cancelled after %d of %d documents", job.kind, job.id, job.done,
-                         len(job.doc_ids))
+            if self._stopped(job):
+                log.info("%s build %s stopped (%s) after %d of %d documents", job.kind, job.id, job.status,
+                         job.done, len(job.doc_ids))
                 return
             group = todo[g:g + build.group]
             try:
@@ -225,6 +225,10 @@ class JobManager:
             job.status = "failed" if job.errors and not job.built and not job.skipped else "done"
             job.finished_at = time.time()
             self._save(job)
+
+    def _stopped(self, job: Job) -> bool:
+        """Whether a running job must stop before its next group: it was cancelled."""
+        return job.status == "cancelled"
 
     def _save(self, job: Job) -> None:
         if self.folder is not None:

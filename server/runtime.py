@@ -129,6 +129,16 @@ def sampling_defaults(engine, settings: Settings) -> dict:
     return out
 
 
+def job_manager(settings: Settings, store) -> JobManager:
+    """Build jobs kept beside the documents: files in the data dir with the embedded store,
+    rows claimed by any replica with a shared one (server.shared_jobs)."""
+    if getattr(store, "kind", "sqlite") == "postgresql":
+        from .shared_jobs import SharedJobManager
+
+        return SharedJobManager(store.url, lease_s=settings.job_lease_s)
+    return JobManager(settings.data_dir / "jobs")
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -170,9 +180,9 @@ class Runtime:
             embedder = embedder_for(engine, settings.device)
         keys = Keys.from_settings(settings)
         check_exposure(settings, keys)
-        kb = KnowledgeBase(settings.data_dir, embedder)
+        kb = KnowledgeBase(settings.data_dir, embedder, store=settings.store)
         return cls(settings, engine, kb, assemble(engine, kb, settings, data_dir=settings.data_dir), Metrics(), keys,
-                   JobManager(settings.data_dir / "jobs"))
+                   job_manager(settings, kb.store))
 
     def placement(self) -> dict:
         """Where things run and are kept: the engine's device, dtype and KV pool, the
@@ -181,6 +191,8 @@ class Runtime:
         embedder = getattr(self.kb, "embedder", None) if self.kb is not None else None
         info["embedder_device"] = getattr(embedder, "device", None)
         info["faiss"] = "cpu"  # exact inner-product search over the documents (indexes.vector)
+        store = getattr(self.kb, "store", None)
+        info["document_store"] = {"kind": store.kind, "at": store.describe()} if store is not None else None
         kv = self.artefacts.kv
         info["kv_store"] = kv.store.info() if kv is not None else None
         return info

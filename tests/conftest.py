@@ -116,3 +116,14 @@ def real_engine():
     eng.start()
     yield eng
     eng.shutdown()
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A PostgreSQL server for the session (tests.pg); ``postgres.fresh_database(name)``."""
+    from tests.pg import Postgres
+
+    pg = Postgres(tmp_path_factory.mktemp("postgres"), _free_port()).start()
+    pg.wait()
+    yield pg
+    pg.stop()

@@ -5,6 +5,7 @@ import os
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+SHARED = ("KNOWMUX_STORE", "KNOWMUX_JOB_LEASE_S", "KNOWMUX_KV_TIER", "KNOWMUX_ADAPTER_BUILD_GROUP")
 
 
 def main() -> None:
@@ -15,7 +16,8 @@ def main() -> None:
     from tests.tiny import tiny_engine
 
     data_dir, port = sys.argv[1], int(sys.argv[2])
-    rt = Runtime.build(Settings.from_env(env={}, data_dir=data_dir, port=port), engine=tiny_engine())
+    shared = {k: v for k, v in os.environ.items() if k in SHARED}  # replicas over one store and tier
+    rt = Runtime.build(Settings.from_env(env=shared, data_dir=data_dir, port=port), engine=tiny_engine())
     if os.environ.get("KNOWMUX_TEST_BREAK_ENGINE"):  # the engine thread dies at its first request
         def broken_step():
             raise RuntimeError("simulated engine crash")

@@ -65,7 +65,8 @@ async def add_documents(body: DocumentsRequest, rt=Depends(get_runtime), who: Pr
     results = await asyncio.to_thread(rt.kb.upsert, docs)
     out = {"object": "list", "data": [{"id": i, "status": st} for i, st in results],
            "elapsed_ms": round((time.perf_counter() - t0) * 1e3, 1)}
-    jobs = [rt.jobs.submit(kind, [i for i, _ in results], rt.builder(kind)).view() for kind in body.build]
+    jobs = [(await asyncio.to_thread(rt.jobs.submit, kind, [i for i, _ in results], rt.builder(kind))).view()
+            for kind in body.build]
     if jobs:
         out["jobs"] = jobs
         out["job"] = jobs[0]
@@ -115,7 +116,7 @@ async def start_build(body: BuildRequest, rt=Depends(get_runtime)):
     if unknown:
         raise NotFound(f"no document with id {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1
                                                                else ""), param="doc_ids")
-    return rt.jobs.submit(body.kind, body.doc_ids, build).view()
+    return (await asyncio.to_thread(rt.jobs.submit, body.kind, body.doc_ids, build)).view()
 
 
 @router.get("/v1/jobs", dependencies=[Depends(require_admin)])
@@ -129,7 +130,7 @@ async def list_jobs(limit: int = 20, rt=Depends(get_runtime)):
 
 @router.get("/v1/jobs/{job_id}", dependencies=[Depends(require_admin)])
 async def get_job(job_id: str, rt=Depends(get_runtime)):
-    job = rt.jobs.get(job_id)
+    job = await asyncio.to_thread(rt.jobs.get, job_id)  # a query when the store is shared
     if job is None:
         raise NotFound(f"no job with id {job_id!r}", param="job_id")
     return job.view()
@@ -139,7 +140,7 @@ async def get_job(job_id: str, rt=Depends(get_runtime)):
 async def cancel_job(job_id: str, rt=Depends(get_runtime)):
     """Stop a queued or running build before its next group (what is built stays built;
     the job is not resumed after a restart)."""
-    job = rt.jobs.cancel(job_id)
+    job = await asyncio.to_thread(rt.jobs.cancel, job_id)
     if job is None:
         raise NotFound(f"no job with id {job_id!r}", param="job_id")
     if job.status != "cancelled":

@@ -9,6 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from indexes.pgstore import StoreUnavailable
+
 from .. import errors as E
 from .auth import Unauthorized
 
@@ -54,6 +56,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(E.KnowmuxError)
     async def _domain(request: Request, exc: E.KnowmuxError):
         return to_response(exc)
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store(request: Request, exc: StoreUnavailable):
+        log.warning("%s: %s", request.url.path, exc)
+        return JSONResponse(error_body(str(exc), "server_error", None, "store_unavailable"), status_code=503,
+                            headers={"Retry-After": "5"})
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
