@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--api-key", default=os.environ.get("KNOWMUX_API_KEY"), help="a client key (env KNOWMUX_API_KEY)")
     s.set_defaults(func=cmd_ask)
 
-    s = sub.add_parser("router", help="the router's classifier: knowmux router train --from RUN --out DIR",
+    s = sub.add_parser("router", help="the router's classifier: knowmux router train --from RUN --out DIR; "
+                                      "knowmux router publish DIR --kv-tier URL (for every replica)",
                        add_help=False)
     s.set_defaults(func=None)
 
@@ -114,9 +115,14 @@ def main(argv: list[str] | None = None) -> int:
 
         logging.basicConfig(level=logging.WARNING)
         return train_main(argv[2:])
+    if argv[:2] == ["router", "publish"]:
+        from .router.shared import main as publish_main
+
+        return publish_main(argv[2:])
     args = ap.parse_args(argv)
     if args.func is None:
-        print("knowmux router: the subcommand is `knowmux router train --from RUN --out DIR`", file=sys.stderr)
+        print("knowmux router: the subcommands are `knowmux router train --from RUN --out DIR` and "
+              "`knowmux router publish DIR --kv-tier URL`", file=sys.stderr)
         return 2
     logging.basicConfig(level=getattr(logging, (getattr(args, "log_level", None) or "INFO").upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

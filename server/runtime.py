@@ -20,6 +20,7 @@ from .pipeline import Pipeline
 from .prompt import PromptBuilder, ensure_chat_template
 from .router import Experiments, Router
 from .strategies import NAMES, StrategyContext, supported
+from .tiers import open_tier
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,8 @@ def assemble(engine, kb, settings: Settings, data_dir=None) -> Parts:
     router = Router(ctx, runs, min_score=settings.router_min_score, probe=probe,
                     one_passage_gap=settings.router_one_passage_gap,
                     classifier_dir=settings.router_classifier or (
-                        (data_dir / "router") if data_dir is not None else None))
+                        (data_dir / "router") if data_dir is not None else None),
+                    tier=open_tier(settings.kv_tier, "router"))
     experiments = Experiments(settings.experiments, list(NAMES))
     return Parts(prompts, artefacts, ctx, runs, router, experiments,
                  Pipeline(engine, ctx, router, experiments, settings, runs, sampling_defaults(engine, settings)))

@@ -128,12 +128,12 @@ class FakeKB:
 
 
 def _router(scores, with_kv=False, with_adapter=False, probe=None, classifier_dir=None, rate=1000.0,
-            one_passage_gap=None):
+            one_passage_gap=None, tier=None):
     prompts = SimpleNamespace(count_tokens=lambda t: len(t.split()), passage_ids=lambda p: p.text.split())
     have = lambda flag: SimpleNamespace(has=lambda doc: flag(doc) if callable(flag) else flag)  # noqa: E731
     ctx = SimpleNamespace(kb=FakeKB(scores), prompts=prompts, kv=have(with_kv), prag=have(with_adapter))
     return Router(ctx, KNOWN[1:], min_score=0.25, probe=probe, classifier_dir=classifier_dir,
-                  prefill_tokens_per_s=rate, one_passage_gap=one_passage_gap)
+                  prefill_tokens_per_s=rate, one_passage_gap=one_passage_gap, tier=tier)
 
 
 def test_rule_no_documents():
@@ -182,6 +182,34 @@ def test_rule_one_passage_when_the_top_hit_leads():
     assert (d.strategy, d.rule, d.top_k) == ("rag", "preference", None)
     d = _router([0.8, 0.1], with_kv=True).route(ASK, "q", 2)  # off unless set
     assert d.rule == "preference"
+
+
+def test_every_replica_loads_the_classifier_published_to_the_tier(tmp_path, capsys):
+    from server.cli import main
+    from server.tiers import open_tier
+
+    X, y = _toy()
+    RouterClassifier.fit(X, y, ["direct", "kv", "rag"], embedding_dim=8).save(tmp_path / "trained")
+    tier_url = (tmp_path / "tier").as_uri()
+    assert main(["router", "publish", str(tmp_path / "trained"), "--kv-tier", tier_url]) == 0
+    assert "published router classifier" in capsys.readouterr().out
+    tier = open_tier(tier_url, "router")
+    replicas = [_router([0.9], classifier_dir=tmp_path / f"replica{i}", tier=tier) for i in range(2)]
+    for r in replicas:  # neither had a classifier of its own
+        assert r.classifier is not None and r.classifier.classes == ["direct", "kv", "rag"]
+        assert r.describe()["classifier"]["source"].startswith("tier ")
+    # a retrained one, published, replaces it at the next reload; a damaged object is refused and the
+    # replica keeps the one it has, saying why
+    RouterClassifier.fit(X, ["rag" if t == "kv" else t for t in y], ["direct", "rag"],
+                         embedding_dim=8).save(tmp_path / "retrained")
+    assert main(["router", "publish", str(tmp_path / "retrained"), "--kv-tier", tier_url]) == 0
+    replicas[0].load_classifier()
+    assert replicas[0].classifier.classes == ["direct", "rag"]
+    for obj in (tmp_path / "tier" / "router").glob("*-classifier.safetensors"):
+        obj.write_bytes(b"\x00garbage")
+    replicas[1].load_classifier()
+    assert replicas[1].classifier.classes == ["direct", "kv", "rag"] and "damaged" in replicas[1].classifier_error
+    assert main(["router", "publish", str(tmp_path / "absent"), "--kv-tier", tier_url]) == 2
 
 
 def test_one_passage_narrows_only_a_choice_that_reads_the_passages(tmp_path):

@@ -64,7 +64,7 @@ class Decision:
 class Router:
     def __init__(self, ctx, supported: list[str], *, min_score: float = 0.25, probe=None,
                  classifier_dir: Optional[Path] = None, prefill_tokens_per_s: float = 500.0,
-                 one_passage_gap: Optional[float] = None):
+                 one_passage_gap: Optional[float] = None, tier=None):
         self.ctx = ctx  # strategies.StrategyContext: kb, prompts, kv, prag
         self.supported = [s for s in PREFERENCE if s in supported]
         self.min_score = min_score
@@ -74,6 +74,8 @@ class Router:
         self.classifier_dir = classifier_dir
         self.classifier: Optional[RouterClassifier] = None
         self.classifier_error: Optional[str] = None
+        self.tier = tier  # the shared tier's router namespace (server.router.shared), or None
+        self.classifier_source: Optional[str] = None  # "tier <digest>" when the tier's current one is loaded
         self._rate = prefill_tokens_per_s
         self._lock = threading.Lock()
         self.load_classifier()
@@ -82,6 +84,16 @@ class Router:
     def load_classifier(self) -> None:
         if self.classifier_dir is None:
             return
+        tier_error = None
+        if self.tier is not None:  # every replica routes with the classifier published to the tier
+            from .shared import fetch
+
+            try:
+                digest = fetch(self.tier, self.classifier_dir)
+                self.classifier_source = f"tier {digest[:12]}" if digest else None
+            except Exception as e:  # unreachable or damaged: keep the local one
+                tier_error = f"router classifier from the tier {self.tier.url}: {type(e).__name__}: {e}"
+                log.warning("%s; the local one is kept", tier_error)
         try:
             self.classifier, self.classifier_error = RouterClassifier.load(self.classifier_dir), None
         except ClassifierError as e:
@@ -100,6 +112,8 @@ class Router:
             log.warning("%s; routing by rules only", self.classifier_error)
         if self.classifier is not None:
             log.info("router classifier loaded: classes %s", ", ".join(self.classifier.classes))
+        if tier_error:
+            self.classifier_error = "; ".join(e for e in (tier_error, self.classifier_error) if e)
 
     # ---- prefill rate ------------------------------------------------------------------
     def observe_prefill(self, tokens: int, ms: float) -> None:
@@ -226,5 +240,6 @@ class Router:
         return {"rules": {"min_score": self.min_score, "probe": self.probe is not None,
                           "one_passage_gap": self.one_passage_gap, "preference": self.supported},
                 "prefill_tokens_per_s": round(self._rate, 1),
-                "classifier": None if c is None else {"classes": c.classes, "info": c.info},
+                "classifier": None if c is None else {"classes": c.classes, "info": c.info,
+                                                      "source": self.classifier_source or "local"},
                 "classifier_error": self.classifier_error}
