@@ -33,7 +33,7 @@ serve: setup
 	$(BIN)/knowmux ingest $(SAMPLE) --data-dir $(DATA_DIR)
 	$(BIN)/knowmux serve --data-dir $(DATA_DIR)
 
-# The replica tests start their own PostgreSQL server (tests/pg.py) from Debian's binaries.
+# The replica tests start their own PostgreSQL server (bench/postgres.py) from Debian's binaries.
 postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 >/dev/null; }

@@ -95,6 +95,7 @@ class Job:
     started_at: Optional[float] = None
     finished_at: Optional[float] = None
     resumed: int = 0  # times picked up again after a restart
+    worker: Optional[str] = None  # the replica running it (a shared store: server.shared_jobs)
 
     def view(self) -> dict:
         d = asdict(self)

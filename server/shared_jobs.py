@@ -171,7 +171,7 @@ class SharedJobManager(JobManager):
             job = _job(row[0])
             if row[1] == "running":  # its replica stopped renewing the lease
                 job.resumed += 1
-            job.status = "running"
+            job.status, job.worker = "running", self.owner
             cur.execute(f"UPDATE knowmux_jobs SET status = 'running', owner = %s, heartbeat = {_NOW}, record = %s "
                         "WHERE id = %s", (self.owner, json.dumps(asdict(job)), job.id))
         return job

@@ -120,8 +120,8 @@ def real_engine():
 
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory):
-    """A PostgreSQL server for the session (tests.pg); ``postgres.fresh_database(name)``."""
-    from tests.pg import Postgres
+    """A PostgreSQL server for the session (bench.postgres); ``postgres.fresh_database(name)``."""
+    from bench.postgres import Postgres
 
     pg = Postgres(tmp_path_factory.mktemp("postgres"), _free_port()).start()
     pg.wait()

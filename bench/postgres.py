@@ -1,5 +1,6 @@
-"""A throwaway PostgreSQL server for the tests: initdb into a folder, listen on loopback
-at a free port, trust authentication, stopped (and its folder left to pytest) at the end.
+"""A throwaway PostgreSQL server for the tests and bench.replicas: initdb into a folder,
+listen on loopback at a free port, trust authentication, stopped at the end (the folder
+is the caller's to remove).
 
 Debian's postgresql-15 binaries (``make test`` installs them where they are missing).
 PostgreSQL refuses to run as root; as root the cluster belongs to the ``postgres`` user.
@@ -55,12 +56,8 @@ class Postgres:
                        capture_output=True)
 
     def fresh_database(self, name: str) -> str:
-        """A new empty database on this server; its URL."""
-        import psycopg
-
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+        """A new empty database on this server (one of that name is dropped first); its URL."""
+        return _fresh_database(self.url, name)
 
     def wait(self, timeout: float = 30.0) -> None:
         import psycopg
@@ -74,3 +71,31 @@ class Postgres:
                 if time.time() > deadline:
                     raise
                 time.sleep(0.2)
+
+
+class External:
+    """A server someone else runs (``--store URL``): databases are made on it, it is not stopped."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def fresh_database(self, name: str) -> str:
+        return _fresh_database(self.url, name)
+
+    def stop(self) -> None:
+        pass
+
+
+def external(url: str) -> External:
+    return External(url)
+
+
+def _fresh_database(url: str, name: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
