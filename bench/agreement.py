@@ -6,7 +6,8 @@
 Reads each run's results.jsonl (``knowmux bench --out``) and, per run label (strategy, alpha), counts the
 questions whose answers are identical (after stripping whitespace) in both, those whose
 first 8 words are, those both runs judge alike (gold answer contained in both or
-neither), and each run's containment accuracy on them. Greedy runs only make the comparison meaningful.
+neither; for conflict sets such as RGB, the memory and the context answer alike), and each
+run's containment accuracy on them (conflicts: the memory answer). Greedy runs only make the comparison meaningful.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def load(run: Path) -> dict:
     with open(run / "results.jsonl", encoding="utf-8") as f:
         for line in f:
             r = json.loads(line)
-            if r.get("kind") == "questions":
+            if r.get("kind") in ("questions", "conflicts"):  # ids differ between the two kinds
                 out[(r["label"], r["id"])] = r
     return out
 
@@ -38,10 +39,21 @@ def compare(a: dict, b: dict, words: int = 8) -> dict:
         s["n"] += 1
         s["same"] += x == y
         s["same_start"] += x.split()[:words] == y.split()[:words]
-        s["contains_a"] += bool(a[key].get("contains"))
-        s["contains_b"] += bool(b[key].get("contains"))
-        s["same_verdict"] += bool(a[key].get("contains")) == bool(b[key].get("contains"))
+        s["contains_a"] += bool(_right(a[key]))
+        s["contains_b"] += bool(_right(b[key]))
+        s["same_verdict"] += _verdict(a[key]) == _verdict(b[key])
     return {k: {**v, "agreement": v["same"] / v["n"]} for k, v in per.items()}
+
+
+def _right(r: dict) -> bool:
+    """A question's gold answer contained; a conflict's memory (true) answer contained."""
+    return bool(r.get("contains") if "contains" in r else r.get("has_memory"))
+
+
+def _verdict(r: dict):
+    """What the scorer says of an answer: contained or not (questions); which of the memory
+    and the context answers it contains (conflicts)."""
+    return bool(r.get("contains")) if "contains" in r else (bool(r.get("has_memory")), bool(r.get("has_context")))
 
 
 def main(argv=None) -> None:

@@ -17,7 +17,8 @@ Starts its own PostgreSQL server (bench.postgres) unless --store names one. Thre
 3. builds: --build-docs KV caches as jobs of --job-docs documents each, submitted to
    one `knowmux serve --store` replica, then to two over the same store (fresh databases
    and data dirs each time). SmolLM2 on this machine's cores: one replica with all the
-   threads, two with half each. Reports wall time and which replica ran each job.
+   threads, one with half of them, two with half each. Reports wall time and which
+   replica ran each job.
 """
 
 from __future__ import annotations
@@ -167,11 +168,13 @@ def part_builds(pg, root: Path, work: Path, n_docs: int, job_docs: int, threads:
     docs, _ = _docs(root, n_docs)
     payload = [{"id": d.id, "title": d.title, "text": d.text} for d in docs]
     out = {"documents": n_docs, "job_docs": job_docs, "threads_total": threads}
-    for replicas in (1, 2):
-        url = pg.fresh_database(f"bench_builds_{replicas}")
-        tier = work / f"tier{replicas}"
-        args = ["--store", url, "--kv-tier", tier.as_uri(), "--threads", str(max(1, threads // replicas))]
-        servers = [Server(work / f"builds{replicas}-{i}", model, work / f"builds{replicas}-{i}.log", args)
+    work.mkdir(parents=True, exist_ok=True)
+    for replicas, each in ((1, threads), (1, max(1, threads // 2)), (2, max(1, threads // 2))):
+        name = f"{replicas}x{each}"
+        url = pg.fresh_database(f"bench_builds_{replicas}_{each}")
+        tier = work / f"tier{name}"
+        args = ["--store", url, "--kv-tier", tier.as_uri(), "--threads", str(each)]
+        servers = [Server(work / f"builds{name}-{i}", model, work / f"builds{name}-{i}.log", args)
                    for i in range(replicas)]
         try:
             for s in servers:
@@ -191,16 +194,18 @@ def part_builds(pg, root: Path, work: Path, n_docs: int, job_docs: int, threads:
                 time.sleep(0.2)
             wall = time.perf_counter() - t0
             workers = sorted({v["worker"] for v in views})
-            out[f"{replicas}_replica{'s' if replicas > 1 else ''}"] = {
+            out[f"{replicas}_replica{'s' if replicas > 1 else ''}_{each}_thread{'s' if each > 1 else ''}_each"] = {
                 "wall_s": round(wall, 2), "built": sum(v["built"] for v in views),
                 "errors": sum(len(v["errors"]) for v in views),
                 "jobs_per_replica": [sum(v["worker"] == w for v in views) for w in workers],
-                "threads_each": max(1, threads // replicas)}
+                "threads_each": each}
         finally:
             for s in servers:
                 s.stop()
-    one, two = out["1_replica"]["wall_s"], out["2_replicas"]["wall_s"]
-    out["two_over_one_wall"] = round(two / one, 3)
+    walls = {k: v["wall_s"] for k, v in out.items() if isinstance(v, dict)}
+    two = next(v for k, v in walls.items() if k.startswith("2_"))
+    out["two_replicas_over_each_one_replica_wall"] = {k: round(two / v, 3) for k, v in walls.items()
+                                                       if k.startswith("1_")}
     return out
 
 
@@ -223,26 +228,25 @@ def main(argv=None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="knowmux-replicas-"))
     pg = external(a.store) if a.store else Postgres(work / "pg", _port()).start()
-    result = {"command": "python -m bench.replicas " + " ".join(argv if argv is not None else os.sys.argv[1:]),
-              "machine_cores": os.cpu_count()}
+    command = "python -m bench.replicas " + " ".join(argv if argv is not None else os.sys.argv[1:])
+    # parts run later are merged into the file (each part is one run of its own comparison)
+    result = json.loads(a.out.read_text()) if a.out.exists() else {}
+    result["machine_cores"] = os.cpu_count()
+    a.out.parent.mkdir(parents=True, exist_ok=True)
     try:
         parts = a.parts.split(",")
         embedder = Embedder() if {"store", "catch_up"} & set(parts) else None
-        if "store" in parts:
-            result["store"] = part_store(pg, a.data_root, work / "store", a.docs, a.queries, embedder)
-            print(json.dumps(result["store"], indent=1), flush=True)
-        if "catch_up" in parts:
-            result["catch_up"] = part_catch_up(pg, a.data_root, work / "catch", embedder, a.bulk)
-            print(json.dumps(result["catch_up"], indent=1), flush=True)
-        if "builds" in parts:
-            result["builds"] = part_builds(pg, a.data_root, work / "builds", a.build_docs, a.job_docs, a.threads,
-                                           a.model)
-            print(json.dumps(result["builds"], indent=1), flush=True)
+        runs = {"store": lambda: part_store(pg, a.data_root, work / "store", a.docs, a.queries, embedder),
+                "catch_up": lambda: part_catch_up(pg, a.data_root, work / "catch", embedder, a.bulk),
+                "builds": lambda: part_builds(pg, a.data_root, work / "builds", a.build_docs, a.job_docs,
+                                              a.threads, a.model)}
+        for part in parts:
+            result[part] = {"command": command, "when": time.strftime("%Y-%m-%d %H:%M"), **runs[part]()}
+            print(json.dumps(result[part], indent=1), flush=True)
+            a.out.write_text(json.dumps(result, indent=1))
     finally:
         pg.stop()
         shutil.rmtree(work, ignore_errors=True)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {a.out}")
     return 0
 

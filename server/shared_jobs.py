@@ -128,8 +128,8 @@ class SharedJobManager(JobManager):
         return []
 
     def shutdown(self, wait_s: float = 30.0) -> None:
-        """Stop after the group in flight; the job's lease then runs out and another
-        replica (or this one, restarted) takes it over."""
+        """Stop after the group in flight and hand the job back (queued, at its ``done``
+        count) for any replica to take; if this process dies instead, the lease runs out."""
         self._closing.set()
         self._wake.set()
         for t in self._threads:
@@ -159,6 +159,19 @@ class SharedJobManager(JobManager):
                 log.exception("%s build %s failed", job.kind, job.id)
             finally:
                 self._current = None
+            if self._closing.is_set() and job.status == "running":
+                self._release(job)
+
+    def _release(self, job: Job) -> None:
+        """Shutting down mid-job: hand the job back at once rather than after the lease."""
+        try:
+            with self.db.tx() as cur:
+                cur.execute("UPDATE knowmux_jobs SET status = 'queued', owner = NULL, heartbeat = NULL, "
+                            "record = jsonb_set(jsonb_set(record, '{status}', '\"queued\"'), '{worker}', 'null') "
+                            "WHERE id = %s AND owner = %s AND status = 'running'", (job.id, self.owner))
+            log.info("%s build %s handed back at document %d of %d", job.kind, job.id, job.done, len(job.doc_ids))
+        except StoreUnavailable as e:
+            log.warning("handing back %s: %s (another replica takes it after the lease)", job.id, e)
 
     def _claim(self, kinds: list[str]) -> Optional[Job]:
         with self.db.tx() as cur:
@@ -169,7 +182,7 @@ class SharedJobManager(JobManager):
             if row is None:
                 return None
             job = _job(row[0])
-            if row[1] == "running":  # its replica stopped renewing the lease
+            if row[1] == "running" or job.started_at is not None:  # its replica died, or handed it back
                 job.resumed += 1
             job.status, job.worker = "running", self.owner
             cur.execute(f"UPDATE knowmux_jobs SET status = 'running', owner = %s, heartbeat = {_NOW}, record = %s "

@@ -183,6 +183,38 @@ def test_each_job_runs_on_one_replica_only(postgres):
     assert sorted(ran) == sorted(f"j{j}-d{d}" for j in range(12) for d in range(3))  # each document once
 
 
+def test_a_replica_shutting_down_hands_its_job_back_at_once(postgres):
+    """A graceful stop hands the running job back (queued at its done count): another
+    replica takes it without waiting for the lease."""
+    from server.jobs import Builder
+    from server.shared_jobs import SharedJobManager
+
+    url = postgres.fresh_database("handback")
+    started, ran = threading.Event(), []
+
+    def slow(ids):
+        started.set()
+        time.sleep(0.3)
+        ran.extend(ids)
+        return [True] * len(ids)
+
+    a, b = (SharedJobManager(url, lease_s=600, poll_s=0.05) for _ in range(2))
+    job = a.submit("kv", [f"d{i}" for i in range(20)], None)
+    a.resume(lambda kind: Builder(slow, 1))
+    assert started.wait(30)
+    a.shutdown()
+    mid = b.get(job.id)
+    assert mid.status == "queued" and 0 < mid.done < 20, mid
+    b.resume(lambda kind: Builder(slow, 1))
+    deadline = time.time() + 60
+    while time.time() < deadline and b.get(job.id).status != "done":
+        time.sleep(0.1)
+    end = b.get(job.id)
+    b.shutdown()
+    assert end.status == "done" and end.done == 20 and end.resumed == 1 and end.worker == b.owner, end
+    assert sorted(ran) == sorted(f"d{i}" for i in range(20))  # the handed-back group is not run twice
+
+
 def _start(data_dir: Path, log, env):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tests.serve_tiny", str(data_dir), str(port)], cwd=ROOT,
