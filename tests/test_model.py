@@ -89,6 +89,42 @@ def test_pooled_decode_rows_attend_in_one_call_with_the_private_rows_logits():
     assert [c.length for c in pooled] == [len(PROMPTS[0]) + 1, len(PROMPTS[1]) + 1, len(PROMPTS[3]) + 1]
 
 
+def test_ape_rows_decode_in_the_pooled_call_with_their_own_attention():
+    """Rows reweighting their passages APE's way (different T and S) decode in the one
+    pooled call beside a plain row; each row's logits equal its private run, which takes
+    the per-row path (server.engine.ape.attend) and is checked against APE's equations."""
+    from server.engine.ape import ParallelContext
+    from server.engine.attention import PooledDecode
+
+    runner = LlamaRunner(tiny_model())
+    pool = runner.new_pool(slots=3, row_tokens=64)
+    pool.kv.fill_(float("nan"))
+    contexts = [ParallelContext(2, 12, 0.8, 1.0), None, ParallelContext(1, 6, 1.3, 0.9)]
+    prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[2]]
+
+    def prefilled(prompt, cache, ctx):
+        runner.forward(torch.tensor(prompt), [Segment(cache, 0, len(prompt))])
+        cache.parallel = ctx
+        return cache
+
+    pooled = [prefilled(p, pool.acquire(64), c) for p, c in zip(prompts, contexts)]
+    private = [prefilled(p, runner.new_cache(64), c) for p, c in zip(prompts, contexts)]
+    segs = [Segment(c, i, 1, want_logits=True) for i, c in enumerate(pooled)]
+    call = PooledDecode.of(segs, runner.n_heads, runner.head_dim, runner.dtype)
+    assert all(s in call for s in segs) and call.ape is not None  # one call, APE rows included
+    ids = [21, 22, 23]
+    for step in range(2):  # two decode steps: the second reads the first's keys back from the pool
+        got = runner.forward(torch.tensor(ids), [Segment(c, i, 1, want_logits=True) for i, c in enumerate(pooled)])
+        for i, c in enumerate(private):
+            want = runner.forward(torch.tensor([ids[i]]), [Segment(c, 0, 1, want_logits=True)])[0]
+            torch.testing.assert_close(got[i], want, atol=1e-4, rtol=1e-4)
+        plain = runner.forward(torch.tensor([ids[0]]), [Segment(prefilled(prompts[0], runner.new_cache(64), None),
+                                                                0, 1, want_logits=True)])[0] if step == 0 else None
+        if plain is not None:  # the reweighting changes row 0's answer: the path is not a no-op
+            assert (got[0] - plain).abs().max() > 1e-3
+        ids = [int(x) for x in got.argmax(-1)]
+
+
 def test_per_row_lora_deltas_equal_merged_weights():
     torch.manual_seed(1)
     base = tiny_model()

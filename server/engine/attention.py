@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -23,6 +24,12 @@ class PooledDecode:
     see exactly its own ``length + 1`` keys. Lines of slots that are not members
     see key 0 only (their output is discarded; an all-false mask line would give NaN).
     The keys and values of the new tokens are written with one indexed store per layer.
+
+    Rows that reweight their passages APE's way (server.engine.ape: temperature T, scale
+    S) join the same call: when any member does, the step attends through ``_ape`` (the
+    same padded lines, the passages' logits of those lines divided by T and shifted by
+    ln S + (T - 1) logsumexp, computed per line and head; other lines unchanged), instead
+    of each such row attending alone with its keys copied per query head.
     """
 
     def __init__(self, members: list[Segment], pool: KVPool, heads: int, head_dim: int, dtype):
@@ -51,15 +58,33 @@ class PooledDecode:
         # additive, made once per step: SDPA would convert a boolean mask at every layer
         self.mask = torch.zeros(hidden.shape, dtype=dtype).masked_fill_(hidden, float("-inf")).to(dev)
         self.q = None if self.in_order else torch.zeros(n, heads, 1, head_dim, dtype=dtype, device=dev)
+        self.ape = self._ape_lines(members, rel, n, dev)
+
+    def _ape_lines(self, members: list[Segment], rel: list[int], n: int, dev):
+        """What ``_ape`` needs per line, made once per step: the logits' scale (1/(T sqrt D)
+        on its passages' keys, 1/sqrt D elsewhere), which keys are passages (as 0/1 and as an
+        additive 0/-inf), ln S and T - 1, and the padding mask in float32; None when no
+        member reweights."""
+        rows = [(r, s.cache.parallel, s.cache.length + 1) for r, s in zip(rel, members)
+                if s.cache.parallel is not None and s.cache.parallel.reweights]
+        if not rows:
+            return None
+        inv_t = torch.ones(n, 1, 1, self.width)
+        ctx = torch.zeros(n, 1, 1, self.width)
+        log_s, t_minus_1 = torch.zeros(n, 1, 1, 1), torch.zeros(n, 1, 1, 1)
+        for r, p, seen in rows:  # the passages, as far as the row's keys go
+            inv_t[r, ..., p.start:min(p.end, seen)] = 1.0 / p.temperature
+            ctx[r, ..., p.start:min(p.end, seen)] = 1.0
+            log_s[r], t_minus_1[r] = math.log(p.scale), p.temperature - 1.0
+        only_ctx = torch.zeros_like(ctx).masked_fill_(ctx == 0, float("-inf"))
+        return tuple(x.to(dev) for x in (inv_t, ctx, only_ctx, log_s, t_minus_1, self.mask.float()))
 
     def __contains__(self, seg: Segment) -> bool:
         return id(seg) in self.members
 
     @classmethod
     def of(cls, segments: list[Segment], heads: int, head_dim: int, dtype) -> Optional["PooledDecode"]:
-        # rows that reweight their attention to passages APE's way take the per-row path
-        members = [s for s in segments if s.n == 1 and s.cache.pool is not None
-                   and (s.cache.parallel is None or not s.cache.parallel.reweights)]
+        members = [s for s in segments if s.n == 1 and s.cache.pool is not None]
         if members:
             pool = members[0].cache.pool
             members = [s for s in members if s.cache.pool is pool]
@@ -79,9 +104,25 @@ class PooledDecode:
             self.q[self.rel, :, 0] = q[self.tok]
             lines = self.q
         span = slice(self.lo, self.lo + n)
-        o = F.scaled_dot_product_attention(lines, keys[span, :, :self.width], values[span, :, :self.width],
-                                           attn_mask=self.mask, enable_gqa=gqa)
+        if self.ape is None:
+            o = F.scaled_dot_product_attention(lines, keys[span, :, :self.width], values[span, :, :self.width],
+                                               attn_mask=self.mask, enable_gqa=gqa)
+        else:
+            o = self._ape(lines, keys[span, :, :self.width], values[span, :, :self.width])
         if self.in_order:
             out[:n] = o[:, :, 0]
         else:
             out[self.tok] = o[self.rel, :, 0]
+
+    def _ape(self, lines: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """lines [n, H, 1, D] over keys and values [n, Hkv, W, D], APE's reweighting on the
+        lines that ask for it, in float32 (as server.engine.ape.attend); [n, H, 1, D]."""
+        n, H, _, D = lines.shape
+        Hkv = keys.shape[1]
+        inv_t, ctx, only_ctx, log_s, t_minus_1, mask = self.ape
+        q = lines.float().reshape(n, Hkv, H // Hkv, D)  # query head h reads KV head h // (H / Hkv)
+        a = (q @ keys.float().transpose(-1, -2)).mul_(inv_t / math.sqrt(D))  # [n, Hkv, G, W]
+        lse = torch.logsumexp(a + only_ctx, -1, keepdim=True).clamp_(min=-1e30)  # lines without passages: 0 below
+        a.add_((log_s + t_minus_1 * lse) * ctx).add_(mask)
+        o = torch.softmax(a, -1) @ values.float()  # [n, Hkv, G, D]
+        return o.reshape(n, H, 1, D).to(lines.dtype)
