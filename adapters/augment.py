@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import logging
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Callable
+
+log = logging.getLogger(__name__)
 
 Generate = Callable[[str, int], str]  # (user prompt, max new tokens) -> the model's answer
 
@@ -115,12 +118,15 @@ def cloze_pairs(passage: str, n: int) -> list[dict]:
 
 
 def augment(passage: str, generate: Generate, max_new_tokens: int = 256, paper: bool = False,
-            retries: int = 0) -> Augmentation:
+            retries: int = 0, parallel: int = 8) -> Augmentation:
     """The model's rewrite and QA pairs of the passage (cloze pairs where fewer than three
     QA pairs parse). The two are requested at once, so that a batching engine decodes them
     in one batch (with the other documents of a build group). ``paper``: the paper's QA
     prompt and strict parser; ``retries``: the QA list asked again while it fails to give
-    three pairs (useful when ``generate`` samples)."""
+    three pairs (useful when ``generate`` samples). The retries are asked ``parallel`` at a
+    time, so a batching engine decodes them together, and the first that parses in the
+    order asked is kept: the same draw as asking one at a time (the samples are
+    independent), in a fraction of the wall time; ``qa_attempts`` counts up to that one."""
     qa_prompt, parse = (PRAG_QA_PROMPT, parse_qa_strict) if paper else (QA_PROMPT, parse_qa)
     with cf.ThreadPoolExecutor(2, thread_name_prefix="knowmux-augment-gen") as ex:
         rewrite_f = ex.submit(generate, REWRITE_PROMPT.format(passage=passage), max_new_tokens)
@@ -128,7 +134,16 @@ def augment(passage: str, generate: Generate, max_new_tokens: int = 256, paper: 
         rewrite, qa = rewrite_f.result().strip() or passage, parse(qa_f.result())
     attempts = 1
     while len(qa) < 3 and attempts <= retries:
-        qa, attempts = parse(generate(qa_prompt.format(passage=passage), max_new_tokens)), attempts + 1
+        k = max(1, min(parallel, retries + 1 - attempts))
+        with cf.ThreadPoolExecutor(k, thread_name_prefix="knowmux-augment-retry") as ex:
+            outs = [ex.submit(generate, qa_prompt.format(passage=passage), max_new_tokens) for _ in range(k)]
+            for out in outs:  # in the order asked
+                qa, attempts = parse(out.result()), attempts + 1
+                if len(qa) >= 3:
+                    break
+    if retries:
+        log.info("QA list %s after %d of at most %d asks", "parsed" if len(qa) >= 3 else "not parsed",
+                 attempts, retries + 1)
     qa = [{**p, "source": "model"} for p in qa][:3]
     if len(qa) < 3:
         qa += cloze_pairs(passage, 3 - len(qa))

@@ -212,13 +212,26 @@ def test_the_paper_augmentation_asks_again_until_its_qa_list_parses():
         asked.append(prompt)
         return "Rewritten." if prompt.startswith("Rewrite") else next(outputs)
 
-    aug = augment("Zorbl is a purple cat.", generate, 512, paper=True, retries=100)
+    aug = augment("Zorbl is a purple cat.", generate, 512, paper=True, retries=100, parallel=1)
     assert aug.qa_attempts == 3 and [p["question"] for p in aug.qa] == ["Q1", "Q2", "Q3"]
     assert all(p["source"] == "model" for p in aug.qa)
     assert sum(p == PRAG_QA_PROMPT.format(passage="Zorbl is a purple cat.") for p in asked) == 3
     # out of retries: cloze pairs fill the list, so the document still gets an adapter
     aug = augment("Zorbl is a purple cat who lives on the moon.", lambda p, n: "no", 512, paper=True, retries=2)
     assert aug.qa_attempts == 3 and all(p["source"] == "cloze" for p in aug.qa)
+    # asked 8 at a time (one engine batch): the first list that parses is kept, counted where it came
+    calls = []
+
+    def one_good(prompt, n):
+        if prompt.startswith("Rewrite"):
+            return "Rewritten."
+        calls.append(prompt)
+        return good if len(calls) == 5 else "no"
+
+    aug = augment("Zorbl is a purple cat.", one_good, 512, paper=True, retries=100)
+    assert len(calls) == 1 + 8 and 2 <= aug.qa_attempts <= 9 and [p["question"] for p in aug.qa] == ["Q1", "Q2", "Q3"]
+    aug = augment("Zorbl is a purple cat.", lambda p, n: "no", 512, paper=True, retries=11)
+    assert aug.qa_attempts == 12  # 1, then 8, then the 3 left
 
 
 def test_augmentation_asks_for_the_rewrite_and_the_qa_pairs_at_once():
