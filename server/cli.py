@@ -129,9 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     # faiss's loader reports at INFO, as a ModuleNotFoundError, each CPU-specific build its
     # wheel does not ship before it loads the one it has: noise that reads like a failure
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    from indexes.pgstore import StoreUnavailable
+
     try:
         return args.func(args) or 0
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, StoreUnavailable) as e:
         print(f"knowmux: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

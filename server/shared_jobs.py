@@ -5,12 +5,13 @@ submitted through one may run on any. A job is a row of ``knowmux_jobs`` (its re
 as JSON, its status, the replica that holds it and that replica's last heartbeat, all
 in the database's clock). Each replica runs one claimer thread:
 
-    SELECT ... WHERE status = 'queued' OR (status = 'running' AND heartbeat < now - lease)
+    SELECT ... WHERE status = 'queued' OR (status = 'running' AND heartbeat + lease < now)
     ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED
 
 so two idle replicas never take the same job, and a job whose replica died (SIGKILL,
-power, network) is taken over once its lease runs out (``--job-lease-s``, default 30 s;
-a heartbeat thread renews it every lease / 3 while the job runs). The new holder starts
+power, network) is taken over once its lease runs out (``--job-lease-s`` of the replica
+that held it, default 30 s; a heartbeat thread renews it every lease / 3 while the job
+runs). A graceful stop hands the job back at once. The new holder starts
 at the job's ``done`` count: what was built stays built (artefacts are content-addressed
 in the shared tier), the group in flight when the replica died is redone, nothing
 acknowledged is lost. A replica only claims the kinds its engine can build.
@@ -46,6 +47,7 @@ CREATE TABLE IF NOT EXISTS knowmux_jobs (
     record JSONB NOT NULL,
     owner TEXT,
     heartbeat DOUBLE PRECISION,
+    lease DOUBLE PRECISION,  -- the holder's lease in seconds: its own setting judges it
     created_at DOUBLE PRECISION NOT NULL
 );
 CREATE INDEX IF NOT EXISTS knowmux_jobs_claim ON knowmux_jobs (status, created_at);
@@ -176,8 +178,8 @@ class SharedJobManager(JobManager):
     def _claim(self, kinds: list[str]) -> Optional[Job]:
         with self.db.tx() as cur:
             cur.execute(f"SELECT record, status FROM knowmux_jobs WHERE kind = ANY(%s) AND (status = 'queued' OR "
-                        f"(status = 'running' AND heartbeat < {_NOW} - %s)) ORDER BY created_at LIMIT 1 "
-                        "FOR UPDATE SKIP LOCKED", (kinds, self.lease_s))
+                        f"(status = 'running' AND heartbeat + lease < {_NOW})) ORDER BY created_at LIMIT 1 "
+                        "FOR UPDATE SKIP LOCKED", (kinds,))
             row = cur.fetchone()
             if row is None:
                 return None
@@ -185,8 +187,8 @@ class SharedJobManager(JobManager):
             if row[1] == "running" or job.started_at is not None:  # its replica died, or handed it back
                 job.resumed += 1
             job.status, job.worker = "running", self.owner
-            cur.execute(f"UPDATE knowmux_jobs SET status = 'running', owner = %s, heartbeat = {_NOW}, record = %s "
-                        "WHERE id = %s", (self.owner, json.dumps(asdict(job)), job.id))
+            cur.execute(f"UPDATE knowmux_jobs SET status = 'running', owner = %s, heartbeat = {_NOW}, lease = %s, "
+                        "record = %s WHERE id = %s", (self.owner, self.lease_s, json.dumps(asdict(job)), job.id))
         return job
 
     def _heartbeat_loop(self) -> None:

@@ -130,6 +130,20 @@ def test_an_unreachable_store_stops_the_start_with_a_clear_message(tmp_path, emb
         KnowledgeBase(tmp_path, embedder, store="mysql://x")
 
 
+def test_the_cli_reports_an_unreachable_store_in_one_line(tmp_path, capsys):
+    from server.cli import main
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"id": "a", "text": "alpha"}\n')
+    url = f"postgresql://u:secret@127.0.0.1:{_free_port()}/x"
+    assert main(["ingest", str(corpus), "--data-dir", str(tmp_path / "d"), "--store", url]) == 2
+    err = capsys.readouterr().err
+    assert "knowmux: cannot reach the document store postgresql://u:***@127.0.0.1" in err and "secret" not in err
+    assert "Traceback" not in err
+    assert main(["serve", "--store", "mysql://x", "--data-dir", str(tmp_path / "d")]) == 2
+    assert "KNOWMUX_STORE must be" in capsys.readouterr().err
+
+
 def test_concurrent_writers_commit_their_changes_in_order(tmp_path, postgres):
     """Two stores writing at once: a reader that catches up step by step ends with exactly
     the documents in the table (no change numbered below one already read commits late)."""
