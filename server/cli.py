@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                                            "a knowmux system prompt), user-instruct (the first user turn, "
                                            "before the question), or another of server.prompt.LAYOUTS "
                                            "(env KNOWMUX_PROMPT_LAYOUT)")
+    s.add_argument("--builds", help="run build jobs' model work on a Ray cluster: ray://head:10001 (or ray:local); "
+                                    "needs --store postgresql://... and --kv-tier (env KNOWMUX_BUILDS)")
     s.add_argument("--job-lease-s", type=float, help="with a shared --store: a running build whose replica is "
                                                      "silent this long is taken over by another (default 30)")
     s.add_argument("--router-probe", action="store_const", const=True, default=None,
@@ -145,7 +147,7 @@ def _settings(args) -> Settings:
     keys = ("data_dir", "model", "host", "port", "engine", "threads", "max_batch_size", "max_queue",
             "max_tokens_in_flight", "experiments", "default_strategy", "router_probe", "chat_template", "log_level",
             "default_temperature", "default_top_p", "prompt_layout", "device", "dtype", "kv_tier", "kv_store_bytes", "max_context",
-            "store", "job_lease_s", "tensor_parallel_size", "gpu_memory_utilization", "max_loras", "max_lora_rank")
+            "store", "job_lease_s", "builds", "tensor_parallel_size", "gpu_memory_utilization", "max_loras", "max_lora_rank")
     return Settings.from_env(**{k: getattr(args, k, None) for k in keys})
 
 

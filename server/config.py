@@ -54,6 +54,7 @@ class Settings:
     # build jobs included (indexes.pgstore, server.shared_jobs)
     store: Optional[str] = None
     job_lease_s: float = 30.0  # shared store: a running job whose replica is silent this long is taken over
+    builds: Optional[str] = None  # ray://head:port (or ray:local): build groups run on a Ray actor (server.ray_builds)
     adapter_recipe: str = "passage-4ep"  # adapters.recipe.PRESETS
     adapter_build_group: int = 8  # documents whose adapters are augmented and trained together
     kv_recompute: float = 0.0  # default CacheBlend fraction of non-exact passage tokens recomputed by `kv`
@@ -114,6 +115,11 @@ class Settings:
         if self.store is not None and not self.store.startswith(("sqlite", "postgresql://", "postgres://")):
             raise ValueError(f"KNOWMUX_STORE must be sqlite, sqlite:///path or postgresql://user@host:port/db, "
                              f"got {self.store!r}")
+        from .ray_builds import check as check_builds
+
+        problem = check_builds(self)
+        if problem:
+            raise ValueError(problem)
         if not self.job_lease_s > 0.0:
             raise ValueError(f"KNOWMUX_JOB_LEASE_S must be a positive number of seconds, got {self.job_lease_s}")
         if self.max_context is not None and self.max_context < 1:

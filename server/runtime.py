@@ -150,6 +150,7 @@ class Runtime:
     metrics: Metrics
     keys: object = None  # server.api.auth.Keys
     jobs: JobManager = None
+    builds: object = None  # server.ray_builds.RayBuilds: build groups on a Ray actor (--builds)
     started_at: float = field(default_factory=time.time)
 
     @property
@@ -183,8 +184,13 @@ class Runtime:
         keys = Keys.from_settings(settings)
         check_exposure(settings, keys)
         kb = KnowledgeBase(settings.data_dir, embedder, store=settings.store)
+        builds = None
+        if settings.builds:
+            from .ray_builds import RayBuilds
+
+            builds = RayBuilds(settings)
         return cls(settings, engine, kb, assemble(engine, kb, settings, data_dir=settings.data_dir), Metrics(), keys,
-                   job_manager(settings, kb.store))
+                   job_manager(settings, kb.store), builds)
 
     def placement(self) -> dict:
         """Where things run and are kept: the engine's device, dtype and KV pool, the
@@ -206,6 +212,8 @@ class Runtime:
         if service is None:
             raise StrategyUnavailable(f"the {self.engine.name} engine cannot build {kind}", param="build")
 
+        if self.builds is not None:  # the model work on a Ray actor, the job held here
+            return self.builds.builder(kind, getattr(service, "build_group", 1))
         return Builder(lambda doc_ids: build_ids(service, self.kb, doc_ids), getattr(service, "build_group", 1))
 
     def start(self) -> None:
@@ -216,5 +224,7 @@ class Runtime:
 
     def shutdown(self) -> None:
         self.jobs.shutdown()
+        if self.builds is not None:
+            self.builds.shutdown()
         self.engine.shutdown()
         self.kb.close()

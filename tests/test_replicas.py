@@ -229,6 +229,46 @@ def test_a_replica_shutting_down_hands_its_job_back_at_once(postgres):
     assert sorted(ran) == sorted(f"d{i}" for i in range(20))  # the handed-back group is not run twice
 
 
+def test_builds_run_on_a_ray_worker_and_every_replica_uses_them(tmp_path, embedder, postgres):
+    """--builds ray:local: the replica holds the job, a Ray actor loading the same model
+    folder builds the KV caches into the shared tier, and the replica serves from them."""
+    from server.config import Settings
+    from server.engine.torch_engine import TorchEngine
+    from server.runtime import Runtime
+    from tests.tiny import tiny_model_folder
+
+    folder = tiny_model_folder(tmp_path / "model")
+    tier = tmp_path / "tier"
+    s = Settings.from_env(env={}, data_dir=tmp_path / "a", model=str(folder), device="cpu", threads=1,
+                          store=postgres.fresh_database("ray"), kv_tier=tier.as_uri(), builds="ray:local")
+    rt = Runtime.build(s, engine=TorchEngine.from_folder(folder), embedder=embedder)
+    try:
+        with LiveServer(rt) as srv:
+            rt.jobs.resume(rt.builder)
+            r = httpx.post(srv.url + "/v1/documents", json={"documents": DOCS, "build": ["kv"]}, timeout=60)
+            assert r.status_code == 200, r.text
+            state = wait_for_job(srv.url, r.json()["job"]["id"], timeout=240)
+            assert state["status"] == "done" and state["built"] == len(DOCS), state
+            assert state["worker"] == rt.jobs.owner  # held here ...
+            assert not any((tmp_path / "a" / "kv").glob("*.safetensors"))  # ... built elsewhere
+            assert len(list((tier / "kv").glob("*"))) >= len(DOCS)  # into the shared tier
+            r = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
+                "model": "knowmux", "messages": [{"role": "user", "content": "What is the capital of planet 1?"}],
+                "max_tokens": 4, "strategy": "kv", "top_k": 2})
+            assert r.status_code == 200 and r.json()["knowmux"]["kv"]["built_now"] == [], r.text
+    finally:
+        rt.builds.shutdown()
+
+
+def test_ray_builds_need_a_shared_store_and_tier(tmp_path):
+    from server.config import Settings
+
+    with pytest.raises(ValueError, match="need a shared document store"):
+        Settings.from_env(env={}, data_dir=tmp_path, builds="ray://head:10001")
+    with pytest.raises(ValueError, match="ray://head:port"):
+        Settings.from_env(env={}, data_dir=tmp_path, builds="dask://x", store="postgresql://h/db", kv_tier="file:///t")
+
+
 def _start(data_dir: Path, log, env):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tests.serve_tiny", str(data_dir), str(port)], cwd=ROOT,
