@@ -269,19 +269,24 @@ def test_agreement_compares_two_runs_per_label(tmp_path):
     """bench.agreement: identical answers, the same first 8 words, the same verdict."""
     from bench.agreement import compare, load, main
 
-    def run(name, outputs, contains):
+    def run(name, outputs, contains, conflict):
         d = tmp_path / name
         d.mkdir()
         recs = [{"kind": "questions", "label": "rag", "id": f"q{i}", "output": o, "contains": c}
                 for i, (o, c) in enumerate(zip(outputs, contains))]
-        recs.append({"kind": "conflicts", "label": "rag", "id": "c0", "output": "x"})  # not a question: ignored
+        recs.append({"kind": "conflicts", "label": "rgb", "id": "c0", **conflict})  # RGB-like: memory vs context
         (d / "results.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
         (d / "results.json").write_text(json.dumps({"dtype": name, "device": "cpu"}))
         return d
 
     words = "one two three four five six seven eight"
-    a = run("float32", [f"{words} nine", "Paris is the capital", " same "], [1.0, 1.0, 0.0])
-    b = run("bfloat16", [f"{words} ten", "Lyon is the capital", "same"], [1.0, 0.0, 0.0])
+    a = run("float32", [f"{words} nine", "Paris is the capital", " same "], [1.0, 1.0, 0.0],
+            {"output": "Paris", "has_memory": True, "has_context": False})
+    b = run("bfloat16", [f"{words} ten", "Lyon is the capital", "same"], [1.0, 0.0, 0.0],
+            {"output": "Lyon", "has_memory": False, "has_context": True})
+    conflicts = compare(load(a), load(b))["rgb"]  # a conflict's verdict: which of its two answers it holds
+    assert (conflicts["n"], conflicts["same"], conflicts["same_verdict"], conflicts["contains_a"],
+            conflicts["contains_b"]) == (1, 0, 0, 1, 0)
     res = compare(load(a), load(b))["rag"]
     assert (res["n"], res["same"], res["same_start"], res["same_verdict"]) == (3, 1, 2, 2)
     assert res["contains_a"] == 2 and res["contains_b"] == 1 and abs(res["agreement"] - 1 / 3) < 1e-9
