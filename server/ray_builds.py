@@ -64,7 +64,10 @@ class RayBuilds:
     """The replica's side: one ``BuildWorker`` actor, and builders that call it."""
 
     def __init__(self, settings: Settings):
-        import ray
+        try:
+            import ray
+        except ImportError:
+            raise ValueError("--builds needs Ray: pip install 'knowmux[ray]' (ray>=2.40)") from None
 
         self.settings, self._ray = settings, ray
         url = settings.builds
@@ -93,7 +96,12 @@ class RayBuilds:
 
     def build(self, kind: str, doc_ids: list[str]) -> list:
         """``Builder``'s contract: per document True (built), False (stored already) or the exception."""
-        out = self._ray.get(self._worker().build.remote(kind, list(doc_ids)))
+        try:
+            out = self._ray.get(self._worker().build.remote(kind, list(doc_ids)))
+        except self._ray.exceptions.RayActorError:  # the actor died (node lost, out of memory): a new one next group
+            with self._lock:
+                self._actor = None
+            raise
         return [True if what == "built" else False if what == "skipped" else RuntimeError(f"on the Ray worker: {why}")
                 for what, why in out]
 
