@@ -33,6 +33,31 @@ class UnreachableTier:
         return fail
 
 
+def start_tiny_server(data_dir, log, **env):
+    """``python -m tests.serve_tiny`` in its own process (for kill -9 tests), environment
+    ``env`` added; (the process, its URL) once /health answers."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import httpx
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tests.serve_tiny", str(data_dir), str(port)],
+                            cwd=Path(__file__).resolve().parents[1], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert proc.poll() is None, "server exited"
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise AssertionError("server did not start")
+
+
 def wait_for_job(url: str, job, timeout: float, poll: float = 0.2) -> dict:
     """A build job's state once it is no longer queued or running (or at the deadline):
     ``job`` is the job as an endpoint returned it, or its id."""

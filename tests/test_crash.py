@@ -2,34 +2,12 @@
 same data dir every acknowledged document is there, nothing half-written is visible, and
 the interrupted builds resume and finish."""
 
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 
-from tests.conftest import _free_port
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _start(data_dir: Path, log, **env):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tests.serve_tiny", str(data_dir), str(port)], cwd=ROOT,
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        assert proc.poll() is None, "server exited"
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise AssertionError("server did not start")
+from tests.conftest import start_tiny_server as _start
 
 
 def _job(url, job_id):

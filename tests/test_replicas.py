@@ -2,21 +2,16 @@
 ingests, builds or deletes, every other sees; a build whose replica dies is finished by
 another; a job is run by one replica only."""
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import LiveServer, _free_port, wait_for_job
+from tests.conftest import LiveServer, _free_port, start_tiny_server, wait_for_job
 
-ROOT = Path(__file__).resolve().parents[1]
 DOCS = [{"id": f"planet{i}", "title": f"Planet {i}",
          "text": f"The capital of planet {i} is the city of Vorn{i}, founded in year {3000 + i}."} for i in range(4)]
 
@@ -269,27 +264,11 @@ def test_ray_builds_need_a_shared_store_and_tier(tmp_path):
         Settings.from_env(env={}, data_dir=tmp_path, builds="dask://x", store="postgresql://h/db", kv_tier="file:///t")
 
 
-def _start(data_dir: Path, log, env):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tests.serve_tiny", str(data_dir), str(port)], cwd=ROOT,
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        assert proc.poll() is None, "server exited"
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise AssertionError("server did not start")
-
-
 def test_sigkill_a_replica_mid_build_and_another_finishes_the_job(tmp_path, postgres):
     env = {"KNOWMUX_STORE": postgres.fresh_database("kill"), "KNOWMUX_JOB_LEASE_S": "2",
            "KNOWMUX_KV_TIER": f"file://{tmp_path / 'tier'}", "KNOWMUX_ADAPTER_BUILD_GROUP": "1"}
     log = open(tmp_path / "servers.log", "w")
-    a, url_a = _start(tmp_path / "a", log, env)
+    a, url_a = start_tiny_server(tmp_path / "a", log, **env)
     b = None
     try:
         docs = [{"id": f"doc{i}", "text": f"The secret number of item {i} is {1000 + i}. " * 3} for i in range(8)]
@@ -301,7 +280,7 @@ def test_sigkill_a_replica_mid_build_and_another_finishes_the_job(tmp_path, post
             time.sleep(0.05)
         a.send_signal(signal.SIGKILL)  # A holds the job, one or more adapters built
         a.wait(timeout=30)
-        b, url_b = _start(tmp_path / "b", log, env)
+        b, url_b = start_tiny_server(tmp_path / "b", log, **env)
         state = wait_for_job(url_b, job, timeout=240)
         assert state["status"] == "done" and state["done"] == state["total"] == 8 and not state["errors"], state
         assert state["resumed"] >= 1 and state["built"] + state["skipped"] >= 8
