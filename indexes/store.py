@@ -192,15 +192,24 @@ class DocumentStore:
         return ids, embs, gen
 
 
-def open_store(url, data_dir: Path):
-    """The document store a URL names: None or ``sqlite`` (the embedded default, in the data
-    dir), ``sqlite:///path``, or ``postgresql://...`` (indexes.pgstore: shared by replicas)."""
-    if url in (None, "", "sqlite"):
-        return DocumentStore(Path(data_dir) / "documents.sqlite3")
-    if url.startswith("sqlite:///"):
-        return DocumentStore(Path(url[len("sqlite:///"):]))  # sqlite:///relative, sqlite:////absolute
+def store_kind(url) -> str:
+    """"sqlite" or "postgresql", the kind of store a ``--store`` URL names: None or
+    ``sqlite`` (the embedded default, in the data dir), ``sqlite:///path``, or
+    ``postgresql://...`` (indexes.pgstore: shared by replicas); ValueError for anything else."""
+    if url in (None, "", "sqlite") or url.startswith("sqlite:///"):
+        return "sqlite"
     if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql"
+    raise ValueError(f"KNOWMUX_STORE must be sqlite, sqlite:///path or postgresql://user@host:port/db (--store), "
+                     f"got {url!r}")
+
+
+def open_store(url, data_dir: Path):
+    """The document store a URL names (``store_kind``)."""
+    if store_kind(url) == "postgresql":
         from .pgstore import PostgresStore
 
         return PostgresStore(url)
-    raise ValueError(f"--store {url!r}: expected sqlite, sqlite:///path or postgresql://user@host:port/db")
+    if url and url.startswith("sqlite:///"):
+        return DocumentStore(Path(url[len("sqlite:///"):]))  # sqlite:///relative, sqlite:////absolute
+    return DocumentStore(Path(data_dir) / "documents.sqlite3")

@@ -128,7 +128,9 @@ def check(settings: Settings) -> Optional[str]:
         return None
     if not (settings.builds == "ray:local" or settings.builds.startswith("ray://")):
         return f"KNOWMUX_BUILDS must be ray://head:port or ray:local, got {settings.builds!r}"
-    if not (settings.store or "").startswith(("postgresql://", "postgres://")) or not settings.kv_tier:
+    from indexes.store import store_kind
+
+    if store_kind(settings.store) != "postgresql" or not settings.kv_tier:
         return ("builds on Ray need a shared document store (--store postgresql://...) and a shared tier "
                 "(--kv-tier): a Ray worker reads the documents from the one and writes what it builds to the other")
     return None
