@@ -29,6 +29,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from dataclasses import asdict
 from typing import Callable, Optional
@@ -83,9 +84,7 @@ class SharedJobManager(JobManager):
         if not JOB_ID.match(job_id):
             return None
         with self.db.tx() as cur:
-            cur.execute("SELECT record FROM knowmux_jobs WHERE id = %s", (job_id,))
-            row = cur.fetchone()
-        return _job(row[0]) if row else None
+            return _read(cur, job_id)
 
     def recent(self, limit: int = 20) -> list[Job]:
         with self.db.tx() as cur:
@@ -96,15 +95,12 @@ class SharedJobManager(JobManager):
         if not JOB_ID.match(job_id):
             return None
         with self.db.tx() as cur:
-            cur.execute("SELECT record FROM knowmux_jobs WHERE id = %s FOR UPDATE", (job_id,))
-            row = cur.fetchone()
-            if row is None:
+            job = _read(cur, job_id, for_update=True)
+            if job is None:
                 return None
-            job = _job(row[0])
             if job.status in ("queued", "running"):
                 job.status = "cancelled"
-                cur.execute(f"SELECT {_NOW}")
-                job.finished_at = job.finished_at or float(cur.fetchone()[0])
+                job.finished_at = job.finished_at or time.time()  # the record's clock, as its other times
                 cur.execute("UPDATE knowmux_jobs SET status = %s, record = %s WHERE id = %s",
                             (job.status, json.dumps(asdict(job)), job.id))
         return job
@@ -224,6 +220,14 @@ class SharedJobManager(JobManager):
             cur.execute(f"UPDATE knowmux_jobs SET status = %s, record = %s, heartbeat = {_NOW} "
                         "WHERE id = %s AND owner = %s AND status = 'running'",
                         (job.status, json.dumps(asdict(job)), job.id, self.owner))
+
+
+def _read(cur, job_id: str, for_update: bool = False) -> Optional[Job]:
+    """The job's record (locked for this transaction with ``for_update``); None when there
+    is no such job or its record is unreadable."""
+    cur.execute("SELECT record FROM knowmux_jobs WHERE id = %s" + (" FOR UPDATE" if for_update else ""), (job_id,))
+    row = cur.fetchone()
+    return _job(row[0]) if row else None
 
 
 def _job(record) -> Optional[Job]:
