@@ -84,7 +84,10 @@ class KnowledgeBase:
         return True
 
     def _refresh(self) -> None:
-        if self.store.generation != self._gen and not self._catch_up():
+        """Before a search or a write: a store with a change log is asked for the changes
+        since this index's generation (one query when there are none); one without is
+        asked for its generation, and a moved one means a rebuild."""
+        if not self._catch_up() and self.store.generation != self._gen:
             self._rebuild()
 
     def count(self) -> int:

@@ -7,8 +7,8 @@ one transaction-level advisory lock first, so change numbers commit in order and
 reader that has applied everything up to N never sees N+1 commit after N+2. A replica's
 FAISS index is a cache of this store at some change number (its ``generation``): it
 catches up by applying the changes after it (``changes_since``), so a document
-acknowledged through one replica is found by another's next search (every search reads
-the newest change number first: one indexed query).
+acknowledged through one replica is found by another's next search (every search first
+asks for the changes after its own number: one indexed query when there are none).
 
 URL: ``postgresql://user:password@host:port/dbname`` (psycopg 3). A connection that
 breaks (server restart, network) is opened again at the next call; the call that met the
