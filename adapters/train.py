@@ -63,19 +63,17 @@ def training_sequences(aug: Augmentation, recipe: Recipe) -> list[Sequence]:
     as the paper's code does (its prompt, "The answer is X.", the loss on every token)."""
     seqs: list[Sequence] = []
     whole = recipe.loss_on == "sequence"
+
+    def qa(pair: dict, context: Optional[str]) -> Sequence:
+        if recipe.prompt_format == "prag":
+            return prag_sequence(pair["question"], context, pair["answer"])
+        prompt = f"Question: {pair['question']}" if context is None else f"{context}\n\nQuestion: {pair['question']}"
+        return Sequence(prompt, pair["answer"], whole)
+
     if recipe.qa_sequences:
         contexts = [{"passage": aug.passage, "rewrite": aug.rewrite}[c] for c in recipe.qa_contexts]
-        for pair in aug.qa[:2]:
-            for context in contexts:
-                if recipe.prompt_format == "prag":
-                    seqs.append(prag_sequence(pair["question"], context, pair["answer"]))
-                else:
-                    seqs.append(Sequence(f"{context}\n\nQuestion: {pair['question']}", pair["answer"], whole))
-        for pair in aug.qa[2:3]:
-            if recipe.prompt_format == "prag":
-                seqs.append(prag_sequence(pair["question"], None, pair["answer"]))
-            else:
-                seqs.append(Sequence(f"Question: {pair['question']}", pair["answer"], whole))
+        seqs += [qa(pair, context) for pair in aug.qa[:2] for context in contexts]
+        seqs += [qa(pair, None) for pair in aug.qa[2:3]]
     if recipe.passage_sequence:
         seqs.append(Sequence("", aug.passage))
     return seqs

@@ -212,9 +212,10 @@ class Runtime:
         if service is None:
             raise StrategyUnavailable(f"the {self.engine.name} engine cannot build {kind}", param="build")
 
+        group = getattr(service, "build_group", 1)
         if self.builds is not None:  # the model work on a Ray actor, the job held here
-            return self.builds.builder(kind, getattr(service, "build_group", 1))
-        return Builder(lambda doc_ids: build_ids(service, self.kb, doc_ids), getattr(service, "build_group", 1))
+            return self.builds.builder(kind, group)
+        return Builder(lambda doc_ids: build_ids(service, self.kb, doc_ids), group)
 
     def start(self) -> None:
         self.engine.observe_steps(self.metrics.on_step)
