@@ -530,12 +530,15 @@ def _main(a, argv) -> int:
 
 def _kv_variant(text: str) -> dict:
     """"kv_link_tokens=4,kv_positions=parallel" -> {"kv_link_tokens": 4, "kv_positions": "parallel"}
-    (numbers as numbers; the server checks names and ranges)."""
+    (numbers as numbers, true/false as booleans; the server checks names and ranges)."""
     out = {}
     for part in text.split(","):
         name, sep, value = part.partition("=")
         if not sep or not name.strip():
             raise argparse.ArgumentTypeError(f"expected OPT=VALUE[,OPT=VALUE], got {text!r}")
+        if value.strip().lower() in ("true", "false"):
+            out[name.strip()] = value.strip().lower() == "true"
+            continue
         for cast in (int, float, str):
             try:
                 out[name.strip()] = cast(value.strip())

@@ -58,6 +58,7 @@ class Settings:
     adapter_recipe: str = "passage-4ep"  # adapters.recipe.PRESETS
     adapter_build_group: int = 8  # documents whose adapters are augmented and trained together
     kv_recompute: float = 0.0  # default CacheBlend fraction of non-exact passage tokens recomputed by `kv`
+    kv_recompute_refresh: bool = False  # default: CacheBlend's tokens chosen again at every layer (gradual filtering)
     kv_link_tokens: int = 0  # default LegoLink count: first tokens of each non-first passage recomputed by `kv`
     # default passage positions of `kv`: "parallel" (APE's) or "sequential"; None: parallel,
     # or sequential when a recompute (kv_recompute, kv_link_tokens) applies

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, StrictBool, field_validator
 
 def parse_alpha(value) -> Union[float, str]:
     """A ckplug_alpha as the hook takes it: a number in [0, 1] as a float, or "adaptive"
@@ -21,7 +21,7 @@ def parse_alpha(value) -> Union[float, str]:
 
 
 # `kv`'s options that the server also has defaults for (server.config.Settings, same names)
-KV_OPTIONS = ("kv_recompute", "kv_link_tokens", "kv_positions", "kv_temperature", "kv_scale")
+KV_OPTIONS = ("kv_recompute", "kv_recompute_refresh", "kv_link_tokens", "kv_positions", "kv_temperature", "kv_scale")
 # the options that travel to the strategy in Query.options (top_k travels on its own)
 STRATEGY_OPTIONS = ("ckplug_alpha", "ckplug_condition", "ckplug_epsilon", "ckplug_variant", "ckplug_trace",
                     "on_missing", *KV_OPTIONS, "adapters")
@@ -42,6 +42,8 @@ class RequestOptions(BaseModel):
     # what a strategy does with a retrieved document whose stored artefact (KV cache) is missing
     on_missing: Optional[Literal["build", "skip", "error"]] = None
     kv_recompute: Optional[float] = Field(default=None, ge=0.0, le=1.0)  # kv: CacheBlend fraction recomputed
+    # kv: CacheBlend's tokens chosen again at every layer (its gradual filtering), not at layer 1 only
+    kv_recompute_refresh: Optional[StrictBool] = None
     # kv: the first N tokens of every passage after the first recomputed against the joined
     # cache (EPIC's LegoLink: the attention-sink tokens independent encoding corrupts)
     kv_link_tokens: Optional[int] = Field(default=None, ge=0, le=4096)

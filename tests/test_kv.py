@@ -3,7 +3,7 @@
 import httpx
 import torch
 
-from server.engine.blend import rotate_keys
+from server.engine.rope import rotate_keys
 from server.engine.model import LlamaRunner, Segment
 from server.engine.types import GenRequest, RowSpec, SamplingParams
 from server.kv.service import KVService
@@ -153,61 +153,118 @@ def test_kv_through_the_api_with_build_job_and_inspection(make_server):
     assert httpx.get(srv.url + "/v1/jobs/nope").status_code == 404
 
 
-def test_cacheblend_full_recompute_equals_full_prefill_and_partial_moves_toward_it(tmp_path):
-    engine, kv = service(tmp_path)
+def answer_with(runner, prefix, tail, recompute=None):
+    """The first answer token's logits of ``tail`` after ``prefix``, with ``recompute`` of
+    the prefix's tokens in the same step (as the worker packs it: its tokens first)."""
+    cache = runner.new_cache(prefix.length + len(tail))
+    cache.import_prefix(prefix)
+    extra = list(recompute.ids) if recompute is not None else []
+    seg = Segment(cache, 0, len(extra) + len(tail), want_logits=True, recompute=recompute)
+    logits = runner.forward(torch.tensor(extra + list(tail)), [seg])[0]
+    assert cache.length == prefix.length + len(tail)  # recomputed tokens overwrite, they do not append
+    return logits
+
+
+def joined(tmp_path, layers: int = 2):
+    engine, kv = service(tmp_path, tiny_engine(layers=layers))
     layout = kv.prompts.with_passages(ASK, PASSAGES)
     prefix = kv.join([kv.passage(p.doc_id, ids).entry for p, ids in zip(PASSAGES, layout.passages)])
-    ids = layout.ids[: prefix.length]
-    exact = len(layout.head) + len(layout.passages[0])
+    return engine, kv, layout, prefix, layout.ids[: prefix.length], len(layout.head) + len(layout.passages[0])
+
+
+def test_cacheblend_full_recompute_equals_full_prefill_and_partial_moves_toward_it(tmp_path):
+    engine, kv, layout, prefix, ids, exact = joined(tmp_path)
     ref = prefill_logits(engine.runner, layout.ids)
+    answer = lambda rc: answer_with(engine.runner, prefix, layout.tail, rc)  # noqa: E731
+    full = kv.recompute(ids, exact, 1.0, [])
+    assert full.tokens == len(ids) - exact
+    torch.testing.assert_close(answer(full), ref, atol=1e-3, rtol=1e-3)
+    assert kv.recompute(ids, exact, 0.0, []) is None
+    part = kv.recompute(ids, exact, 0.3, [])
+    assert 0 < part.tokens < full.tokens
+    err = lambda rc: float((answer(rc) - ref).abs().max())  # noqa: E731
+    assert err(part) < err(None)
+    assert err(None) > 1e-3  # without recompute the joined cache really differs from a full prefill
 
-    def answer_logits(pfx):
-        cache = engine.runner.new_cache(pfx.length + len(layout.tail))
-        cache.import_prefix(pfx)
-        return engine.runner.forward(torch.tensor(layout.tail), [Segment(cache, 0, len(layout.tail), want_logits=True)])[0]
 
-    full, n_full = kv.blend(prefix, ids, exact, 1.0)
-    assert n_full == len(ids) - exact
-    torch.testing.assert_close(answer_logits(full), ref, atol=1e-3, rtol=1e-3)
-    none, n_none = kv.blend(prefix, ids, exact, 0.0)
-    part, n_part = kv.blend(prefix, ids, exact, 0.3)
-    assert n_none == 0 and 0 < n_part < n_full
-    err = lambda p: float((answer_logits(p) - ref).abs().max())  # noqa: E731
-    assert err(part) < err(none)
-    assert err(none) > 1e-3  # without recompute the joined cache really differs from a full prefill
+def test_cacheblend_refreshed_per_layer_narrows_and_full_equals_full_prefill(tmp_path):
+    """kv_recompute_refresh: the tokens chosen again at every layer on a schedule from 1.5x
+    to 0.5x the target; a fraction of 1 keeps every token at every layer (a full prefill)."""
+    engine, kv, layout, prefix, ids, exact = joined(tmp_path, layers=5)
+    ref = prefill_logits(engine.runner, layout.ids)
+    L = engine.runner.n_layers
+    full = kv.recompute(ids, exact, 1.0, [], refresh=True)
+    assert set(full.keep) == set(range(1, L)) and set(full.keep.values()) == {len(ids) - exact}
+    torch.testing.assert_close(answer_with(engine.runner, prefix, layout.tail, full), ref, atol=1e-3, rtol=1e-3)
+    part = kv.recompute(ids, exact, 0.3, [], refresh=True)
+    counts = [part.keep[li] for li in range(1, L)]
+    m = round(0.3 * (len(ids) - exact))
+    assert counts == sorted(counts, reverse=True) and counts[0] > m > counts[-1] and abs(part.tokens - m) <= 1
+    err = lambda rc: float((answer_with(engine.runner, prefix, layout.tail, rc) - ref).abs().max())  # noqa: E731
+    assert err(part) < err(None)
 
 
 def test_legolink_covering_every_passage_token_equals_full_prefill(tmp_path):
     """LegoLink (kv_link_tokens): recomputing the first N tokens of each passage after the
     first; with N past every passage's length that is every non-exact token, and the
     answer's logits are a full prefill's. N = 2 moves toward it; N = 0 changes nothing."""
-    engine, kv = service(tmp_path)
-    layout = kv.prompts.with_passages(ASK, PASSAGES)
-    joined = kv.join([kv.passage(p.doc_id, ids).entry for p, ids in zip(PASSAGES, layout.passages)])
-    ids = layout.ids[: joined.length]
+    engine, kv, layout, prefix, ids, exact = joined(tmp_path)
     ref = prefill_logits(engine.runner, layout.ids)
 
-    def answer_logits(pfx):
-        cache = engine.runner.new_cache(pfx.length + len(layout.tail))
-        cache.import_prefix(pfx)
-        return engine.runner.forward(torch.tensor(layout.tail), [Segment(cache, 0, len(layout.tail), want_logits=True)])[0]
-
     def starts(n):
-        pos = len(layout.head) + len(layout.passages[0])
-        out = []
+        pos, out = exact, []
         for pids in layout.passages[1:]:
             out += range(pos, pos + min(n, len(pids)))
             pos += len(pids)
         return out
 
-    every, n_every = kv.link(joined, ids, starts(10_000))
-    assert n_every == sum(len(p) for p in layout.passages[1:])
-    torch.testing.assert_close(answer_logits(every), ref, atol=1e-3, rtol=1e-3)
-    two, n_two = kv.link(joined, ids, starts(2))
-    none, n_none = kv.link(joined, ids, starts(0))
-    assert (n_two, n_none) == (4, 0) and none is joined
-    err = lambda p: float((answer_logits(p) - ref).abs().max())  # noqa: E731
-    assert err(two) < err(none)
+    every = kv.recompute(ids, exact, 0.0, starts(10_000))
+    assert every.tokens == sum(len(p) for p in layout.passages[1:]) and not every.keep
+    torch.testing.assert_close(answer_with(engine.runner, prefix, layout.tail, every), ref, atol=1e-3, rtol=1e-3)
+    two = kv.recompute(ids, exact, 0.0, starts(2))
+    assert two.tokens == 4 and kv.recompute(ids, exact, 0.0, starts(0)) is None
+    err = lambda rc: float((answer_with(engine.runner, prefix, layout.tail, rc) - ref).abs().max())  # noqa: E731
+    assert err(two) < err(None)
+    # LegoLink's tokens and CacheBlend's fraction together: the link tokens always stay
+    both = kv.recompute(ids, exact, 0.2, starts(2))
+    assert sum(both.pinned) == 4 and both.keep[1] == 4 + round(0.2 * (len(ids) - exact))
+    assert err(both) < err(None)
+
+
+def test_a_recompute_runs_in_the_step_beside_other_rows_without_changing_them(tmp_path):
+    """The recompute rides in one packed step with a pooled decode row and another
+    prefill behind it: the narrowing at layer 1 moves the rows behind it, and every row
+    gets the logits it gets alone."""
+    engine, kv, layout, prefix, ids, exact = joined(tmp_path, layers=4)
+    runner = engine.runner
+    rc = kv.recompute(ids, exact, 0.3, [], refresh=True)
+    alone = answer_with(runner, prefix, layout.tail, rc)
+    pool = runner.new_pool(4, 256)
+    other = list(range(30, 52))
+
+    def decoding_row():
+        cache = pool.acquire(64)
+        runner.forward(torch.tensor(other), [Segment(cache, 0, len(other))])
+        return cache
+
+    solo_cache = decoding_row()
+    solo = runner.forward(torch.tensor([7]), [Segment(solo_cache, 0, 1, want_logits=True)])[0]
+    late_alone = prefill_logits(runner, other[:9])
+    dec_cache = decoding_row()
+    blend_cache = runner.new_cache(prefix.length + len(layout.tail))
+    blend_cache.import_prefix(prefix)
+    late_cache = runner.new_cache(16)
+    # the decode row last, so that the narrowing moves it too (the pooled call re-reads its place)
+    packed = list(rc.ids) + list(layout.tail) + other[:9] + [7]
+    n_blend = len(rc.ids) + len(layout.tail)
+    segs = [Segment(blend_cache, 0, n_blend, want_logits=True, recompute=rc),
+            Segment(late_cache, n_blend, 9, want_logits=True),
+            Segment(dec_cache, n_blend + 9, 1, want_logits=True)]
+    got = runner.forward(torch.tensor(packed), segs)
+    torch.testing.assert_close(got[0], alone, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[1], late_alone, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[2], solo, atol=1e-4, rtol=1e-4)
+    assert (dec_cache.length, blend_cache.length, late_cache.length) == (len(other) + 1, prefix.length + len(layout.tail), 9)
 
 
 def test_kv_recompute_and_link_tokens_are_validated(make_server):

@@ -27,6 +27,7 @@ OPTION_VALUES = {
     "ckplug_trace": st.booleans(),
     "on_missing": st.sampled_from(["build", "skip", "error"]),
     "kv_recompute": st.one_of(st.sampled_from([0, 0.0, 1.0]), st.floats(0, 1)),
+    "kv_recompute_refresh": st.booleans(),
     "kv_link_tokens": st.one_of(st.sampled_from([0, 4096]), st.integers(0, 64)),
     "kv_positions": st.sampled_from(["sequential", "parallel"]),
     "kv_temperature": st.one_of(st.sampled_from([1, 1.0, 2, 0.01]), st.floats(0.01, 2)),
@@ -95,6 +96,7 @@ def test_ckplug_alpha_reaches_the_hook_as_sent(make_server, strategy):
 @pytest.mark.parametrize("field, bad", [("ckplug_alpha", -0.1), ("ckplug_alpha", 1.5), ("ckplug_alpha", "high"),
                                         ("ckplug_alpha", True), ("ckplug_alpha", "NaN"), ("kv_recompute", -0.1),
                                         ("kv_recompute", 1.5), ("ckplug_condition", "vibes"), ("on_missing", "x"),
+                                        ("kv_recompute_refresh", "yes"), ("kv_recompute_refresh", 1),
                                         ("top_k", 0), ("n", 0), ("n", 9), ("top_logprobs", 21),
                                         ("kv_link_tokens", -1), ("kv_temperature", 0), ("kv_scale", 2.5),
                                         ("kv_positions", "diagonal")])
@@ -121,6 +123,8 @@ def test_kv_recompute_zero_is_honoured_over_the_server_default(make_server):
     assert default["recompute_fraction"] == 0.5 and default["recomputed_tokens"] > 0
     zero = kv_info(kv_recompute=0)
     assert zero["recompute_fraction"] == 0 and zero["recomputed_tokens"] == 0
+    refreshed = kv_info(kv_recompute_refresh=True)  # on the server's fraction, chosen again layer by layer
+    assert refreshed["recompute_refresh"] is True and refreshed["recomputed_tokens"] > 0
 
 
 def test_an_experiment_arm_with_alpha_zero_runs_at_zero(make_server, tmp_path):

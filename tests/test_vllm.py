@@ -125,8 +125,8 @@ def test_strategies_health_and_builds_on_the_vllm_engine(vllm_engine, shared_dat
         assert health["vllm"]["kv_connector"] is True
         r = _ask(srv.url, "auto", "Where does Zorbl live?")
         assert r.status_code == 200 and r.headers["x-strategy"] in models["strategies"]
-        for field, value in (("kv_recompute", 0.3), ("kv_link_tokens", 4), ("kv_temperature", 0.5),
-                             ("kv_scale", 0.8)):  # torch only: the recomputes and APE's attention
+        for field, value in (("kv_recompute", 0.3), ("kv_recompute_refresh", True), ("kv_link_tokens", 4),
+                             ("kv_temperature", 0.5), ("kv_scale", 0.8)):  # torch only: the recomputes and APE's attention
             r = _ask(srv.url, "kv", "Where does Zorbl live?", **{field: value})
             assert r.status_code == 400 and r.json()["error"]["param"] == field
 

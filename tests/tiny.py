@@ -61,8 +61,9 @@ def tiny_model_folder(path):
     return path
 
 
-def tiny_engine(limits=None, seed: int = 0):
+def tiny_engine(limits=None, seed: int = 0, layers: int = 2):
     from server.engine.torch_engine import TorchEngine
     from server.engine.types import WorkerLimits
 
-    return TorchEngine(tiny_model(seed), tiny_tokenizer(), model_id="tiny-llama", limits=limits or WorkerLimits())
+    return TorchEngine(tiny_model(seed, layers=layers), tiny_tokenizer(), model_id="tiny-llama",
+                       limits=limits or WorkerLimits())

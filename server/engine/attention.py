@@ -42,13 +42,11 @@ class PooledDecode:
         for s in members:  # the span read past a row's own keys must be finite (masked, weight 0)
             pool.ensure_clean(s.cache.slot, s.cache.length, self.width)
         n = hi - self.lo + 1
-        starts = [s.start for s in members]
         rel = [slot - self.lo for slot in slots]
-        # the usual decode step: members are the step's first tokens and fill slots lo.. in
-        # the same order, so their lines need no gathering (about 0.7 ms of a 28 ms batch-8 step)
-        self.in_order = len(members) == n and starts == list(range(n)) and rel == list(range(n))
         dev = pool.kv.device  # the index tensors and the mask go where the pool is, once per step
-        self.tok = torch.tensor(starts, device=dev)
+        self._members, self._rel, self._n = members, rel, n
+        self._heads, self._head_dim, self._dtype = heads, head_dim, dtype
+        self.reindex()
         self.slots = torch.tensor(slots, device=dev)
         self.pos = torch.tensor([s.cache.length for s in members], device=dev)
         self.rel = torch.tensor(rel, device=dev)
@@ -57,8 +55,19 @@ class PooledDecode:
         hidden = (torch.arange(self.width)[None, :] >= seen[:, None])[:, None, None, :]
         # additive, made once per step: SDPA would convert a boolean mask at every layer
         self.mask = torch.zeros(hidden.shape, dtype=dtype).masked_fill_(hidden, float("-inf")).to(dev)
-        self.q = None if self.in_order else torch.zeros(n, heads, 1, head_dim, dtype=dtype, device=dev)
         self.ape = self._ape_lines(members, rel, n, dev)
+
+    def reindex(self) -> None:
+        """Read the members' places in the packed batch (again, after a recompute in the
+        step narrowed the batch and moved the tokens behind it)."""
+        n, rel, dev = self._n, self._rel, self.pool.kv.device
+        starts = [s.start for s in self._members]
+        # the usual decode step: members are the step's first tokens and fill slots lo.. in
+        # the same order, so their lines need no gathering (about 0.7 ms of a 28 ms batch-8 step)
+        self.in_order = len(self._members) == n and starts == list(range(n)) and rel == list(range(n))
+        self.tok = torch.tensor(starts, device=dev)
+        self.q = None if self.in_order else \
+            torch.zeros(n, self._heads, 1, self._head_dim, dtype=self._dtype, device=dev)
 
     def _ape_lines(self, members: list[Segment], rel: list[int], n: int, dev):
         """What ``_ape`` needs per line, made once per step: the logits' scale (1/(T sqrt D)

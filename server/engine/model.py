@@ -23,6 +23,7 @@ from .attention import PooledDecode
 from .kernels import TUNED, Proj, return_free_memory, tune_kernels, use_linear
 from .kvcache import KVPool, RowCache
 from .lora import AdapterSet, apply_deltas
+from .recompute import Recompute, StepRecompute
 from .rope import apply_rope
 from .training import lora_losses
 
@@ -38,13 +39,18 @@ class UnsupportedModel(ValueError):
 @dataclass
 class Segment:
     """One row's share of a step: tokens ``start..start+n-1`` of the packed batch,
-    written to ``cache`` at positions ``cache.length..cache.length+n-1``."""
+    written to ``cache`` at positions ``cache.length..cache.length+n-1`` (with a
+    ``recompute``, its tokens come first and are written at their own positions; a step
+    that narrows them moves ``start`` and ``n``)."""
 
     cache: RowCache
     start: int
     n: int
     adapters: Optional[AdapterSet] = None
     want_logits: bool = False  # compute logits for the last token of this segment
+    # tokens of the cache's injected prefix carried through the layers again, packed in
+    # front of the segment's own tokens (counted in ``n``; server.engine.recompute)
+    recompute: Optional[Recompute] = None
 
 
 @dataclass
@@ -177,8 +183,8 @@ class LlamaRunner:
         """
         T = input_ids.shape[0]
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        positions = torch.cat([torch.arange(s.cache.length, s.cache.length + s.n) + s.cache.pos_offset
-                               for s in segments])
+        blend = StepRecompute(segments, self.device) if any(s.recompute is not None for s in segments) else None
+        positions = torch.cat([self._positions(s, blend) for s in segments])
         cos, sin = self.rope(positions)
         any_lora = any(s.adapters is not None for s in segments)
         pooled = PooledDecode.of(segments, H, D, self.dtype)
@@ -193,22 +199,35 @@ class LlamaRunner:
                                          (H * D + Hkv * D, "v_proj", Hkv * D)):
                     apply_deltas(qkv[:, off:off + width], h, segments, li, name)
             q, k, v = self.split_qkv(qkv, cos, sin)
+            if blend is not None:  # a recompute may drop tokens here: the batch shrinks from this layer on
+                keep = blend.narrow(li, k, v)
+                if keep is not None:
+                    x, q, k, v, cos, sin = x[keep], q[keep], k[keep], v[keep], cos[keep], sin[keep]
+                    T = x.shape[0]
+                    attn = torch.empty(T, H, D, dtype=x.dtype, device=self.device)
+                    if pooled is not None:
+                        pooled.reindex()
             if pooled is not None:
                 pooled.attend(li, q, k, v, attn, Hkv != H)
             for seg in rest:
                 s, e, past = seg.start, seg.start + seg.n, seg.cache.length
+                if blend is not None and blend.carried(seg):  # its recomputed prefix tokens first
+                    m = blend.write(seg, li, k[s:e], v[s:e])
+                    attn[s:s + m] = blend.attend(seg, li, q[s:s + m], Hkv != H)
+                    s += m
+                n = e - s
                 seg.cache.write(li, past, k[s:e], v[s:e])
-                kk, vv = seg.cache.view(li, past + seg.n)
+                kk, vv = seg.cache.view(li, past + n)
                 qq = q[s:e].transpose(0, 1)  # [H, n, D]
                 if seg.cache.parallel is not None and seg.cache.parallel.reweights:  # APE's T and S
                     attn[s:e] = ape.attend(qq, kk, vv, seg.cache.parallel, past).transpose(0, 1)
                     continue
-                if seg.n == 1:
+                if n == 1:
                     mask, causal = None, False
                 elif past == 0:
                     mask, causal = None, True
                 else:  # query i sits at position past+i and sees keys 0..past+i
-                    mask = torch.ones(seg.n, past + seg.n, dtype=torch.bool, device=self.device).tril(diagonal=past)
+                    mask = torch.ones(n, past + n, dtype=torch.bool, device=self.device).tril(diagonal=past)
                     causal = False
                 o = F.scaled_dot_product_attention(qq[None], kk[None], vv[None], attn_mask=mask,
                                                    is_causal=causal, enable_gqa=Hkv != H)
@@ -229,12 +248,22 @@ class LlamaRunner:
                 apply_deltas(down, act, segments, li, "down_proj")
             x = x + down
         for seg in segments:
-            seg.cache.length += seg.n
+            seg.cache.length += seg.n - (blend.carried(seg) if blend is not None else 0)
         last = [s.start + s.n - 1 for s in segments if s.want_logits]
         if not last:
             return torch.empty(0, self.vocab_size, device=self.device)
         xl = self.rms_norm(x[last], self.norm)
         return self.lm_head(xl).float()
+
+    @staticmethod
+    def _positions(seg: Segment, blend: Optional[StepRecompute]) -> torch.Tensor:
+        """The rotary positions of a segment's tokens: its recomputed prefix tokens' own,
+        then cache.length.. for the rest."""
+        own = torch.arange(seg.cache.length, seg.cache.length + seg.n) + seg.cache.pos_offset
+        carried = blend.positions(seg) if blend is not None else None
+        if carried is None:
+            return own
+        return torch.cat([carried.cpu() + seg.cache.pos_offset, own[:seg.n - carried.shape[0]]])
 
     def lora_losses(self, input_ids: torch.Tensor, segments: list) -> torch.Tensor:
         """Each segment's LoRA training loss, with autograd (server.engine.training)."""

@@ -10,6 +10,24 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-hi, lo), dim=-1)
 
 
+def rotate_keys(runner, kv: torch.Tensor, delta: int) -> torch.Tensor:
+    """Move a KV span by ``delta`` positions (``runner``: a LlamaRunner or a RopeOnly): kv [L, 2, Hkv, n, D] with keys rotated for
+    positions p..p+n-1 -> keys for p+delta.. (values unchanged). RoPE rotates each
+    frequency pair by position * inv_freq, and rotations compose, so one more rotation
+    by delta * inv_freq is exact (TurboRAG's reordered positions). Returns a new tensor."""
+    kv = kv.to(runner.device)
+    if delta == 0:
+        return kv.clone()
+    # in float32 whatever the cache's dtype: one more rounding of the keys, not two
+    cos, sin = runner.rope(torch.tensor([delta]), dtype=torch.float32)
+    scale = float(getattr(runner.rotary, "attention_scaling", 1.0) or 1.0)  # cos/sin carry it; undo once
+    cos, sin = cos[0] / scale, sin[0] / scale
+    out = kv.clone()
+    k = kv[:, 0].float()
+    out[:, 0] = (k * cos + rotate_half(k) * sin).to(kv.dtype)
+    return out
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [T, heads, head_dim]; cos, sin: [T, head_dim] -> rotated x (HF's convention)."""
     return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]

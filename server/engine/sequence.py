@@ -10,6 +10,7 @@ import torch
 
 from .detok import IncrementalDetokenizer
 from .kvcache import RowCache
+from .recompute import Recompute
 from .types import GenRequest, RowSpec, Sink
 
 
@@ -18,6 +19,7 @@ class Row:
     spec: RowSpec
     cache: RowCache
     pending: list[int]
+    recompute: Optional[Recompute] = None  # goes with the row's first prefill chunk, then None
 
 
 @dataclass(eq=False)  # identity: the running list removes exactly this sequence

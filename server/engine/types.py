@@ -60,6 +60,8 @@ class RowSpec:
     prompt_ids: list[int]
     prefix: Optional["KVPrefix"] = None  # KV imported before prompt_ids (positions 0..len-1)
     adapters: Optional["AdapterSet"] = None  # low-rank deltas applied to this row only
+    # tokens of the prefix recomputed in the row's first prefill step (CacheBlend, LegoLink)
+    recompute: Optional["Recompute"] = None
 
 
 # logits_hook(logits) -> logits: logits is [n_rows, vocab] float32 (one line per row of

@@ -61,6 +61,12 @@ class EngineWorker(LoopThread):
         """Queue a request. Raises InvalidRequest (cannot ever fit), QueueFull, EngineUnavailable."""
         if not req.rows or any(not r.prompt_ids for r in req.rows):
             raise InvalidRequest("every row needs at least one prompt token")
+        for r in req.rows:
+            if r.recompute is not None:
+                try:
+                    r.recompute.check(r.prefix.length if r.prefix is not None else 0)
+                except ValueError as exc:
+                    raise InvalidRequest(str(exc)) from None
         req.sampling.check_vocabulary(self.runner.vocab_size)
         if req.kv_tokens_needed > self.limits.max_tokens_in_flight:
             raise InvalidRequest(
@@ -221,7 +227,7 @@ class EngineWorker(LoopThread):
                 pending = list(spec.prompt_ids)
             if prefix is not None:
                 cache.import_prefix(prefix)
-            seq.rows.append(Row(spec, cache, pending))
+            seq.rows.append(Row(spec, cache, pending, spec.recompute))
 
     def _forward_and_sample(self) -> None:
         t0 = time.perf_counter()
@@ -236,7 +242,12 @@ class EngineWorker(LoopThread):
         ids: list[int] = []
         segments: list[Segment] = []
         for p in plans:
-            segments.append(Segment(p.row.cache, len(ids), p.n, p.row.spec.adapters, p.want_logits))
+            # a recompute of the row's injected prefix rides in front of its first chunk
+            rc, p.row.recompute = p.row.recompute, None
+            extra = list(rc.ids) if rc is not None else []
+            segments.append(Segment(p.row.cache, len(ids), len(extra) + p.n, p.row.spec.adapters,
+                                    p.want_logits, rc))
+            ids.extend(extra)
             ids.extend(p.row.pending[:p.n])
             p.row.pending = p.row.pending[p.n:]
         logits = self.runner.forward(self.runner.ids(ids), segments)

@@ -1,5 +1,7 @@
 """Where the `kv` strategy's model work runs, per engine: computing a span's KV after a
-prefix (builds, the head), moving keys to another position, and (torch only) CacheBlend.
+prefix (builds, the head) and moving keys to another position. (Recomputing joined
+tokens, CacheBlend's and LegoLink's, runs inside the torch engine's steps:
+server.engine.recompute.)
 
 Both store the same thing: keys after RoPE and values, [L, 2, Hkv, n, D] in the model's
 dtype, for a passage computed after the layout's head. A cache is keyed by the model's
@@ -21,14 +23,14 @@ from typing import Optional
 
 import torch
 
-from ..engine.blend import cacheblend, rotate_keys
 from ..engine.kvcache import KVPrefix
 from ..engine.model import Segment
+from ..engine.rope import RopeOnly, rotate_keys
 
 
 class TorchKV:
     engine_loads = False  # the engine imports the prefix into its row cache itself
-    can_blend = True
+    can_blend = True  # its steps recompute joined tokens (server.engine.recompute) and run APE's attention
 
     def __init__(self, engine):
         from ..fingerprint import model_fingerprint
@@ -57,26 +59,12 @@ class TorchKV:
     def rotate(self, kv: torch.Tensor, delta: int) -> torch.Tensor:
         return rotate_keys(self.runner, kv, delta)
 
-    def blend(self, prefix: KVPrefix, ids: list[int], exact_upto: int, fraction: float,
-              positions: Optional[list[int]] = None) -> tuple[KVPrefix, int]:
-        """CacheBlend's recompute of ``fraction`` of the tokens from ``exact_upto`` on, or of the
-        given ``positions`` (LegoLink); returns the new prefix and how many were recomputed."""
-        def run():
-            cache = self.runner.new_cache(prefix.length)
-            cache.import_prefix(prefix)
-            chosen = cacheblend(self.runner, cache, self.runner.ids(ids), exact_upto, fraction, positions)
-            return KVPrefix(cache.kv, 0, prefix.ids), len(chosen)
-
-        return self.run(run)
-
 
 class VLLMKV:
     engine_loads = True  # the connector writes the prefix into vLLM's blocks and reports it
     can_blend = False  # CacheBlend's and LegoLink's recompute need a forward over chosen tokens: not through vLLM
 
     def __init__(self, engine):
-        from ..engine.rope import RopeOnly
-
         self.engine = engine
         self.fingerprint = engine.fingerprint()
         self.dtype = getattr(torch, engine.dtype)
@@ -93,9 +81,6 @@ class VLLMKV:
 
     def rotate(self, kv: torch.Tensor, delta: int) -> torch.Tensor:
         return rotate_keys(self.rope, kv, delta)
-
-    def blend(self, prefix, ids, exact_upto, fraction, positions=None):
-        raise NotImplementedError("recomputing joined tokens (CacheBlend, LegoLink) runs on the torch engine only")
 
 
 def kv_compute(engine):

@@ -8,9 +8,11 @@ sequence (TurboRAG's reordered positions). Only the tail (the question) is prefi
 What the joined cache lacks against a full prefill is attention between passages;
 the first passage after the head is exact.
 
-The model work (spans, moving keys, CacheBlend) is the engine's room (server.kv.compute):
-on the torch engine it runs on the engine thread between steps; on vLLM a span is a
-one-token vLLM request read out of its cache, and injection is the connector's.
+The model work (spans, moving keys) is the engine's room (server.kv.compute): on the
+torch engine it runs on the engine thread between steps; on vLLM a span is a one-token
+vLLM request read out of its cache, and injection is the connector's. A recompute of
+joined tokens (CacheBlend, LegoLink) is planned here and runs inside the torch engine's
+step with the row's first chunk (server.engine.recompute).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 
 from ..engine.ape import ParallelContext
 from ..engine.kvcache import KVPrefix
+from ..engine.recompute import Recompute, plan as plan_recompute
 from ..engine.device import dtype_name
 from ..prompt import Passage
 from .store import KVEntry, KVStore, entry_key
@@ -137,25 +140,19 @@ class KVService:
         two steps: a 150-document build made live serving 2.8x slower)."""
         return self.passage(doc.id, self._ids(doc), background=True).source == "built"
 
-    def blend(self, prefix: KVPrefix, ids: list[int], exact_upto: int, fraction: float) -> tuple[KVPrefix, int]:
-        """The joined prefix with ``fraction`` of its non-exact tokens recomputed
-        (CacheBlend); returns the new prefix and how many tokens were recomputed."""
-        if fraction <= 0 or exact_upto >= len(ids):
-            return prefix, 0
-        return self.compute.blend(prefix, ids, exact_upto, fraction)
+    def recompute(self, ids: list[int], exact_upto: int, fraction: float, link: list[int],
+                  refresh: bool = False) -> Optional[Recompute]:
+        """What of a joined prefix (tokens ``ids``, the first ``exact_upto`` exact) the row's
+        first step recomputes: the ``link`` positions (LegoLink) and ``fraction`` of the other
+        non-exact tokens by deviation (CacheBlend; ``refresh``: chosen again layer by layer);
+        None for nothing. Only a plan: the engine runs it in the step (server.engine.recompute)."""
+        return plan_recompute(ids, exact_upto, fraction, link, refresh, self.compute.shape[0])
 
     @staticmethod
     def ape(prefix: KVPrefix, head: int, temperature: float, scale: float) -> KVPrefix:
         """The joined prefix marked for APE's attention (server.engine.ape) over its passages,
         slots ``head``.. of it."""
         return replace(prefix, parallel=ParallelContext(head, prefix.length, temperature, scale))
-
-    def link(self, prefix: KVPrefix, ids: list[int], positions: list[int]) -> tuple[KVPrefix, int]:
-        """The joined prefix with the tokens at ``positions`` recomputed against it (LegoLink:
-        the first tokens of each passage after the first); returns it and how many."""
-        if not positions:
-            return prefix, 0
-        return self.compute.blend(prefix, ids, min(positions), 0.0, positions)
 
     def describe(self, doc) -> dict:
         doc_id, passage_ids = doc.id, self._ids(doc)

@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 # request parameters an arm may set, with the type each must have
 ARM_PARAMS = {"top_k": int, "ckplug_alpha": (int, float, str), "ckplug_condition": str,
-              "ckplug_epsilon": (int, float), "ckplug_variant": str, "kv_recompute": (int, float), "kv_link_tokens": int,
+              "ckplug_epsilon": (int, float), "ckplug_variant": str, "kv_recompute": (int, float),
+              "kv_recompute_refresh": bool, "kv_link_tokens": int,
               "kv_positions": str, "kv_temperature": (int, float), "kv_scale": (int, float),
               "on_missing": str}
 
@@ -119,7 +120,7 @@ def parse(text: str, known_strategies: list[str], source: str = "experiments") -
             for k, v in params.items():
                 if k not in ARM_PARAMS:
                     raise ExperimentError(f"{at}: unknown parameter {k!r}; an arm may set {', '.join(ARM_PARAMS)}")
-                if isinstance(v, bool) or not isinstance(v, ARM_PARAMS[k]):
+                if isinstance(v, bool) != (ARM_PARAMS[k] is bool) or not isinstance(v, ARM_PARAMS[k]):
                     raise ExperimentError(f"{at}: {k} has the wrong type ({type(v).__name__})")
                 if k == "top_k" and not 1 <= v <= 100:
                     raise ExperimentError(f"{at}: top_k must be between 1 and 100")

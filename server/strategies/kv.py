@@ -19,11 +19,13 @@ NQ-open at top-3 (bench/RESULTS.md): parallel 20.0% containment, sequential 15.0
 What the joined cache lacks is attention between passages (the head and the first
 passage are exact). ``kv_recompute`` (a fraction) recovers it CacheBlend's way: the
 tokens whose layer-1 KV deviates most from a true prefill are recomputed through all
-layers (server.engine.blend.cacheblend). ``kv_link_tokens`` (a count) recomputes the
-first N tokens of every passage after the first through all layers against the joined
-cache (EPIC's LegoLink: independent encoding makes each passage's first tokens attention
-sinks; recomputed, they see the passages before them). Both see passages in sequence
-(sequential positions). APE's ``kv_temperature`` T and ``kv_scale`` S reweight the
+layers; with ``kv_recompute_refresh`` they are chosen again at every layer among those
+still carried (CacheBlend's gradual filtering). ``kv_link_tokens`` (a count) recomputes
+the first N tokens of every passage after the first through all layers against the
+joined cache (EPIC's LegoLink: independent encoding makes each passage's first tokens
+attention sinks; recomputed, they see the passages before them). Both run in the row's
+first step beside the step's other rows (server.engine.recompute), and both see
+passages in sequence (sequential positions). APE's ``kv_temperature`` T and ``kv_scale`` S reweight the
 question's and answer's attention to the passages (their logits a/T, their block's mass
 S(sum e^{a/T})^T; server.engine.ape); with parallel positions and two passages or more T
 defaults to APE_TEMPERATURE (0.8: at top-10 on NQ-open 16.0% containment against 9.0% at
@@ -70,29 +72,30 @@ class KV(Strategy):
         retrieved = [r for r in retrieved if r.doc_id not in missing]
         ids = layout.head + [t for _, pids, _ in kept for t in pids]
         prefix = ctx.kv.join([f.entry for _, _, f in kept], ids, parallel=opt.positions == "parallel")
-        load_ms = (time.perf_counter() - t0) * 1e3
-        t1 = time.perf_counter()
         exact = len(layout.head) + (len(kept[0][1]) if kept else 0)  # the head and the first passage
         starts, pos = [], exact
         for _, pids, _ in kept[1:]:  # LegoLink: the first `link` tokens of every passage after the first
             starts += range(pos, pos + min(opt.link_tokens, len(pids)))
             pos += len(pids)
-        prefix, linked = ctx.kv.link(prefix, ids, starts)
-        prefix, recomputed = ctx.kv.blend(prefix, ids, exact, opt.recompute)
+        # recomputed in the row's first step, with the other rows of that step (server.engine.recompute)
+        recompute = ctx.kv.recompute(ids, exact, opt.recompute, starts, opt.refresh) if ctx.kv.can_blend else None
+        linked = len(starts)
+        recomputed = recompute.tokens - linked if recompute is not None else 0
         temperature = opt.attention_temperature(len(kept), ctx.kv.can_blend)
         if temperature != 1.0 or opt.scale != 1.0:
             prefix = ctx.kv.ape(prefix, len(layout.head), temperature, opt.scale)
-        blend_ms = (time.perf_counter() - t1) * 1e3
+        load_ms = (time.perf_counter() - t0) * 1e3
         info = {"kv": {"injected_tokens": prefix.length, "prefilled_tokens": len(layout.tail),
                        "recompute_fraction": opt.recompute, "recomputed_tokens": recomputed,
+                       "recompute_refresh": opt.refresh,
                        "link_tokens": opt.link_tokens, "linked_tokens": linked, "positions": opt.positions,
                        "temperature": temperature, "scale": opt.scale,
                        "sources": {p.doc_id: f.source for p, _, f in kept},
                        "built_now": [p.doc_id for p, _, f in kept if f.source == "built"], "missing": missing}}
         # an engine that writes the prefix into its own cache (vllm) says how that went
         report = (lambda: {"kv": {**info["kv"], "engine_load": dict(prefix.load)}}) if ctx.kv.engine_loads else None
-        return Plan(self.name, [RowSpec(layout.tail, prefix=prefix)], retrieved,
-                    timings_ms={"retrieve": ms, "kv_load": load_ms, "kv_blend": blend_ms}, info=info,
+        return Plan(self.name, [RowSpec(layout.tail, prefix=prefix, recompute=recompute)], retrieved,
+                    timings_ms={"retrieve": ms, "kv_load": load_ms}, info=info,
                     report=report)
 
 
@@ -102,6 +105,7 @@ class KVOptions:
     checked at the wire and by Settings)."""
 
     recompute: float = 0.0  # CacheBlend: fraction of the non-exact passage tokens recomputed
+    refresh: bool = False  # CacheBlend: the tokens chosen again at every layer (gradual filtering)
     link_tokens: int = 0  # LegoLink: first tokens of each passage after the first recomputed
     positions: str = "parallel"  # APE's positions; "sequential": TurboRAG's (each after the one before)
     temperature: Optional[float] = None  # APE: attention temperature over the passages (None: see below)
@@ -148,6 +152,8 @@ class KVOptions:
 # (bench/RESULTS.md) 16.0% containment against 9.0% at T = 1 and rag's 15.0%; equal at top-3
 APE_TEMPERATURE = 0.8
 # the options only the torch engine runs, each with the value that leaves `kv` as it is
-TORCH_ONLY = {"kv_recompute": 0.0, "kv_link_tokens": 0, "kv_temperature": 1.0, "kv_scale": 1.0}
-_FIELDS = {"kv_recompute": "recompute", "kv_link_tokens": "link_tokens", "kv_positions": "positions",
+TORCH_ONLY = {"kv_recompute": 0.0, "kv_recompute_refresh": False, "kv_link_tokens": 0, "kv_temperature": 1.0,
+              "kv_scale": 1.0}
+_FIELDS = {"kv_recompute": "recompute", "kv_recompute_refresh": "refresh", "kv_link_tokens": "link_tokens",
+           "kv_positions": "positions",
            "kv_temperature": "temperature", "kv_scale": "scale"}
