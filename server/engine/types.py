@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # torch stays out of modules that only need the types
 
     from .kvcache import KVPrefix
     from .lora import AdapterSet
+    from .recompute import Recompute
 
 
 @dataclass(frozen=True)
