@@ -292,3 +292,11 @@ def test_agreement_compares_two_runs_per_label(tmp_path):
     assert res["contains_a"] == 2 and res["contains_b"] == 1 and abs(res["agreement"] - 1 / 3) < 1e-9
     main([str(a), str(b), "--out", str(tmp_path / "out.json")])
     assert json.loads((tmp_path / "out.json").read_text())["strategies"]["rag"]["same_start"] == 2
+
+
+def test_kv_variant_reads_numbers_and_booleans():
+    from bench.run import _kv_variant
+
+    assert _kv_variant("kv_recompute=0.3,kv_recompute_refresh=true,kv_link_tokens=4,kv_positions=parallel") == {
+        "kv_recompute": 0.3, "kv_recompute_refresh": True, "kv_link_tokens": 4, "kv_positions": "parallel"}
+    assert _kv_variant("kv_recompute_refresh=False") == {"kv_recompute_refresh": False}
