@@ -15,6 +15,10 @@ Where the passages sit is a named layout (LAYOUTS, ``--prompt-layout``):
 - ``user-instruct``: the model's own system turn (its template's default, if any), then
   the first user turn: the passages, one line of instruction, ``Question:`` and the
   user's text. A request's own system messages go into that turn after the passages.
+- ``system-example``: ``system`` with one worked example (an invented lake and its
+  village) before the passages; knowmux's own variant, the best with one passage on
+  SmolLM2-135M (invented facts 83% against ``system``'s 71%) and worse at top-3 (60.0%
+  against 67.5%), so a choice for one-passage serving, not the default.
 - ``user``, ``user-system``, ``system-question``, ``user-reference``: the other
   candidates measured (bench.prompt_layouts), kept selectable.
 
@@ -41,6 +45,11 @@ log = logging.getLogger(__name__)
 SYSTEM_PROMPT = (
     "You are a helpful assistant. Answer the question using the documents below. "
     "If they do not contain the answer, answer from your own knowledge. Answer briefly."
+)
+EXAMPLE = (
+    "\n\nExample.\nDocument: Lake Verrin\nLake Verrin is a glacial lake in the Tarsk Mountains. The fishing "
+    "village of Holm lies on its northern shore.\nQuestion: Which village lies on the northern shore of Lake "
+    "Verrin?\nAnswer: Holm"
 )
 _SENTINEL = "\x00KNOWMUX_PASSAGES\x00"
 
@@ -75,6 +84,10 @@ LAYOUTS = {
     "user-system": LayoutSpec("user-system", "user", SYSTEM_PROMPT, "Document: {title}\n{text}\n\n", "Question: "),
     "system-question": LayoutSpec("system-question", "system", SYSTEM_PROMPT, "\n\nDocument: {title}\n{text}",
                                   "Question: "),
+    # knowmux's system prompt with one worked example (an invented place, so it teaches the
+    # form of an answer, not a fact), then the passages
+    "system-example": LayoutSpec("system-example", "system", SYSTEM_PROMPT + EXAMPLE, "\n\nDocument: {title}\n{text}",
+                                 intro="\n\nThe documents for this conversation:"),
     # the words of Parametric RAG's released prompt (an instruction, the passages, the question)
     "user-reference": LayoutSpec("user-reference", "user", None, "Document: {title}\n{text}\n\n", "Question: ",
                                  intro="You should answer the question by referring to the knowledge provided "

@@ -54,6 +54,16 @@ def test_the_default_layout_is_the_system_prompt_one():
                          "Where does Zorbl live?<|im_end|>\n<|im_start|>assistant\n")
 
 
+def test_system_example_carries_its_worked_example_in_the_fixed_head():
+    tok = tiny_tokenizer()
+    pb = PromptBuilder(tok, "system-example")
+    layout = pb.with_passages(CONVERSATIONS[0], P[:1])
+    head = tok.decode(layout.head)
+    assert "Question: Which village lies on the northern shore of Lake Verrin?\nAnswer: Holm" in head
+    assert head.endswith("The documents for this conversation:")  # the passages follow the example, apart
+    assert tok.decode(layout.passages[0]) == "\n\nDocument: Zorbl\nZorbl lives on the moon."
+
+
 def test_an_unknown_layout_and_a_conversation_with_no_user_turn_are_refused():
     with pytest.raises(ValueError, match="unknown prompt layout 'sideways'.*system, user-instruct"):
         Settings(prompt_layout="sideways")
