@@ -104,7 +104,7 @@ def assemble(engine, kb, settings: Settings, data_dir=None) -> Parts:
                     one_passage_gap=settings.router_one_passage_gap,
                     classifier_dir=settings.router_classifier or (
                         (data_dir / "router") if data_dir is not None else None),
-                    tier=open_tier(settings.kv_tier, "router"))
+                    tier=open_tier(settings.kv_tier, "router"), model_id=engine.model_id)
     experiments = Experiments(settings.experiments, list(NAMES))
     return Parts(prompts, artefacts, ctx, runs, router, experiments,
                  Pipeline(engine, ctx, router, experiments, settings, runs, sampling_defaults(engine, settings)))

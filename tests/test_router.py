@@ -406,6 +406,9 @@ def test_router_train_from_a_bench_run(tmp_path, embedder):
     (one / "results.jsonl").write_text("\n".join(json.dumps(dict(r, latency_s=9.0)) for r in one_recs))
     assert main(["--from", str(run), "--one-passage-from", str(one), "--out", str(tmp_path / "r4")]) == 0
     assert RouterClassifier.load(tmp_path / "r4").info["one_passage_gap"] is None
+    # a calibration on the data beats the one shipped for the model, even when it found no gap
+    assert Router(ctx, KNOWN[1:], classifier_dir=tmp_path / "r4", model_id="SmolLM2-135M-Instruct").one_passage_gap \
+        is None
 
 
 def test_the_fallback_label_is_a_strategy_run_on_that_data_set():
@@ -417,3 +420,21 @@ def test_the_fallback_label_is_a_strategy_run_on_that_data_set():
              ("b", "q2", 0): {"outcomes": {"direct": False, "rag": False}}}
     keys, labels, order, fallback = label(items, {"prag": 0.5, "direct": 0.8, "rag": 1.2})
     assert fallback == {"a": "prag", "b": "direct"} and labels == ["prag", "direct", "direct"]
+
+
+def test_the_embedded_model_answers_from_one_passage_out_of_the_box():
+    """SmolLM2-135M-Instruct answers best from one passage wherever it was measured, so with
+    no setting and no calibrated classifier `auto` narrows to the top passage for it; any
+    other model keeps the rule off until calibrated; the server's setting wins."""
+    ctx = SimpleNamespace(kb=FakeKB([0.8, 0.79, 0.5]), prompts=SimpleNamespace(count_tokens=lambda t: len(t.split())),
+                          kv=SimpleNamespace(has=lambda doc: True), prag=SimpleNamespace(has=lambda doc: False))
+    smol = Router(ctx, KNOWN[1:], model_id="SmolLM2-135M-Instruct")
+    assert smol.one_passage_gap == 0.0 and smol.describe()["rules"]["one_passage_source"] == \
+        "measured for SmolLM2-135M-Instruct"
+    d = smol.route(ASK, "q", 3)
+    assert (d.strategy, d.rule, d.top_k) == ("kv", "one_passage", 1)
+    other = Router(ctx, KNOWN[1:], model_id="Llama-3.1-8B-Instruct")
+    assert other.one_passage_gap is None and other.route(ASK, "q", 3).rule != "one_passage"
+    assert Router(ctx, KNOWN[1:], model_id="SmolLM2-135M-Instruct", one_passage_gap=2.0).route(ASK, "q", 3).rule \
+        != "one_passage"  # no lead between cosine scores reaches 2: the setting turns the rule off
+

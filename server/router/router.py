@@ -61,15 +61,30 @@ class Decision:
     top_k: Optional[int] = None  # set when the router narrows the passages (rule 7)
 
 
+# The one-passage rule (rule 7) at the gap measured for a model, used when neither the
+# server's setting nor a trained classifier gives one. SmolLM2-135M-Instruct (the embedded
+# default) answers best from one passage wherever it was measured (bench/RESULTS.md, "The
+# router", "Fairly"): NQ-open held-out 35.0% at top-1 against 23.3% at top-3, with or without
+# distractors; invented facts 70.0% against 67.5%; HotpotQA with 2Wiki distractors 20.0%
+# against 22.0% (one question of 50). So `auto` answers from the top passage out of the box.
+SHIPPED_ONE_PASSAGE_GAP = {"SmolLM2-135M-Instruct": 0.0}
+
+
 class Router:
     def __init__(self, ctx, supported: list[str], *, min_score: float = 0.25, probe=None,
                  classifier_dir: Optional[Path] = None, prefill_tokens_per_s: float = 500.0,
-                 one_passage_gap: Optional[float] = None, tier=None):
+                 one_passage_gap: Optional[float] = None, tier=None, model_id: Optional[str] = None):
         self.ctx = ctx  # strategies.StrategyContext: kb, prompts, kv, prag
         self.supported = [s for s in PREFERENCE if s in supported]
         self.min_score = min_score
-        self._one_passage_setting = one_passage_gap  # None: the trained classifier's calibrated gap, if any
-        self.one_passage_gap = one_passage_gap
+        # None: the trained classifier's calibrated gap, else the one measured for this model
+        # (SHIPPED_ONE_PASSAGE_GAP), else the rule is off
+        self._one_passage_setting = one_passage_gap
+        self._model_id = model_id
+        self._shipped_gap = SHIPPED_ONE_PASSAGE_GAP.get(model_id or "")
+        self.one_passage_gap = one_passage_gap if one_passage_gap is not None else self._shipped_gap
+        self.one_passage_source = "setting" if one_passage_gap is not None else \
+            (f"measured for {model_id}" if self._shipped_gap is not None else None)
         self.probe = probe  # callable(messages, passages) -> confidence gain, or None (off)
         self.classifier_dir = classifier_dir
         self.classifier: Optional[RouterClassifier] = None
@@ -101,8 +116,13 @@ class Router:
             log.error("%s; routing by rules only", e)
         info = self.classifier.info if self.classifier is not None else {}
         if self._one_passage_setting is None:  # calibrated by the trainer; a rule of its own, kept either way
-            gap = info.get("one_passage_gap")
-            self.one_passage_gap = float(gap) if isinstance(gap, (int, float)) else None
+            if "one_passage_gap" in info:  # calibrated on this data (None: no gap won there)
+                gap = info["one_passage_gap"]
+                self.one_passage_gap = float(gap) if isinstance(gap, (int, float)) else None
+                self.one_passage_source = "classifier" if self.one_passage_gap is not None else None
+            else:
+                self.one_passage_gap = self._shipped_gap
+                self.one_passage_source = f"measured for {self._model_id}" if self._shipped_gap is not None else None
         cv, majority = info.get("cv_label_accuracy"), info.get("majority_share")
         if isinstance(cv, (int, float)) and isinstance(majority, (int, float)) and cv <= majority:
             # always answering its most common label would do as well: it has learnt nothing to route by
@@ -238,7 +258,8 @@ class Router:
     def describe(self) -> dict:
         c = self.classifier
         return {"rules": {"min_score": self.min_score, "probe": self.probe is not None,
-                          "one_passage_gap": self.one_passage_gap, "preference": self.supported},
+                          "one_passage_gap": self.one_passage_gap, "one_passage_source": self.one_passage_source,
+                          "preference": self.supported},
                 "prefill_tokens_per_s": round(self._rate, 1),
                 "classifier": None if c is None else {"classes": c.classes, "info": c.info,
                                                       "source": self.classifier_source or "local"},
