@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from .model import Segment
@@ -162,8 +163,6 @@ class StepRecompute:
     def attend(self, seg: "Segment", li: int, q: torch.Tensor, gqa: bool) -> torch.Tensor:
         """The carried tokens' attention: q [m, H, D] at their positions over the cache up
         to each one's position (keys past the last carried token are never read); [m, H, D]."""
-        import torch.nn.functional as F
-
         pos = self.positions(seg)
         width = int(pos[-1]) + 1
         kk, vv = seg.cache.view(li, width)
