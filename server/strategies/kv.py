@@ -25,12 +25,12 @@ the first N tokens of every passage after the first through all layers against t
 joined cache (EPIC's LegoLink: independent encoding makes each passage's first tokens
 attention sinks; recomputed, they see the passages before them). Both run in the row's
 first step beside the step's other rows (server.engine.recompute), and both see
-passages in sequence (sequential positions). APE's ``kv_temperature`` T and ``kv_scale`` S reweight the
-question's and answer's attention to the passages (their logits a/T, their block's mass
-S(sum e^{a/T})^T; server.engine.ape); with parallel positions and two passages or more T
-defaults to APE_TEMPERATURE (0.8: at top-10 on NQ-open 16.0% containment against 9.0% at
-T = 1 and rag's 15.0%). These four run on the torch engine only; each defaults to the
-server's setting.
+passages in sequence (sequential positions). APE's ``kv_temperature`` T and
+``kv_scale`` S reweight the question's and answer's attention to the passages (their
+logits a/T, their block's mass S(sum e^{a/T})^T; server.engine.ape); with parallel
+positions and two passages or more T defaults to APE_TEMPERATURE (0.8: at top-10 on
+NQ-open 16.0% containment against 9.0% at T = 1 and rag's 15.0%). All but the positions
+run on the torch engine only; each defaults to the server's setting.
 
 On the vllm engine the joined prefix is written into vLLM's paged cache by knowmux's KV
 connector (server.engine.vllm_kv) and the whole prompt is handed to vLLM, which prefills
