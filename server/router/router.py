@@ -81,10 +81,8 @@ class Router:
         # (SHIPPED_ONE_PASSAGE_GAP), else the rule is off
         self._one_passage_setting = one_passage_gap
         self._model_id = model_id
-        self._shipped_gap = SHIPPED_ONE_PASSAGE_GAP.get(model_id or "")
-        self.one_passage_gap = one_passage_gap if one_passage_gap is not None else self._shipped_gap
-        self.one_passage_source = "setting" if one_passage_gap is not None else \
-            (f"measured for {model_id}" if self._shipped_gap is not None else None)
+        self.one_passage_gap, self.one_passage_source = \
+            (one_passage_gap, "setting") if one_passage_gap is not None else self._shipped_gap()
         self.probe = probe  # callable(messages, passages) -> confidence gain, or None (off)
         self.classifier_dir = classifier_dir
         self.classifier: Optional[RouterClassifier] = None
@@ -121,8 +119,7 @@ class Router:
                 self.one_passage_gap = float(gap) if isinstance(gap, (int, float)) else None
                 self.one_passage_source = "classifier" if self.one_passage_gap is not None else None
             else:
-                self.one_passage_gap = self._shipped_gap
-                self.one_passage_source = f"measured for {self._model_id}" if self._shipped_gap is not None else None
+                self.one_passage_gap, self.one_passage_source = self._shipped_gap()
         cv, majority = info.get("cv_label_accuracy"), info.get("majority_share")
         if isinstance(cv, (int, float)) and isinstance(majority, (int, float)) and cv <= majority:
             # always answering its most common label would do as well: it has learnt nothing to route by
@@ -134,6 +131,11 @@ class Router:
             log.info("router classifier loaded: classes %s", ", ".join(self.classifier.classes))
         if tier_error:
             self.classifier_error = "; ".join(e for e in (tier_error, self.classifier_error) if e)
+
+    def _shipped_gap(self) -> tuple[Optional[float], Optional[str]]:
+        """The one-passage gap measured for this model, and where it came from (None, None: none)."""
+        gap = SHIPPED_ONE_PASSAGE_GAP.get(self._model_id or "")
+        return (gap, f"measured for {self._model_id}") if gap is not None else (None, None)
 
     # ---- prefill rate ------------------------------------------------------------------
     def observe_prefill(self, tokens: int, ms: float) -> None:

@@ -78,7 +78,8 @@ class KV(Strategy):
             starts += range(pos, pos + min(opt.link_tokens, len(pids)))
             pos += len(pids)
         # recomputed in the row's first step, with the other rows of that step (server.engine.recompute)
-        recompute = ctx.kv.recompute(ids, exact, opt.recompute, starts, opt.refresh) if ctx.kv.can_blend else None
+        # (on an engine that cannot run them, KVOptions.of left both at 0: no recompute)
+        recompute = ctx.kv.recompute(ids, exact, opt.recompute, starts, opt.refresh)
         linked = len(starts)
         recomputed = recompute.tokens - linked if recompute is not None else 0
         temperature = opt.attention_temperature(len(kept), ctx.kv.can_blend)
