@@ -8,7 +8,10 @@ Sets: ``nq``, the bundled NQ-open sample (bench/data/nq_open_sample, each questi
 gold Wikipedia passage); ``nq-heldout``, the next NQ-open questions of ../shared/data
 (records 200.., never in the bundled sample, so a layout chosen on ``nq`` is checked on
 questions it was not chosen on); ``invented``, the held-out invented facts (bench/data/invented_facts,
-written by bench.make_invented: people who never lived, so only the passage can answer).
+written by bench.make_invented: people who never lived, so only the passage can answer);
+``invented-dev``, the same generator with another seed (bench/data/invented_facts_dev), on
+which candidates are tried so that ``invented`` reports a layout not tuned on it.
+``--no-references`` leaves out the ``direct`` and ``question-first`` rows.
 Rows: each layout as `rag` prefills it; ``direct`` (the question alone, the model's chat
 template); ``question-first``, a reference prompt of the kind one writes by hand (one user
 turn: the question, then the passage) that no fixed-head layout can express (`kv` needs
@@ -30,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 DATA = Path(__file__).parent / "data"
-SETS = {"nq": DATA / "nq_open_sample", "invented": DATA / "invented_facts"}
+SETS = {"nq": DATA / "nq_open_sample", "invented": DATA / "invented_facts", "invented-dev": DATA / "invented_facts_dev"}
 
 
 def load_set(name: str, n: int, data_root: Path) -> list[tuple[str, list[str], dict]]:
@@ -57,6 +60,7 @@ def main() -> None:
     ap.add_argument("--layouts", help="comma-separated (default: all of server.prompt.LAYOUTS)")
     ap.add_argument("--extra", help="more conditions, e.g. user+answer-prefix (a layout's prompt with the "
                                     "assistant turn opened by 'The answer is', as PRAG's code prompts)")
+    ap.add_argument("--no-references", action="store_true", help="leave out the direct and question-first rows")
     ap.add_argument("--sets", default="nq,invented")
     ap.add_argument("--n", type=int, default=200, help="first N questions of each set")
     ap.add_argument("--data-root", type=Path, default=Path(os.environ.get("KNOWMUX_DATA_ROOT", "../shared/data")))
@@ -121,7 +125,8 @@ def main() -> None:
             items = load_set(set_name, a.n, a.data_root)
             if kb is not None:
                 retrieved.update({q: search(q) for q, _, _ in items})
-            for condition in ["direct", *layouts, "question-first", *extra]:
+            refs = ([], []) if a.no_references else (["direct"], ["question-first"])
+            for condition in [*refs[0], *layouts, *refs[1], *extra]:
                 t0 = time.perf_counter()
                 with ThreadPoolExecutor(a.concurrency) as pool:
                     outs = list(pool.map(lambda it: answer(prompt(condition, it[0], it[2])), items))

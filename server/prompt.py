@@ -16,9 +16,17 @@ Where the passages sit is a named layout (LAYOUTS, ``--prompt-layout``):
   the first user turn: the passages, one line of instruction, ``Question:`` and the
   user's text. A request's own system messages go into that turn after the passages.
 - ``system-example``: ``system`` with one worked example (an invented lake and its
-  village) before the passages; knowmux's own variant, the best with one passage on
-  SmolLM2-135M (invented facts 83% against ``system``'s 71%) and worse at top-3 (60.0%
-  against 67.5%), so a choice for one-passage serving, not the default.
+  village) before the passages; knowmux's own variant: with one passage on SmolLM2-135M
+  invented facts 83% against ``system``'s 71%, worse at top-3 (60.0% against 67.5%);
+  ``system-shots`` answers more with one passage.
+- ``system-shots``: ``system`` with two worked exchanges (invented facts) as the first
+  turns of the conversation, their documents first among the documents; knowmux's own,
+  for one-passage serving: 94.2% of held-out invented facts with the gold passage
+  (``system`` 70.0%), short answers; with three passages 30.0% (``system`` 67.5%).
+- ``system-fewshot``: ``system`` token for token with one passage; with two or more, two
+  exchanges carrying their own documents open the conversation (82.5% of invented facts
+  at top-3 against 67.5%, 26% of held-out NQ against 28%); the exchanges are tail tokens
+  prefilled with every request, so not the default.
 - ``user``, ``user-system``, ``system-question``, ``user-reference``: the other
   candidates measured (bench.prompt_layouts), kept selectable.
 
@@ -51,6 +59,22 @@ EXAMPLE = (
     "village of Holm lies on its northern shore.\nQuestion: Which village lies on the northern shore of Lake "
     "Verrin?\nAnswer: Holm"
 )
+# Two worked exchanges, on an invented lake and an invented violinist (so they teach the
+# form of an answer and no fact): the second's answer sits in a sentence that names her by
+# her surname only, as documents do after their first sentence.
+SHOT_DOCUMENTS = (
+    ("Lake Verrin", "Lake Verrin is a glacial lake in the Tarsk Mountains. The fishing village of Holm lies on its "
+                    "northern shore."),
+    ("Marta Quillon", "Marta Quillon is a violinist born in 1938. In 1971 Quillon opened a music school, the "
+                      "Brightwater Academy."),
+)
+SHOTS = (("Which village lies on the northern shore of Lake Verrin?", "Holm"),
+         ("Which music school did Marta Quillon open?", "the Brightwater Academy"))
+# system-fewshot's exchanges carry their documents in their user turns (as measured, the
+# violinist's names her home town)
+_INLINE_DOCUMENTS = (SHOT_DOCUMENTS[0], ("Marta Quillon", "Marta Quillon is a violinist from the port town of Serrat. "
+                                         "In 1971 Quillon opened a music school, the Brightwater Academy, in her home town."))
+INLINE_SHOTS = tuple((f"Document: {t}\n{x}\n\nQuestion: {q}", ans) for (t, x), (q, ans) in zip(_INLINE_DOCUMENTS, SHOTS))
 _SENTINEL = "\x00KNOWMUX_PASSAGES\x00"
 
 
@@ -64,7 +88,8 @@ class LayoutSpec:
     rank number: a passage's tokens (and so its stored KV) must not depend on where
     retrieval placed it. ``intro``: before the passages, in their turn (part of the head).
     ``before_question``: between the passages (and any system text of the request) and
-    the first user message.
+    the first user message. ``shots``: (question, answer) exchanges that open the
+    conversation, after the passages (so they are part of the tail, prefilled per request).
     """
 
     name: str
@@ -73,6 +98,14 @@ class LayoutSpec:
     wrapper: str
     before_question: str = ""
     intro: str = ""
+    shots: tuple = ()
+    shots_from: int = 1  # the fewest passages shown with which the exchanges are added
+
+    def __post_init__(self):
+        # worked exchanges open the conversation; with the passages in the first user turn
+        # they would take that turn's place
+        if self.shots and self.placement != "system":
+            raise ValueError("worked exchanges (shots) need the passages in the system turn")
 
 
 LAYOUTS = {
@@ -88,6 +121,17 @@ LAYOUTS = {
     # form of an answer, not a fact), then the passages
     "system-example": LayoutSpec("system-example", "system", SYSTEM_PROMPT + EXAMPLE, "\n\nDocument: {title}\n{text}",
                                  intro="\n\nThe documents for this conversation:"),
+    # two worked exchanges as turns of the conversation, their documents first among the
+    # documents: short answers (knowmux's own)
+    "system-shots": LayoutSpec("system-shots", "system", SYSTEM_PROMPT, "\n\nDocument: {title}\n{text}",
+                               intro="\n\nThe documents for this conversation:"
+                                     + "".join(f"\n\nDocument: {t}\n{x}" for t, x in SHOT_DOCUMENTS),
+                               shots=SHOTS),
+    # ``system`` when one passage is shown; with two or more, two worked exchanges open the
+    # conversation, each user turn carrying its own document (knowmux's own). Its head and
+    # passages are ``system``'s, so the same stored KV caches serve both
+    "system-fewshot": LayoutSpec("system-fewshot", "system", SYSTEM_PROMPT, "\n\nDocument: {title}\n{text}",
+                                 shots=INLINE_SHOTS, shots_from=2),
     # the words of Parametric RAG's released prompt (an instruction, the passages, the question)
     "user-reference": LayoutSpec("user-reference", "user", None, "Document: {title}\n{text}\n\n", "Question: ",
                                  intro="You should answer the question by referring to the knowledge provided "
@@ -189,6 +233,8 @@ class PromptBuilder:
         first_user = next((i for i, m in enumerate(rest) if m["role"] == "user"), None)
         if first_user is not None and spec.before_question:
             rest[first_user]["content"] = spec.before_question + rest[first_user]["content"]
+        if len(passages) >= spec.shots_from:
+            rest = [{"role": r, "content": c} for q, a in spec.shots for r, c in (("user", q), ("assistant", a))] + rest
         if spec.placement == "system":
             system = (spec.system or "") + spec.intro + _SENTINEL + "".join("\n\n" + s for s in user_system)
             convo = [{"role": "system", "content": system}] + rest

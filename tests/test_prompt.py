@@ -5,7 +5,7 @@ import pytest
 
 from server.config import Settings
 from server.errors import InvalidRequest
-from server.prompt import DEFAULT_LAYOUT, LAYOUTS, Passage, PromptBuilder
+from server.prompt import DEFAULT_LAYOUT, LAYOUTS, LayoutSpec, Passage, PromptBuilder
 from tests.tiny import tiny_tokenizer
 
 P = [Passage("a", "Zorbl", "Zorbl lives on the moon."), Passage("b", "Paris", "Paris is in France.")]
@@ -62,6 +62,25 @@ def test_system_example_carries_its_worked_example_in_the_fixed_head():
     assert "Question: Which village lies on the northern shore of Lake Verrin?\nAnswer: Holm" in head
     assert head.endswith("The documents for this conversation:")  # the passages follow the example, apart
     assert tok.decode(layout.passages[0]) == "\n\nDocument: Zorbl\nZorbl lives on the moon."
+
+
+def test_system_shots_open_the_conversation_with_worked_exchanges_after_the_passages():
+    tok = tiny_tokenizer()
+    layout = PromptBuilder(tok, "system-shots").with_passages(CONVERSATIONS[2], P[:1])
+    head, tail = tok.decode(layout.head), tok.decode(layout.tail)
+    assert "Document: Marta Quillon\n" in head and head.endswith("the Brightwater Academy.")  # fixed, before ours
+    assert tail.startswith("<|im_end|>\n<|im_start|>user\nWhich village lies on the northern shore of Lake Verrin?"
+                           "<|im_end|>\n<|im_start|>assistant\nHolm<|im_end|>\n")
+    # the request's own turns follow the two exchanges, in order
+    assert tail.index("the Brightwater Academy<|im_end|>") < tail.index("Hi<|im_end|>") < tail.index("Hello.")
+    # system-fewshot: the default's prompt with one passage; with two, exchanges carrying their own documents
+    few, plain = PromptBuilder(tok, "system-fewshot"), PromptBuilder(tok, "system")
+    assert few.with_passages(CONVERSATIONS[0], P[:1]) == plain.with_passages(CONVERSATIONS[0], P[:1])
+    two, two_plain = few.with_passages(CONVERSATIONS[0], P), plain.with_passages(CONVERSATIONS[0], P)
+    assert (two.head, two.passages) == (two_plain.head, two_plain.passages)  # the same stored KV fits both
+    assert "<|im_start|>user\nDocument: Lake Verrin\n" in tok.decode(two.tail)
+    with pytest.raises(ValueError, match="system turn"):
+        LayoutSpec("x", "user", None, "{text}", shots=(("q", "a"),))
 
 
 def test_an_unknown_layout_and_a_conversation_with_no_user_turn_are_refused():
