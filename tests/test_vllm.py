@@ -23,6 +23,9 @@ ZORBL = {"id": "zorbl", "title": "Zorbl",
          "text": "Zorbl is a purple cat who lives on the moon base Tycho. Zorbl's favourite food is blue cheese."}
 DOCS = [ZORBL, {"id": "paris", "title": "Paris", "text": "Paris is the capital and largest city of France."},
         {"id": "canberra", "title": "Canberra", "text": "Canberra is the capital city of Australia."}]
+# the shared data's adapter recipe: no model-written augmentation, two epochs (the build
+# through vLLM, with augmentation, has its own test)
+RECIPE = "cloze-2ep-lr3e-3"
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +52,7 @@ def shared_data(tmp_path_factory, embedder, real_engine):
     from indexes.store import Document
 
     kb.upsert([Document(d["id"], d["text"], d["title"]) for d in DOCS])
-    artefacts = assemble(real_engine, kb, Settings(data_dir=data), data_dir=data).artefacts
+    artefacts = assemble(real_engine, kb, Settings(data_dir=data, adapter_recipe=RECIPE), data_dir=data).artefacts
     artefacts.builder("adapters").build_document(kb.store.get("zorbl"))
     kb.close()
     return data
@@ -60,7 +63,7 @@ def _server(engine, data, embedder, **settings):
     from server.runtime import Runtime
     from tests.conftest import LiveServer
 
-    s = Settings.from_env(env={}, data_dir=data, **settings)
+    s = Settings.from_env(env={}, data_dir=data, **{"adapter_recipe": RECIPE, **settings})
     rt = Runtime.build(s, engine=engine, embedder=embedder)
     return LiveServer(rt, owns_engine=False)  # the session owns the engines
 
