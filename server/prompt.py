@@ -226,14 +226,18 @@ class PromptBuilder:
     def passage_ids(self, passage: Passage) -> list[int]:
         return self._encode(self.layout.wrapper.format(title=passage.title, text=passage.text))
 
-    def with_passages(self, messages: list[dict], passages: list[Passage]) -> PromptLayout:
+    def with_passages(self, messages: list[dict], passages: list[Passage],
+                      shots_for: Optional[int] = None) -> PromptLayout:
+        """``shots_for``: the passage count that decides the worked exchanges (default: the
+        passages given); CK-PLUG's row without passages passes its paired row's, so the two
+        rows differ by the passages alone."""
         spec = self.layout
         user_system = [m["content"] for m in messages if m["role"] == "system"]
         rest = [dict(m) for m in messages if m["role"] != "system"]
         first_user = next((i for i, m in enumerate(rest) if m["role"] == "user"), None)
         if first_user is not None and spec.before_question:
             rest[first_user]["content"] = spec.before_question + rest[first_user]["content"]
-        if len(passages) >= spec.shots_from:
+        if (len(passages) if shots_for is None else shots_for) >= spec.shots_from:
             rest = [{"role": r, "content": c} for q, a in spec.shots for r, c in (("user", q), ("assistant", a))] + rest
         if spec.placement == "system":
             system = (spec.system or "") + spec.intro + _SENTINEL + "".join("\n\n" + s for s in user_system)

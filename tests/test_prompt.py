@@ -79,6 +79,9 @@ def test_system_shots_open_the_conversation_with_worked_exchanges_after_the_pass
     two, two_plain = few.with_passages(CONVERSATIONS[0], P), plain.with_passages(CONVERSATIONS[0], P)
     assert (two.head, two.passages) == (two_plain.head, two_plain.passages)  # the same stored KV fits both
     assert "<|im_start|>user\nDocument: Lake Verrin\n" in tok.decode(two.tail)
+    # CK-PLUG's row without passages keeps the exchanges its paired row has
+    bare = few.with_passages(CONVERSATIONS[0], [], shots_for=2)
+    assert bare.head == two.head and bare.passages == [] and bare.tail == two.tail
     with pytest.raises(ValueError, match="system turn"):
         LayoutSpec("x", "user", None, "{text}", shots=(("q", "a"),))
 

@@ -47,7 +47,8 @@ class CKPlug(Strategy):
     def plan(self, query: Query, ctx: StrategyContext) -> Plan:
         hook = ckplug_hook(query)  # validate before any retrieval or cache work
         plan = self.base().plan(query, ctx)
-        without_context = RowSpec(ctx.prompts.with_passages(query.messages, []).ids)
+        # the same prompt less the passages (a layout's worked exchanges stay, as in the row with them)
+        without_context = RowSpec(ctx.prompts.with_passages(query.messages, [], shots_for=len(plan.retrieved)).ids)
         base_report = plan.report
         return replace(plan, strategy=self.name, rows=[*plan.rows, without_context], logits_hook=hook,
                        report=lambda: {**(base_report() if base_report is not None else {}), "ckplug": hook.summary()})
