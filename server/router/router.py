@@ -77,12 +77,9 @@ class Router:
         self.ctx = ctx  # strategies.StrategyContext: kb, prompts, kv, prag
         self.supported = [s for s in PREFERENCE if s in supported]
         self.min_score = min_score
-        # None: the trained classifier's calibrated gap, else the one measured for this model
-        # (SHIPPED_ONE_PASSAGE_GAP), else the rule is off
-        self._one_passage_setting = one_passage_gap
+        self._one_passage_setting = one_passage_gap  # None: resolved by _one_passage_gap_from
         self._model_id = model_id
-        self.one_passage_gap, self.one_passage_source = \
-            (one_passage_gap, "setting") if one_passage_gap is not None else self._shipped_gap()
+        self.one_passage_gap, self.one_passage_source = self._one_passage_gap_from({})
         self.probe = probe  # callable(messages, passages) -> confidence gain, or None (off)
         self.classifier_dir = classifier_dir
         self.classifier: Optional[RouterClassifier] = None
@@ -113,13 +110,8 @@ class Router:
             self.classifier, self.classifier_error = None, str(e)
             log.error("%s; routing by rules only", e)
         info = self.classifier.info if self.classifier is not None else {}
-        if self._one_passage_setting is None:  # calibrated by the trainer; a rule of its own, kept either way
-            if "one_passage_gap" in info:  # calibrated on this data (None: no gap won there)
-                gap = info["one_passage_gap"]
-                self.one_passage_gap = float(gap) if isinstance(gap, (int, float)) else None
-                self.one_passage_source = "classifier" if self.one_passage_gap is not None else None
-            else:
-                self.one_passage_gap, self.one_passage_source = self._shipped_gap()
+        # the trainer's calibration is a rule of its own, kept even if the classifier is not used
+        self.one_passage_gap, self.one_passage_source = self._one_passage_gap_from(info)
         cv, majority = info.get("cv_label_accuracy"), info.get("majority_share")
         if isinstance(cv, (int, float)) and isinstance(majority, (int, float)) and cv <= majority:
             # always answering its most common label would do as well: it has learnt nothing to route by
@@ -132,8 +124,16 @@ class Router:
         if tier_error:
             self.classifier_error = "; ".join(e for e in (tier_error, self.classifier_error) if e)
 
-    def _shipped_gap(self) -> tuple[Optional[float], Optional[str]]:
-        """The one-passage gap measured for this model, and where it came from (None, None: none)."""
+    def _one_passage_gap_from(self, info: dict) -> tuple[Optional[float], Optional[str]]:
+        """The one-passage rule's gap and where it came from: the server's setting, else the
+        trained classifier's calibration on its data (``info``; None there: no gap won, the
+        rule is off), else the gap measured for this model (SHIPPED_ONE_PASSAGE_GAP), else
+        off (None, None)."""
+        if self._one_passage_setting is not None:
+            return self._one_passage_setting, "setting"
+        if "one_passage_gap" in info:
+            gap = info["one_passage_gap"]
+            return (float(gap), "classifier") if isinstance(gap, (int, float)) else (None, None)
         gap = SHIPPED_ONE_PASSAGE_GAP.get(self._model_id or "")
         return (gap, f"measured for {self._model_id}") if gap is not None else (None, None)
 
