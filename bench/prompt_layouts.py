@@ -125,8 +125,8 @@ def main() -> None:
             items = load_set(set_name, a.n, a.data_root)
             if kb is not None:
                 retrieved.update({q: search(q) for q, _, _ in items})
-            refs = ([], []) if a.no_references else (["direct"], ["question-first"])
-            for condition in [*refs[0], *layouts, *refs[1], *extra]:
+            first, last = ([], []) if a.no_references else (["direct"], ["question-first"])
+            for condition in [*first, *layouts, *last, *extra]:
                 t0 = time.perf_counter()
                 with ThreadPoolExecutor(a.concurrency) as pool:
                     outs = list(pool.map(lambda it: answer(prompt(condition, it[0], it[2])), items))

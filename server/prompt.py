@@ -76,6 +76,9 @@ _INLINE_DOCUMENTS = (SHOT_DOCUMENTS[0], ("Marta Quillon", "Marta Quillon is a vi
                                          "In 1971 Quillon opened a music school, the Brightwater Academy, in her home town."))
 INLINE_SHOTS = tuple((f"Document: {t}\n{x}\n\nQuestion: {q}", ans) for (t, x), (q, ans) in zip(_INLINE_DOCUMENTS, SHOTS))
 _SENTINEL = "\x00KNOWMUX_PASSAGES\x00"
+# one passage at the end of a system turn, and the words that open the documents
+SYSTEM_WRAPPER = "\n\nDocument: {title}\n{text}"
+DOCUMENTS_INTRO = "\n\nThe documents for this conversation:"
 
 
 @dataclass(frozen=True)
@@ -109,28 +112,28 @@ class LayoutSpec:
 
 
 LAYOUTS = {
-    "system": LayoutSpec("system", "system", SYSTEM_PROMPT, "\n\nDocument: {title}\n{text}"),
+    "system": LayoutSpec("system", "system", SYSTEM_PROMPT, SYSTEM_WRAPPER),
     # measured beside it (bench.prompt_layouts), kept selectable
     "user-instruct": LayoutSpec("user-instruct", "user", None, "Document: {title}\n{text}\n\n",
                                 "Answer the question using the documents above. Answer briefly.\n\nQuestion: "),
     "user": LayoutSpec("user", "user", None, "Document: {title}\n{text}\n\n", "Question: "),
     "user-system": LayoutSpec("user-system", "user", SYSTEM_PROMPT, "Document: {title}\n{text}\n\n", "Question: "),
-    "system-question": LayoutSpec("system-question", "system", SYSTEM_PROMPT, "\n\nDocument: {title}\n{text}",
+    "system-question": LayoutSpec("system-question", "system", SYSTEM_PROMPT, SYSTEM_WRAPPER,
                                   "Question: "),
     # knowmux's system prompt with one worked example (an invented place, so it teaches the
     # form of an answer, not a fact), then the passages
-    "system-example": LayoutSpec("system-example", "system", SYSTEM_PROMPT + EXAMPLE, "\n\nDocument: {title}\n{text}",
-                                 intro="\n\nThe documents for this conversation:"),
+    "system-example": LayoutSpec("system-example", "system", SYSTEM_PROMPT + EXAMPLE, SYSTEM_WRAPPER,
+                                 intro=DOCUMENTS_INTRO),
     # two worked exchanges as turns of the conversation, their documents first among the
     # documents: short answers (knowmux's own)
-    "system-shots": LayoutSpec("system-shots", "system", SYSTEM_PROMPT, "\n\nDocument: {title}\n{text}",
-                               intro="\n\nThe documents for this conversation:"
-                                     + "".join(f"\n\nDocument: {t}\n{x}" for t, x in SHOT_DOCUMENTS),
+    "system-shots": LayoutSpec("system-shots", "system", SYSTEM_PROMPT, SYSTEM_WRAPPER,
+                               intro=DOCUMENTS_INTRO
+                                     + "".join(SYSTEM_WRAPPER.format(title=t, text=x) for t, x in SHOT_DOCUMENTS),
                                shots=SHOTS),
     # ``system`` when one passage is shown; with two or more, two worked exchanges open the
     # conversation, each user turn carrying its own document (knowmux's own). Its head and
     # passages are ``system``'s, so the same stored KV caches serve both
-    "system-fewshot": LayoutSpec("system-fewshot", "system", SYSTEM_PROMPT, "\n\nDocument: {title}\n{text}",
+    "system-fewshot": LayoutSpec("system-fewshot", "system", SYSTEM_PROMPT, SYSTEM_WRAPPER,
                                  shots=INLINE_SHOTS, shots_from=2),
     # the words of Parametric RAG's released prompt (an instruction, the passages, the question)
     "user-reference": LayoutSpec("user-reference", "user", None, "Document: {title}\n{text}\n\n", "Question: ",
